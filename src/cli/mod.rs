@@ -1,0 +1,60 @@
+//! The `netsel` command line. `main.rs` only calls [`main`].
+//!
+//! Output for people goes to stdout; logs go to stderr through `tracing`
+//! (`RUST_LOG=debug` for more).
+
+#![allow(clippy::print_stdout)]
+
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// NetSel: service registration and discovery with stable virtual IPs, DNS, and TCP and
+/// HTTP proxies.
+#[derive(Debug, Parser)]
+#[command(name = "netsel", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the NetSel server (registry, DNS, proxies, API).
+    Serve(serve::ServeArgs),
+}
+
+/// Parses the command line, runs it, and maps failures to exit codes:
+/// 0 success, 1 runtime failure, 2 bad usage or configuration.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("netsel: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+        }
+    })
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

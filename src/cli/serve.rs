@@ -1,0 +1,121 @@
+//! `netsel serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use ipnet::IpNet;
+
+use crate::config::Settings;
+use crate::server::NetSelServer;
+
+/// Flags of `netsel serve`. Flags override the config file, which overrides defaults.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (unknown keys are rejected).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    validate: bool,
+    /// Registry (line protocol) address [default: 0.0.0.0:9000].
+    #[arg(long, value_name = "ADDR")]
+    registry_addr: Option<SocketAddr>,
+    /// HTTP API, UI and metrics address [default: 127.0.0.1:9001].
+    #[arg(long, value_name = "ADDR")]
+    api_addr: Option<SocketAddr>,
+    /// DNS address, UDP and TCP [default: 127.0.0.1:5353].
+    #[arg(long, value_name = "ADDR")]
+    dns_addr: Option<SocketAddr>,
+    /// TCP proxy gateway address [default: 0.0.0.0:8080].
+    #[arg(long, value_name = "ADDR")]
+    tcp_proxy_addr: Option<SocketAddr>,
+    /// HTTP proxy address [default: 0.0.0.0:8081].
+    #[arg(long, value_name = "ADDR")]
+    http_proxy_addr: Option<SocketAddr>,
+    /// Seconds between health sweeps and active checks [default: 30].
+    #[arg(long, value_name = "SECS")]
+    health_check_interval: Option<u64>,
+    /// Seconds without a heartbeat before an instance is removed [default: 60].
+    #[arg(long, value_name = "SECS")]
+    max_heartbeat_age: Option<u64>,
+    /// Directory of the durable embedded store. Without it, state is kept in memory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// VIP pool [default: 127.77.0.0/16].
+    #[arg(long, value_name = "CIDR")]
+    vip_cidr: Option<IpNet>,
+}
+
+impl ServeArgs {
+    fn settings(&self) -> Result<Settings, crate::config::ConfigError> {
+        let mut s = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        let c = &mut s.config;
+        macro_rules! set {
+            ($($dst:expr => $src:expr),* $(,)?) => {$( if let Some(v) = $src { $dst = v; } )*};
+        }
+        set!(
+            c.registry_addr => self.registry_addr,
+            c.dns_addr => self.dns_addr,
+            c.tcp_proxy_addr => self.tcp_proxy_addr,
+            c.http_proxy_addr => self.http_proxy_addr,
+            c.health_check_interval => self.health_check_interval,
+            c.max_heartbeat_age => self.max_heartbeat_age,
+            s.api_addr => self.api_addr,
+            s.network.vip_cidr => self.vip_cidr,
+        );
+        if self.data_dir.is_some() {
+            s.data_dir = self.data_dir.clone();
+        }
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM, then drains and exits 0.
+pub async fn run(args: ServeArgs) -> ExitCode {
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("netsel: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.validate {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let server = NetSelServer::with_settings(settings);
+    if let Err(e) = server.start().await {
+        eprintln!("netsel: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(bound) = server.bound() {
+        println!("registry: {}", bound.registry);
+    }
+    println!("ready");
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, "shutting down");
+    server.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}

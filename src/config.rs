@@ -1,0 +1,403 @@
+//! Configuration: the seed's six-field [`NetSelConfig`], and [`Settings`], which holds it
+//! plus everything NetSel added since. Every default is written once, here.
+//!
+//! A TOML file (`netsel serve --config FILE`) sets any of it: the six seed fields at the
+//! top level, the rest at the top level or in tables. Unknown keys are rejected, and
+//! [`Settings::validate`] runs before anything binds.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::CatalogSettings;
+use crate::network::{DEFAULT_PORT_RANGE, DEFAULT_VIP_CIDR, PortPool, VipPool};
+
+/// The seed's configuration, field for field. Richer settings live in [`Settings`].
+///
+/// ```
+/// use std::net::{IpAddr, SocketAddr};
+/// use netsel::NetSelConfig;
+///
+/// let config = NetSelConfig {
+///     registry_addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 9000),
+///     tcp_proxy_addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 8080),
+///     http_proxy_addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 8081),
+///     dns_addr: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5353),
+///     health_check_interval: 30,
+///     max_heartbeat_age: 60,
+/// };
+/// assert_eq!(config.max_heartbeat_age, NetSelConfig::default().max_heartbeat_age);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSelConfig {
+    /// Address of the registry (line protocol). Default `0.0.0.0:9000`.
+    pub registry_addr: SocketAddr,
+    /// Address of the TCP proxy gateway. Default `0.0.0.0:8080`.
+    pub tcp_proxy_addr: SocketAddr,
+    /// Address of the HTTP proxy. Default `0.0.0.0:8081`.
+    pub http_proxy_addr: SocketAddr,
+    /// Address of the DNS server (UDP and TCP). Default `127.0.0.1:5353`.
+    pub dns_addr: SocketAddr,
+    /// Seconds between health sweeps and active checks. Default 30.
+    pub health_check_interval: u64,
+    /// Seconds without a heartbeat before an instance is removed (its lease TTL).
+    /// Default 60.
+    pub max_heartbeat_age: u64,
+}
+
+const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+impl Default for NetSelConfig {
+    fn default() -> Self {
+        NetSelConfig {
+            registry_addr: SocketAddr::new(ANY, 9000),
+            tcp_proxy_addr: SocketAddr::new(ANY, 8080),
+            http_proxy_addr: SocketAddr::new(ANY, 8081),
+            dns_addr: SocketAddr::new(LOCAL, 5353),
+            health_check_interval: 30,
+            max_heartbeat_age: 60,
+        }
+    }
+}
+
+/// Why configuration is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for NetSel (unknown keys included).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value that cannot work.
+    #[error("invalid setting {key}: {reason}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Registry listener limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryLimits {
+    /// Most simultaneous connections; more are refused with `FAILED|too many connections`.
+    pub max_connections: usize,
+    /// Seconds a connection may sit idle between requests.
+    pub idle_timeout_secs: u64,
+    /// Seconds a request may take to arrive once it has begun.
+    pub frame_timeout_secs: u64,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        RegistryLimits {
+            max_connections: 4096,
+            idle_timeout_secs: 300,
+            frame_timeout_secs: 10,
+        }
+    }
+}
+
+/// Virtual network settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSettings {
+    /// VIP pool. Default `127.77.0.0/16` (loopback: works on one host without root).
+    pub vip_cidr: IpNet,
+    /// Seconds a released VIP is held back from other names. Default 600.
+    pub vip_hold_secs: u64,
+    /// First port of the pool for registrations without an endpoint. Default 20000.
+    pub port_pool_start: u16,
+    /// Last port of that pool. Default 29999.
+    pub port_pool_end: u16,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        NetworkSettings {
+            vip_cidr: DEFAULT_VIP_CIDR.parse().expect("default CIDR parses"),
+            vip_hold_secs: 600,
+            port_pool_start: *DEFAULT_PORT_RANGE.start(),
+            port_pool_end: *DEFAULT_PORT_RANGE.end(),
+        }
+    }
+}
+
+/// Everything `netsel serve` can be told: the seed's [`NetSelConfig`] plus the rest.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The seed's six fields.
+    pub config: NetSelConfig,
+    /// HTTP API, UI and metrics. Default `127.0.0.1:9001`.
+    pub api_addr: SocketAddr,
+    /// Where the embedded store lives; `None` keeps state in memory only.
+    pub data_dir: Option<PathBuf>,
+    /// Virtual network.
+    pub network: NetworkSettings,
+    /// Registry limits.
+    pub registry: RegistryLimits,
+    /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
+    pub min_ttl_ms: u64,
+    /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
+    pub max_ttl_secs: u64,
+    /// Most instances held. Default 1,000,000.
+    pub max_instances: usize,
+    /// Seconds to drain connections at shutdown. Default 10.
+    pub drain_secs: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::from(NetSelConfig::default())
+    }
+}
+
+impl From<NetSelConfig> for Settings {
+    fn from(config: NetSelConfig) -> Self {
+        Settings {
+            config,
+            api_addr: SocketAddr::new(LOCAL, 9001),
+            data_dir: None,
+            network: NetworkSettings::default(),
+            registry: RegistryLimits::default(),
+            min_ttl_ms: 1000,
+            max_ttl_secs: 86_400,
+            max_instances: 1_000_000,
+            drain_secs: 10,
+        }
+    }
+}
+
+/// The TOML file's shape. Every key optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    registry_addr: Option<SocketAddr>,
+    tcp_proxy_addr: Option<SocketAddr>,
+    http_proxy_addr: Option<SocketAddr>,
+    dns_addr: Option<SocketAddr>,
+    health_check_interval: Option<u64>,
+    max_heartbeat_age: Option<u64>,
+    api_addr: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    min_ttl_ms: Option<u64>,
+    max_ttl_secs: Option<u64>,
+    max_instances: Option<usize>,
+    drain_secs: Option<u64>,
+    network: Option<NetworkSettings>,
+    registry: Option<RegistryLimits>,
+}
+
+impl Settings {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Settings::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text over the defaults.
+    pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        let mut s = Settings::default();
+        let c = &mut s.config;
+        macro_rules! set {
+            ($($dst:expr => $src:expr),* $(,)?) => {$( if let Some(v) = $src { $dst = v; } )*};
+        }
+        set!(
+            c.registry_addr => f.registry_addr,
+            c.tcp_proxy_addr => f.tcp_proxy_addr,
+            c.http_proxy_addr => f.http_proxy_addr,
+            c.dns_addr => f.dns_addr,
+            c.health_check_interval => f.health_check_interval,
+            c.max_heartbeat_age => f.max_heartbeat_age,
+            s.api_addr => f.api_addr,
+            s.min_ttl_ms => f.min_ttl_ms,
+            s.max_ttl_secs => f.max_ttl_secs,
+            s.max_instances => f.max_instances,
+            s.drain_secs => f.drain_secs,
+            s.network => f.network,
+            s.registry => f.registry,
+        );
+        if f.data_dir.is_some() {
+            s.data_dir = f.data_dir;
+        }
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks that the settings can work, before anything binds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.config.health_check_interval == 0 {
+            return bad("health_check_interval", "must be at least 1 second");
+        }
+        if self.config.max_heartbeat_age == 0 {
+            return bad("max_heartbeat_age", "must be at least 1 second");
+        }
+        if self.config.max_heartbeat_age > self.max_ttl_secs {
+            return bad("max_heartbeat_age", "exceeds max_ttl_secs");
+        }
+        if self.min_ttl_ms == 0 || self.min_ttl_ms > self.config.max_heartbeat_age * 1000 {
+            return bad("min_ttl_ms", "must be 1..=max_heartbeat_age*1000");
+        }
+        if self.max_instances == 0 {
+            return bad("max_instances", "must be at least 1");
+        }
+        if self.registry.max_connections == 0 {
+            return bad("registry.max_connections", "must be at least 1");
+        }
+        if self.registry.idle_timeout_secs == 0 || self.registry.frame_timeout_secs == 0 {
+            return bad("registry timeouts", "must be at least 1 second");
+        }
+        VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
+            key: "network.vip_cidr",
+            reason: e.to_string(),
+        })?;
+        PortPool::new(self.port_range()).map_err(|e| ConfigError::Invalid {
+            key: "network.port_pool_start/end",
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// The port pool range.
+    pub fn port_range(&self) -> RangeInclusive<u16> {
+        self.network.port_pool_start..=self.network.port_pool_end
+    }
+
+    /// What the catalog needs from these settings.
+    pub fn catalog_settings(&self) -> CatalogSettings {
+        let ttl = Duration::from_secs(self.config.max_heartbeat_age);
+        CatalogSettings {
+            vip_cidr: self.network.vip_cidr,
+            vip_hold: Duration::from_secs(self.network.vip_hold_secs),
+            port_range: self.port_range(),
+            default_ttl: ttl,
+            max_ttl: Duration::from_secs(self.max_ttl_secs),
+            min_ttl: Duration::from_millis(self.min_ttl_ms),
+            sweep_interval: Duration::from_secs(self.config.health_check_interval),
+            restart_grace: ttl,
+            max_instances: self.max_instances,
+            probe_vip_bind: true,
+        }
+    }
+
+    /// Settings with every listener on an ephemeral loopback port: for tests and examples.
+    pub fn ephemeral() -> Settings {
+        let any = SocketAddr::new(LOCAL, 0);
+        let mut s = Settings::from(NetSelConfig {
+            registry_addr: any,
+            tcp_proxy_addr: any,
+            http_proxy_addr: any,
+            dns_addr: any,
+            ..NetSelConfig::default()
+        });
+        s.api_addr = any;
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_defaults() {
+        let c = NetSelConfig::default();
+        assert_eq!(c.registry_addr.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.tcp_proxy_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.http_proxy_addr.to_string(), "0.0.0.0:8081");
+        assert_eq!(c.dns_addr.to_string(), "127.0.0.1:5353");
+        assert_eq!(c.health_check_interval, 30);
+        assert_eq!(c.max_heartbeat_age, 60);
+        let s = Settings::default();
+        assert_eq!(s.api_addr.to_string(), "127.0.0.1:9001");
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn toml_sets_seed_fields_and_tables() {
+        let s = Settings::from_toml(
+            r#"
+            registry_addr = "127.0.0.1:9100"
+            max_heartbeat_age = 5
+            health_check_interval = 2
+            [network]
+            vip_cidr = "127.88.0.0/24"
+            [registry]
+            max_connections = 10
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.config.registry_addr.port(), 9100);
+        assert_eq!(s.config.max_heartbeat_age, 5);
+        assert_eq!(s.network.vip_cidr.to_string(), "127.88.0.0/24");
+        assert_eq!(s.network.vip_hold_secs, 600);
+        assert_eq!(s.registry.max_connections, 10);
+        assert_eq!(s.registry.idle_timeout_secs, 300);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = Settings::from_toml("registy_addr = \"127.0.0.1:1\"").unwrap_err();
+        assert!(e.to_string().contains("registy_addr"), "{e}");
+        let e = Settings::from_toml("[network]\nvip = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("vip"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        for text in [
+            "max_heartbeat_age = 0",
+            "health_check_interval = 0",
+            "[network]\nport_pool_start = 8000\nport_pool_end = 9500",
+            "[network]\nport_pool_start = 30000\nport_pool_end = 20000",
+            "[network]\nvip_cidr = \"127.0.0.0/40\"",
+            "[registry]\nmax_connections = 0",
+            "registry_addr = \"nope\"",
+        ] {
+            assert!(Settings::from_toml(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../examples/netsel.toml");
+        Settings::from_toml(text).unwrap();
+    }
+}

@@ -1,0 +1,57 @@
+//! NetSel: service registration and discovery.
+//!
+//! Services register (from [`client::ServiceClient`], the line protocol, or HTTP), receive
+//! a stable virtual IP for their name, and heartbeat. Everyone else finds them through
+//! NetSel's DNS server or connects through its TCP and HTTP proxies, which balance across
+//! healthy instances. Dead instances drop out when their lease runs out.
+//!
+//! The pieces, around one [`catalog::Catalog`]:
+//!
+//! * [`catalog`]: services, instances, leases and VIPs; snapshots for readers, change
+//!   events for watchers, every write through it.
+//! * [`network`]: the VIP pool and the port pool.
+//! * [`registry`]: the seed-compatible line protocol on port 9000 ([`protocol`] holds its
+//!   grammar).
+//! * [`store`]: persistence behind a trait.
+//! * [`server`]: [`NetSelServer`], which wires it all together.
+//! * [`client`]: the client library.
+//!
+//! Build with `default-features = false, features = ["client"]` for the client alone.
+//!
+//! ```no_run
+//! use tokio::signal;
+//! use netsel::NetSelServer;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let server = NetSelServer::new();
+//!     server.start().await?;
+//!     signal::ctrl_c().await?;
+//!     server.shutdown().await;
+//!     Ok(())
+//! }
+//! ```
+
+pub mod client;
+pub mod protocol;
+
+#[cfg(feature = "server")]
+pub mod catalog;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod network;
+#[cfg(feature = "server")]
+pub mod registry;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod cli;
+#[cfg(feature = "server")]
+pub mod store;
+
+pub use client::ServiceClient;
+#[cfg(feature = "server")]
+pub use config::{NetSelConfig, Settings};
+#[cfg(feature = "server")]
+pub use server::NetSelServer;

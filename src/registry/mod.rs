@@ -1,0 +1,291 @@
+//! The registry: NetSel's line protocol on `registry_addr` (default `0.0.0.0:9000`).
+//!
+//! One task per connection; each request is parsed by [`crate::protocol`] and carried out
+//! on the [`Catalog`]. Connections are capped, idle connections and half-sent requests time
+//! out, and every bad input is answered `FAILED|<reason>`. Requests are never logged: they
+//! may carry secrets.
+
+pub mod codec;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::catalog::{Catalog, CatalogError, Endpoint, Registration};
+use crate::config::RegistryLimits;
+use crate::protocol::{
+    self, Framing, ProtocolError, RegisterReply, Request, ResolvedInstance, Response,
+};
+use codec::{Decoded, Frame};
+
+/// How long to wait for the rest of a seed frame's NUL padding once its text has arrived.
+const PADDING_WAIT: Duration = Duration::from_millis(300);
+
+/// Serves the line protocol on `listener` until `shutdown`, then closes idle connections
+/// and waits for in-flight requests to finish.
+pub async fn serve(
+    listener: TcpListener,
+    catalog: Catalog,
+    limits: RegistryLimits,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => { backoff = Duration::from_millis(5); a }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "registry accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracker.spawn(refuse(stream));
+            continue;
+        };
+        let conn = Connection {
+            catalog: catalog.clone(),
+            limits: limits.clone(),
+            peer,
+        };
+        let shutdown = shutdown.clone();
+        let span = tracing::debug_span!("registry", %peer);
+        tracker.spawn(
+            async move {
+                if let Err(e) = conn.run(stream, shutdown).await {
+                    tracing::debug!(error = %e, "connection ended");
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn refuse(mut stream: TcpStream) {
+    tracing::warn!("registry connection limit reached; refusing a connection");
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(b"FAILED|too many connections\n"),
+    )
+    .await;
+}
+
+struct Connection {
+    catalog: Catalog,
+    limits: RegistryLimits,
+    peer: SocketAddr,
+}
+
+enum Read {
+    More,
+    Idle,
+    Eof,
+}
+
+impl Connection {
+    async fn run(self, mut stream: TcpStream, shutdown: CancellationToken) -> io::Result<()> {
+        let mut buf = BytesMut::with_capacity(512);
+        let mut out = Vec::with_capacity(256);
+        let idle = Duration::from_secs(self.limits.idle_timeout_secs);
+        let frame_timeout = Duration::from_secs(self.limits.frame_timeout_secs);
+        loop {
+            // Answer every complete request that has arrived; write the answers together.
+            let padding_only = loop {
+                match codec::decode(&mut buf) {
+                    Decoded::Frame(frame) => self.answer(frame, &mut out).await,
+                    Decoded::NeedMore { padding_only } => break padding_only,
+                    Decoded::TooLong => {
+                        let e = ProtocolError::TooLong(protocol::MAX_LINE_LEN);
+                        Response::Failed(e.to_string()).encode_into(Framing::Line, &mut out);
+                        stream.write_all(&out).await?;
+                        return Ok(());
+                    }
+                }
+            };
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            let wait = if buf.is_empty() {
+                idle
+            } else if padding_only {
+                PADDING_WAIT
+            } else {
+                frame_timeout
+            };
+            let read = tokio::select! {
+                _ = shutdown.cancelled(), if buf.is_empty() => return Ok(()),
+                r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => match r {
+                    Err(_) => Read::Idle,
+                    Ok(Ok(0)) => Read::Eof,
+                    Ok(Ok(_)) => Read::More,
+                    Ok(Err(e)) => return Err(e),
+                },
+            };
+            match read {
+                Read::More => {}
+                Read::Idle | Read::Eof if padding_only => {
+                    // A seed frame whose padding never came: answer what we have.
+                    let frame = codec::take_partial_seed(&mut buf);
+                    self.answer(frame, &mut out).await;
+                    stream.write_all(&out).await?;
+                    out.clear();
+                    if matches!(read, Read::Eof) {
+                        return Ok(());
+                    }
+                }
+                Read::Idle if buf.is_empty() => return Ok(()),
+                Read::Idle => {
+                    let reason = "timed out waiting for the rest of the request";
+                    Response::Failed(reason.into()).encode_into(Framing::Line, &mut out);
+                    stream.write_all(&out).await?;
+                    return Ok(());
+                }
+                Read::Eof => {
+                    // A last line without its newline: answer it, then we are done.
+                    if !buf.is_empty() {
+                        let frame = Frame::Line(buf.split());
+                        self.answer(frame, &mut out).await;
+                        stream.write_all(&out).await?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn answer(&self, frame: Frame, out: &mut Vec<u8>) {
+        let (framing, parsed) = match &frame {
+            Frame::Seed(b) => (Framing::Seed, protocol::parse_seed_frame(b)),
+            Frame::Line(b) => (Framing::Line, protocol::parse_line(b)),
+        };
+        let response = match parsed {
+            Ok(request) => self.execute(request).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad request");
+                Response::Failed(e.to_string())
+            }
+        };
+        response.encode_into(framing, out);
+    }
+
+    async fn execute(&self, request: Request) -> Response {
+        let peer_ip = self.peer.ip().to_canonical();
+        let catalog = &self.catalog;
+        match request {
+            Request::Ping => Response::Pong,
+            Request::SeedRegister { name } => {
+                let reg = Registration::new(
+                    name,
+                    Endpoint::Pool {
+                        peer: peer_ip,
+                        hint: None,
+                    },
+                );
+                match catalog.register(reg).await {
+                    Ok(r) => Response::SeedSuccess {
+                        vip: r.vip,
+                        port: r.endpoint.port(),
+                        ttl_secs: r.ttl.as_secs().max(1),
+                    },
+                    Err(e) => failed(e),
+                }
+            }
+            Request::SeedHeartbeat { name } => match catalog.heartbeat_seed(&name, peer_ip) {
+                Ok(_) => Response::HeartbeatOk,
+                Err(e) => {
+                    tracing::debug!(error = %e, "seed heartbeat refused");
+                    Response::HeartbeatFailed
+                }
+            },
+            Request::Register {
+                name,
+                endpoint,
+                options,
+            } => {
+                let endpoint = match endpoint {
+                    Some(ep) => Endpoint::Explicit(ep),
+                    None => Endpoint::Pool {
+                        peer: peer_ip,
+                        hint: options.port_hint,
+                    },
+                };
+                let reg = Registration {
+                    name,
+                    endpoint,
+                    tags: options.tags,
+                    meta: options.meta,
+                    weight: options.weight,
+                    ttl: options.ttl,
+                    service_port: options.service_port,
+                    protocol: options.protocol,
+                };
+                match catalog.register(reg).await {
+                    Ok(r) => Response::Registered(RegisterReply {
+                        id: r.id.to_string(),
+                        secret: r.secret.expose().to_string(),
+                        vip: r.vip,
+                        service_port: r.service_port,
+                        endpoint: r.endpoint,
+                        ttl_secs: r.ttl.as_secs().max(1),
+                    }),
+                    Err(e) => failed(e),
+                }
+            }
+            Request::Heartbeat { id, secret } => match catalog.heartbeat(&id, &secret) {
+                Ok(_) => Response::HeartbeatOk,
+                Err(e) => failed(e),
+            },
+            Request::Deregister { id, secret } => match catalog.deregister(&id, &secret).await {
+                Ok(()) => Response::Ok,
+                Err(e) => failed(e),
+            },
+            Request::Resolve { name } => {
+                let snap = catalog.snapshot();
+                match snap.service(&name) {
+                    Some(svc) => Response::Resolved {
+                        name: svc.name.to_string(),
+                        vip: svc.vip,
+                        service_port: svc.port,
+                        instances: svc
+                            .healthy()
+                            .map(|i| ResolvedInstance {
+                                id: i.id.to_string(),
+                                endpoint: i.endpoint,
+                                weight: i.weight,
+                            })
+                            .collect(),
+                    },
+                    None => failed(CatalogError::UnknownService(name)),
+                }
+            }
+        }
+    }
+}
+
+fn failed(e: CatalogError) -> Response {
+    if let CatalogError::Store(_) = e {
+        tracing::error!(error = %e, "registration not persisted");
+    }
+    Response::Failed(e.to_string())
+}
