@@ -40,6 +40,8 @@ pub mod catalog;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
 pub mod network;
 #[cfg(feature = "server")]
 pub mod registry;

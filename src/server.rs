@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::{ConfigError, NetSelConfig, Settings};
+use crate::metrics::MetricsRegistry;
 use crate::store::{MemoryStore, Store};
 
 /// Why the server could not start.
@@ -42,15 +43,41 @@ pub enum ServerError {
     AlreadyRunning,
 }
 
-/// The addresses the server actually bound (port 0 becomes a real port).
+/// The addresses the server actually bound (port 0 becomes a real port). A part that is
+/// not running has `None`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundAddrs {
     /// Registry line protocol.
     pub registry: SocketAddr,
+    /// HTTP/JSON API, UI and `/metrics`.
+    pub api: Option<SocketAddr>,
+    /// DNS (the same port over UDP and TCP).
+    pub dns: Option<SocketAddr>,
+    /// TCP proxy gateway.
+    pub tcp_proxy: Option<SocketAddr>,
+    /// HTTP proxy.
+    pub http_proxy: Option<SocketAddr>,
+}
+
+impl BoundAddrs {
+    /// `(name, address)` for every running part, in a fixed order (what `netsel serve`
+    /// prints).
+    pub fn listing(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut out = vec![("registry", self.registry)];
+        let optional = [
+            ("api", self.api),
+            ("dns", self.dns),
+            ("tcp_proxy", self.tcp_proxy),
+            ("http_proxy", self.http_proxy),
+        ];
+        out.extend(optional.into_iter().filter_map(|(n, a)| a.map(|a| (n, a))));
+        out
+    }
 }
 
 struct Running {
     catalog: Catalog,
+    metrics: MetricsRegistry,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     bound: BoundAddrs,
@@ -128,12 +155,20 @@ impl NetSelServer {
             .clone()
             .unwrap_or_else(|| Arc::new(MemoryStore));
         let catalog = Catalog::new(s.catalog_settings(), store)?;
+        let mut registry_metrics = crate::metrics::new_registry();
 
+        // Bind every listener first: a conflict fails start-up before anything runs.
         let registry = bind_tcp("registry", s.config.registry_addr).await?;
         let bound = BoundAddrs {
             registry: local_addr(&registry, s.config.registry_addr),
+            api: None,
+            dns: None,
+            tcp_proxy: None,
+            http_proxy: None,
         };
+        // (Each front end binds here and fills in its `bound` field.)
 
+        let metrics = MetricsRegistry::new(std::mem::take(&mut registry_metrics));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn({
@@ -147,10 +182,12 @@ impl NetSelServer {
             s.registry.clone(),
             shutdown.clone(),
         ));
+        // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
         tasks.close();
-        tracing::info!(registry = %bound.registry, store = ?catalog, "NetSel started");
+        tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");
         *self.lock_running() = Some(Running {
             catalog,
+            metrics,
             shutdown,
             tasks,
             bound,
@@ -170,6 +207,11 @@ impl NetSelServer {
     /// The catalog, once started.
     pub fn catalog(&self) -> Option<Catalog> {
         self.lock_running().as_ref().map(|r| r.catalog.clone())
+    }
+
+    /// The metrics registry, once started.
+    pub fn metrics(&self) -> Option<MetricsRegistry> {
+        self.lock_running().as_ref().map(|r| r.metrics.clone())
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `drain_secs`, and stops

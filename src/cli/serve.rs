@@ -95,7 +95,9 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if let Some(bound) = server.bound() {
-        println!("registry: {}", bound.registry);
+        for (name, addr) in bound.listing() {
+            println!("{name}: {addr}");
+        }
     }
     println!("ready");
     let signal = wait_for_signal().await;
