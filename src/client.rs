@@ -27,6 +27,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod http;
+pub mod watch;
+
+pub use watch::{ServiceWatch, watch};
+
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};

@@ -141,6 +141,78 @@ impl Default for NetworkSettings {
     }
 }
 
+/// HTTP API limits (`[api]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Largest request body accepted; larger ones get 413. Default 65536.
+    pub max_body_bytes: usize,
+    /// Requests per second each client IP may make (token bucket refill); 0 turns the
+    /// limit off. Default 200.
+    pub rate_limit_per_sec: u32,
+    /// Burst size of each client's bucket. Default 400.
+    pub rate_limit_burst: u32,
+    /// Longest `wait` a blocking query may ask for, in seconds. Default 600.
+    pub max_wait_secs: u64,
+    /// Most simultaneous server-sent-event streams. Default 1024.
+    pub max_event_streams: usize,
+    /// Most simultaneous HTTP connections; more wait to be accepted. Default 4096.
+    pub max_connections: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            max_body_bytes: 64 * 1024,
+            rate_limit_per_sec: 200,
+            rate_limit_burst: 400,
+            max_wait_secs: 600,
+            max_event_streams: 1024,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Access control for the HTTP API (`[acl]` table). Off by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclSettings {
+    /// Whether tokens are required.
+    pub enabled: bool,
+    /// Whether requests without a token may read (list, get, watch, UI data). Default
+    /// false.
+    pub anonymous_read: bool,
+    /// The tokens.
+    pub tokens: Vec<AclToken>,
+}
+
+/// One ACL token and what it may do. Rights are service-name prefixes; `""` or `"*"`
+/// means every name.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclToken {
+    /// A label for logs (the token itself is never logged).
+    pub name: String,
+    /// The token: sent as `Authorization: Bearer <token>` or `X-Netsel-Token`.
+    pub token: String,
+    /// Name prefixes it may read.
+    pub read: Vec<String>,
+    /// Name prefixes it may register, heartbeat and deregister (without the instance
+    /// secret, for operators).
+    pub write: Vec<String>,
+}
+
+impl std::fmt::Debug for AclToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AclToken")
+            .field("name", &self.name)
+            .field("token", &"***")
+            .field("read", &self.read)
+            .field("write", &self.write)
+            .finish()
+    }
+}
+
 /// Everything `netsel serve` can be told: the seed's [`NetSelConfig`] plus the rest.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -162,6 +234,10 @@ pub struct Settings {
     pub max_instances: usize,
     /// Seconds to drain connections at shutdown. Default 10.
     pub drain_secs: u64,
+    /// HTTP API limits.
+    pub api: ApiSettings,
+    /// HTTP API access control.
+    pub acl: AclSettings,
 }
 
 impl Default for Settings {
@@ -182,6 +258,8 @@ impl From<NetSelConfig> for Settings {
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
             drain_secs: 10,
+            api: ApiSettings::default(),
+            acl: AclSettings::default(),
         }
     }
 }
@@ -204,6 +282,8 @@ struct FileConfig {
     drain_secs: Option<u64>,
     network: Option<NetworkSettings>,
     registry: Option<RegistryLimits>,
+    api: Option<ApiSettings>,
+    acl: Option<AclSettings>,
 }
 
 impl Settings {
@@ -247,6 +327,8 @@ impl Settings {
             s.drain_secs => f.drain_secs,
             s.network => f.network,
             s.registry => f.registry,
+            s.api => f.api,
+            s.acl => f.acl,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -283,6 +365,26 @@ impl Settings {
         }
         if self.registry.idle_timeout_secs == 0 || self.registry.frame_timeout_secs == 0 {
             return bad("registry timeouts", "must be at least 1 second");
+        }
+        if self.api.max_body_bytes < 1024 {
+            return bad("api.max_body_bytes", "must be at least 1024");
+        }
+        if self.api.rate_limit_per_sec > 0 && self.api.rate_limit_burst == 0 {
+            return bad("api.rate_limit_burst", "must be at least 1 when rate limiting");
+        }
+        if self.api.max_wait_secs == 0 || self.api.max_event_streams == 0 {
+            return bad("api.max_wait_secs/max_event_streams", "must be at least 1");
+        }
+        if self.api.max_connections == 0 {
+            return bad("api.max_connections", "must be at least 1");
+        }
+        for t in &self.acl.tokens {
+            if t.token.len() < 16 {
+                return bad("acl.tokens.token", "must be at least 16 characters");
+            }
+            if t.token.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return bad("acl.tokens.token", "may not contain spaces or control characters");
+            }
         }
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
             key: "network.vip_cidr",

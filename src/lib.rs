@@ -15,6 +15,7 @@
 //! * [`store`]: persistence behind a trait.
 //! * [`server`]: [`NetSelServer`], which wires it all together.
 //! * [`client`]: the client library.
+//! * [`api`]: the HTTP/JSON API, watches, `/metrics` and the web UI.
 //!
 //! Build with `default-features = false, features = ["client"]` for the client alone.
 //!
@@ -35,6 +36,8 @@
 pub mod client;
 pub mod protocol;
 
+#[cfg(feature = "server")]
+pub mod api;
 #[cfg(feature = "server")]
 pub mod catalog;
 #[cfg(feature = "server")]

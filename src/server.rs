@@ -156,12 +156,15 @@ impl NetSelServer {
             .unwrap_or_else(|| Arc::new(MemoryStore));
         let catalog = Catalog::new(s.catalog_settings(), store)?;
         let mut registry_metrics = crate::metrics::new_registry();
+        catalog.register_metrics(&mut registry_metrics);
+        let line_metrics = crate::registry::RegistryMetrics::new(&mut registry_metrics);
 
         // Bind every listener first: a conflict fails start-up before anything runs.
         let registry = bind_tcp("registry", s.config.registry_addr).await?;
+        let api = bind_tcp("api", s.api_addr).await?;
         let bound = BoundAddrs {
             registry: local_addr(&registry, s.config.registry_addr),
-            api: None,
+            api: Some(local_addr(&api, s.api_addr)),
             dns: None,
             tcp_proxy: None,
             http_proxy: None,
@@ -176,12 +179,21 @@ impl NetSelServer {
             let shutdown = shutdown.clone();
             async move { catalog.run(shutdown).await }
         });
-        tasks.spawn(crate::registry::serve(
+        tasks.spawn(crate::registry::serve_with_metrics(
             registry,
             catalog.clone(),
             s.registry.clone(),
+            line_metrics,
             shutdown.clone(),
         ));
+        let api_state = crate::api::ApiState::new(
+            catalog.clone(),
+            &s.api,
+            &s.acl,
+            Some(metrics.clone()),
+            shutdown.clone(),
+        );
+        tasks.spawn(crate::api::serve(api, api_state, shutdown.clone()));
         // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
         tasks.close();
         tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");

@@ -12,6 +12,7 @@
 //!   entry when it finds the lease was renewed meanwhile; a sweep every
 //!   `health_check_interval` is the backstop.
 
+mod metrics;
 mod model;
 
 use std::cmp::Reverse;
@@ -28,6 +29,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use metrics::CatalogMetrics;
 pub use model::{
     Health, Instance, InstanceId, Lease, NameError, Secret, Service, ServiceName,
 };
@@ -113,6 +115,24 @@ pub enum CatalogError {
     /// Applied in memory but not made durable.
     #[error("not persisted: {0}")]
     Store(#[from] StoreError),
+}
+
+impl CatalogError {
+    /// A short stable label for the kind of error (metrics, API error codes).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CatalogError::InvalidName(_) => "invalid_name",
+            CatalogError::Invalid { .. } => "invalid_field",
+            CatalogError::UnknownInstance(_) => "unknown_instance",
+            CatalogError::UnknownService(_) => "unknown_service",
+            CatalogError::WrongSecret(_) => "wrong_secret",
+            CatalogError::NotOwner { .. } => "not_owner",
+            CatalogError::PortConflict { .. } => "port_conflict",
+            CatalogError::Full(_) => "catalog_full",
+            CatalogError::Network(_) => "pool_exhausted",
+            CatalogError::Store(_) => "store",
+        }
+    }
 }
 
 /// Where a registered instance listens.
@@ -291,6 +311,7 @@ struct Inner {
     store: Arc<dyn Store>,
     timers: mpsc::UnboundedSender<(u64, InstanceId)>,
     timer_rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, InstanceId)>>>,
+    metrics: CatalogMetrics,
 }
 
 /// The catalog. Cheap to clone; every clone is the same catalog.
@@ -354,6 +375,7 @@ impl Catalog {
                 store,
                 timers,
                 timer_rx: Mutex::new(Some(timer_rx)),
+                metrics: CatalogMetrics::default(),
             }),
         };
         catalog.restore(persisted)?;
@@ -476,6 +498,12 @@ impl Catalog {
             by_vip: st.by_vip.clone(),
         }));
         self.inner.index_tx.send_replace(st.index);
+    }
+
+    /// Registers the catalog's metrics (registrations, heartbeats, expiries,
+    /// deregistrations, instances per service and health) on `registry`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(registry, self.clone());
     }
 
     /// The newest snapshot. Never blocks.
@@ -781,6 +809,7 @@ impl Catalog {
             )
         };
         commit.wait().await?;
+        self.inner.metrics.registrations.inc();
         Ok(result)
     }
 
@@ -836,6 +865,7 @@ impl Catalog {
     }
 
     fn renew(&self, inst: &Instance) {
+        self.inner.metrics.heartbeats.inc();
         let deadline = self.now_ms() + ms(inst.ttl);
         inst.lease.renew(deadline);
         self.inner
@@ -858,6 +888,7 @@ impl Catalog {
             self.remove_locked(&mut st, &[id], ChangeKind::InstanceDeregistered)
         };
         commit.wait().await?;
+        self.inner.metrics.deregistrations.inc();
         Ok(())
     }
 
@@ -874,6 +905,7 @@ impl Catalog {
             self.remove_locked(&mut st, &[id], ChangeKind::InstanceDeregistered)
         };
         commit.wait().await?;
+        self.inner.metrics.deregistrations.inc();
         Ok(())
     }
 
@@ -904,6 +936,7 @@ impl Catalog {
             )
         };
         commit.wait().await?;
+        self.inner.metrics.expiries.inc_by(n as u64);
         Ok(n)
     }
 

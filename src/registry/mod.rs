@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -30,12 +32,66 @@ use codec::{Decoded, Frame};
 /// How long to wait for the rest of a seed frame's NUL padding once its text has arrived.
 const PADDING_WAIT: Duration = Duration::from_millis(300);
 
+/// Counts of refused line-protocol requests by reason (`netsel_registry_errors_total`).
+#[derive(Debug, Clone, Default)]
+pub struct RegistryMetrics {
+    errors: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl RegistryMetrics {
+    /// Fresh counters, registered on `registry`.
+    pub fn new(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = RegistryMetrics::default();
+        registry.register(
+            "registry_errors",
+            "Line-protocol requests refused, by reason",
+            m.errors.clone(),
+        );
+        m
+    }
+
+    fn error(&self, reason: &'static str) {
+        self.errors.get_or_create(&[("reason", reason)]).inc();
+    }
+}
+
+fn protocol_reason(e: &ProtocolError) -> &'static str {
+    match e {
+        ProtocolError::Empty => "empty",
+        ProtocolError::NotUtf8 => "not_utf8",
+        ProtocolError::ControlChar => "control_char",
+        ProtocolError::BadPadding => "bad_padding",
+        ProtocolError::TooLong(_) => "too_long",
+        ProtocolError::UnknownCommand(_) => "unknown_command",
+        ProtocolError::Arity { .. } => "arity",
+        ProtocolError::EmptyField(_) => "empty_field",
+        ProtocolError::BadEndpoint(_) => "bad_endpoint",
+        ProtocolError::NotKeyValue(_) => "not_key_value",
+        ProtocolError::UnknownOption(_) => "unknown_option",
+        ProtocolError::DuplicateOption(_) => "duplicate_option",
+        ProtocolError::BadOption { .. } => "bad_option",
+        ProtocolError::BadEscape(_) => "bad_escape",
+        ProtocolError::BadResponse(_) => "bad_response",
+    }
+}
+
 /// Serves the line protocol on `listener` until `shutdown`, then closes idle connections
 /// and waits for in-flight requests to finish.
 pub async fn serve(
     listener: TcpListener,
     catalog: Catalog,
     limits: RegistryLimits,
+    shutdown: CancellationToken,
+) {
+    serve_with_metrics(listener, catalog, limits, RegistryMetrics::default(), shutdown).await
+}
+
+/// [`serve`], counting refused requests on `metrics`.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    catalog: Catalog,
+    limits: RegistryLimits,
+    metrics: RegistryMetrics,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -57,12 +113,14 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics.error("too_many_connections");
             tracker.spawn(refuse(stream));
             continue;
         };
         let conn = Connection {
             catalog: catalog.clone(),
             limits: limits.clone(),
+            metrics: metrics.clone(),
             peer,
         };
         let shutdown = shutdown.clone();
@@ -93,6 +151,7 @@ async fn refuse(mut stream: TcpStream) {
 struct Connection {
     catalog: Catalog,
     limits: RegistryLimits,
+    metrics: RegistryMetrics,
     peer: SocketAddr,
 }
 
@@ -115,6 +174,7 @@ impl Connection {
                     Decoded::Frame(frame) => self.answer(frame, &mut out).await,
                     Decoded::NeedMore { padding_only } => break padding_only,
                     Decoded::TooLong => {
+                        self.metrics.error("too_long");
                         let e = ProtocolError::TooLong(protocol::MAX_LINE_LEN);
                         Response::Failed(e.to_string()).encode_into(Framing::Line, &mut out);
                         stream.write_all(&out).await?;
@@ -156,6 +216,7 @@ impl Connection {
                 }
                 Read::Idle if buf.is_empty() => return Ok(()),
                 Read::Idle => {
+                    self.metrics.error("timeout");
                     let reason = "timed out waiting for the rest of the request";
                     Response::Failed(reason.into()).encode_into(Framing::Line, &mut out);
                     stream.write_all(&out).await?;
@@ -182,6 +243,7 @@ impl Connection {
         let response = match parsed {
             Ok(request) => self.execute(request).await,
             Err(e) => {
+                self.metrics.error(protocol_reason(&e));
                 tracing::debug!(error = %e, "bad request");
                 Response::Failed(e.to_string())
             }
@@ -208,12 +270,13 @@ impl Connection {
                         port: r.endpoint.port(),
                         ttl_secs: r.ttl.as_secs().max(1),
                     },
-                    Err(e) => failed(e),
+                    Err(e) => self.failed(e),
                 }
             }
             Request::SeedHeartbeat { name } => match catalog.heartbeat_seed(&name, peer_ip) {
                 Ok(_) => Response::HeartbeatOk,
                 Err(e) => {
+                    self.metrics.error(e.reason());
                     tracing::debug!(error = %e, "seed heartbeat refused");
                     Response::HeartbeatFailed
                 }
@@ -249,16 +312,16 @@ impl Connection {
                         endpoint: r.endpoint,
                         ttl_secs: r.ttl.as_secs().max(1),
                     }),
-                    Err(e) => failed(e),
+                    Err(e) => self.failed(e),
                 }
             }
             Request::Heartbeat { id, secret } => match catalog.heartbeat(&id, &secret) {
                 Ok(_) => Response::HeartbeatOk,
-                Err(e) => failed(e),
+                Err(e) => self.failed(e),
             },
             Request::Deregister { id, secret } => match catalog.deregister(&id, &secret).await {
                 Ok(()) => Response::Ok,
-                Err(e) => failed(e),
+                Err(e) => self.failed(e),
             },
             Request::Resolve { name } => {
                 let snap = catalog.snapshot();
@@ -276,16 +339,19 @@ impl Connection {
                             })
                             .collect(),
                     },
-                    None => failed(CatalogError::UnknownService(name)),
+                    None => self.failed(CatalogError::UnknownService(name)),
                 }
             }
         }
     }
 }
 
-fn failed(e: CatalogError) -> Response {
-    if let CatalogError::Store(_) = e {
-        tracing::error!(error = %e, "registration not persisted");
+impl Connection {
+    fn failed(&self, e: CatalogError) -> Response {
+        self.metrics.error(e.reason());
+        if let CatalogError::Store(_) = e {
+            tracing::error!(error = %e, "registration not persisted");
+        }
+        Response::Failed(e.to_string())
     }
-    Response::Failed(e.to_string())
 }

@@ -1,0 +1,457 @@
+//! The JSON endpoints: register, heartbeat, deregister, services, instances, health,
+//! metrics.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+
+use super::acl::Caller;
+use super::model::{
+    HealthView, HeartbeatResponse, InstanceView, RegisterRequest, RegisterResponse, SecretBody,
+    ServiceList, ServiceView,
+};
+use super::watch::{BlockingQuery, block};
+use super::{ApiError, ApiState, INDEX_HEADER, SECRET_HEADER};
+use crate::catalog::{Endpoint, Registration};
+use crate::protocol::{AppProtocol, ResolvedInstance, Response as LineResponse};
+
+/// A JSON body of type `T`: 415 unless `application/json`, 413 past the size limit, and
+/// 400 naming the offending field.
+pub(crate) struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default> FromRequest<ApiState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let json_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                let mime = v.split(';').next().unwrap_or("").trim();
+                mime.eq_ignore_ascii_case("application/json")
+            });
+        let limit = state.inner.settings.max_body_bytes;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge(limit)
+            } else {
+                ApiError::BadRequest(format!("cannot read the request body: {e}"))
+            }
+        })?;
+        if bytes.is_empty() {
+            return Ok(JsonBody(T::default()));
+        }
+        if json_type == Some(false) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses JSON, naming the field that is wrong.
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::BadRequest(format!("request body is not valid JSON: {message}"));
+        }
+        // Missing and unknown fields are reported at the parent: name them from the message.
+        let named = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.starts_with("missing field") || message.starts_with("unknown field"));
+        let field = match (named, path.as_str()) {
+            (Some(f), ".") => f.to_string(),
+            (Some(f), p) if p == f || p.ends_with(&format!(".{f}")) => p.to_string(),
+            (Some(f), p) => format!("{p}.{f}"),
+            (None, ".") => "body".to_string(),
+            (None, p) => p.to_string(),
+        };
+        ApiError::invalid(field, message)
+    })?;
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("trailing data after the JSON body: {e}")))?;
+    Ok(value)
+}
+
+/// Decodes `%XX` and `+` in a query value.
+pub(crate) fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn index_header(index: u64) -> [(header::HeaderName, HeaderValue); 1] {
+    [(
+        header::HeaderName::from_static(INDEX_HEADER),
+        HeaderValue::from(index),
+    )]
+}
+
+fn client_ip(headers_ext: &axum::http::Extensions) -> Option<IpAddr> {
+    super::limit::client_ip(headers_ext)
+}
+
+/// `POST /v1/instances`.
+pub(crate) async fn register(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ext: axum::http::Extensions,
+    JsonBody(req): JsonBody<RegisterRequest>,
+) -> Result<Response, ApiError> {
+    if req.name.is_empty() {
+        return Err(ApiError::invalid("name", "is required"));
+    }
+    let acl = &state.inner.acl;
+    if !acl.can_write(caller, &req.name, false) {
+        return Err(acl.denied(caller, &format!("register {}", req.name)));
+    }
+    let peer = client_ip(&ext);
+    let endpoint = match (req.address, req.port) {
+        (_, Some(0)) => return Err(ApiError::invalid("port", "must be 1..=65535")),
+        (Some(ip), Some(port)) => Endpoint::Explicit(SocketAddr::new(ip, port)),
+        (None, Some(port)) => match peer {
+            Some(ip) => Endpoint::Explicit(SocketAddr::new(ip, port)),
+            None => return Err(ApiError::invalid("address", "is required")),
+        },
+        (Some(_), None) => {
+            return Err(ApiError::invalid("port", "is required when address is given"));
+        }
+        (None, None) => match peer {
+            Some(peer) => Endpoint::Pool { peer, hint: None },
+            None => return Err(ApiError::invalid("port", "is required")),
+        },
+    };
+    let protocol = match &req.protocol {
+        None => None,
+        Some(p) => Some(
+            p.parse::<AppProtocol>()
+                .map_err(|_| ApiError::invalid("protocol", "expected tcp, http1 or http2"))?,
+        ),
+    };
+    let ttl = match req.ttl_secs {
+        None => None,
+        Some(0) => return Err(ApiError::invalid("ttl_secs", "must be at least 1")),
+        Some(s) if s > 10 * 365 * 86_400 => {
+            return Err(ApiError::invalid("ttl_secs", "is too long"));
+        }
+        Some(s) => Some(Duration::from_secs(s)),
+    };
+    let reg = Registration {
+        name: req.name,
+        endpoint,
+        tags: req.tags,
+        meta: req.meta,
+        weight: req.weight,
+        ttl,
+        service_port: req.service_port,
+        protocol,
+    };
+    let registered = state.inner.catalog.register(reg).await?;
+    let status = if registered.renewed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(RegisterResponse::from(registered))).into_response())
+}
+
+/// The secret from `X-Netsel-Secret`, else from the JSON body.
+fn secret_of(headers: &HeaderMap, body: SecretBody) -> Option<String> {
+    headers
+        .get(SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(body.secret)
+}
+
+/// `PUT /v1/instances/{id}/heartbeat`.
+pub(crate) async fn heartbeat(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<SecretBody>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let Some(secret) = secret_of(&headers, body) else {
+        return Err(ApiError::invalid(
+            "secret",
+            "is required (X-Netsel-Secret header or JSON body)",
+        ));
+    };
+    let catalog = &state.inner.catalog;
+    let ttl = catalog.heartbeat(&id, &secret)?;
+    let remaining = catalog
+        .snapshot()
+        .instance(&id)
+        .map(|i| catalog.lease_remaining(i))
+        .unwrap_or(ttl);
+    Ok(Json(HeartbeatResponse {
+        id,
+        ttl_secs: ttl.as_secs(),
+        lease_remaining_ms: remaining.as_millis() as u64,
+    }))
+}
+
+/// `DELETE /v1/instances/{id}`: with the instance secret, or with an ACL token that may
+/// write the service.
+pub(crate) async fn deregister(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<SecretBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let catalog = &state.inner.catalog;
+    match secret_of(&headers, body) {
+        Some(secret) => catalog.deregister(&id, &secret).await?,
+        None => {
+            let snap = catalog.snapshot();
+            let inst = snap
+                .instance(&id)
+                .ok_or_else(|| ApiError::NotFound(format!("unknown instance {id}")))?;
+            let acl = &state.inner.acl;
+            if !acl.enabled() {
+                return Err(ApiError::invalid(
+                    "secret",
+                    "is required (X-Netsel-Secret header or JSON body)",
+                ));
+            }
+            if !acl.can_write(caller, inst.service.as_str(), true) {
+                return Err(acl.denied(caller, &format!("deregister from {}", inst.service)));
+            }
+            catalog.deregister_admin(&id).await?;
+        }
+    }
+    Ok(Json(serde_json::json!({ "id": id, "deregistered": true })))
+}
+
+/// `GET /v1/instances/{id}`.
+pub(crate) async fn instance(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let catalog = &state.inner.catalog;
+    let snap = catalog.snapshot();
+    let inst = snap
+        .instance(&id)
+        .filter(|i| state.inner.acl.can_read(caller, i.service.as_str()))
+        .ok_or_else(|| ApiError::NotFound(format!("unknown instance {id}")))?;
+    Ok((
+        index_header(snap.index),
+        Json(InstanceView::new(catalog, inst)),
+    )
+        .into_response())
+}
+
+fn flag(q: &BTreeMap<String, String>, key: &'static str) -> Result<bool, ApiError> {
+    match q.get(key).map(String::as_str) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("") | Some("true") | Some("1") => Ok(true),
+        Some(_) => Err(ApiError::invalid(key, "expected true or false")),
+    }
+}
+
+/// `GET /v1/services`: every service the caller may read, with counts and health;
+/// `?detail=true` adds instances; `?index=N&wait=30s` blocks until the catalog changes.
+pub(crate) async fn services(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let acl = &state.inner.acl;
+    if acl.enabled() && caller == Caller::Anonymous && !acl.can_read_all(caller) {
+        return Err(acl.denied(caller, "list services"));
+    }
+    let detail = flag(&q, "detail")?;
+    let query = BlockingQuery::parse(&q, &state)?;
+    let snap = block(&state, query, |_| true).await;
+    let catalog = &state.inner.catalog;
+    let list = ServiceList {
+        index: snap.index,
+        services: snap
+            .services()
+            .filter(|s| acl.can_read(caller, s.name.as_str()))
+            .map(|s| ServiceView::new(catalog, s, detail))
+            .collect(),
+    };
+    Ok((index_header(snap.index), Json(list)).into_response())
+}
+
+/// `GET /v1/services/{name}`: one service with its instances; `?format=line` answers
+/// in the line protocol's `RESOLVED` form (what the client library's watch reads).
+pub(crate) async fn service(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let acl = &state.inner.acl;
+    if !acl.can_read(caller, &name) {
+        return Err(acl.denied(caller, &format!("read {name}")));
+    }
+    let line = match q.get("format").map(String::as_str) {
+        None | Some("json") => false,
+        Some("line") => true,
+        Some(_) => return Err(ApiError::invalid("format", "expected json or line")),
+    };
+    let query = BlockingQuery::parse(&q, &state)?;
+    // Wake for a change to this service: its modify index passing the client's, or its
+    // disappearance. A client whose index is behind and who asks for an absent service
+    // is answered at once (it may not know the service went away).
+    let first = state.inner.catalog.snapshot();
+    let existed = first.service(&name).is_some();
+    let seen = query.index.unwrap_or(0);
+    let behind = seen < first.index;
+    let snap = block(&state, query, |snap| match snap.service(&name) {
+        Some(s) => s.modify_index > seen,
+        None => existed || behind,
+    })
+    .await;
+    let catalog = &state.inner.catalog;
+    let headers = index_header(snap.index);
+    let Some(svc) = snap.service(&name) else {
+        let message = format!("unknown service {name}");
+        if line {
+            let body = format!("{}\n", LineResponse::Failed(message));
+            return Ok((StatusCode::NOT_FOUND, headers, body).into_response());
+        }
+        return Ok((headers, ApiError::NotFound(message)).into_response());
+    };
+    if line {
+        let r = LineResponse::Resolved {
+            name: svc.name.to_string(),
+            vip: svc.vip,
+            service_port: svc.port,
+            instances: svc
+                .healthy()
+                .map(|i| ResolvedInstance {
+                    id: i.id.to_string(),
+                    endpoint: i.endpoint,
+                    weight: i.weight,
+                })
+                .collect(),
+        };
+        let body = format!("{r}\n");
+        return Ok((
+            headers,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response());
+    }
+    Ok((headers, Json(ServiceView::new(catalog, svc, true))).into_response())
+}
+
+fn health_view(state: &ApiState) -> (bool, HealthView) {
+    let snap = state.inner.catalog.snapshot();
+    let ready = !state.inner.shutdown.is_cancelled();
+    (
+        ready,
+        HealthView {
+            status: if ready { "ok" } else { "shutting_down" },
+            live: true,
+            ready,
+            index: snap.index,
+            services: snap.service_count(),
+            instances: snap.instance_count(),
+        },
+    )
+}
+
+/// `GET /v1/health`: liveness and readiness; 503 while shutting down.
+pub(crate) async fn health(State(state): State<ApiState>) -> Response {
+    let (ready, view) = health_view(&state);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(view)).into_response()
+}
+
+/// `GET /v1/health/live`: 200 while the process answers.
+pub(crate) async fn live(State(state): State<ApiState>) -> Response {
+    Json(health_view(&state).1).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+pub(crate) async fn metrics(State(state): State<ApiState>, caller: Caller) -> Response {
+    let acl = &state.inner.acl;
+    if !acl.can_read_all(caller) {
+        return acl.denied(caller, "read metrics").into_response();
+    }
+    let Some(metrics) = &state.inner.metrics else {
+        return ApiError::NotFound("metrics are not enabled".into()).into_response();
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("%zz%"), "%zz%");
+        assert_eq!(percent_decode("%41"), "A");
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct T {
+            name: String,
+            weight: Option<u32>,
+        }
+        let e = parse_json::<T>(br#"{"name":"a","weight":"x"}"#).unwrap_err();
+        assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "weight"), "{e}");
+        let e = parse_json::<T>(br#"{"weight":1}"#).unwrap_err();
+        assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "name"), "{e}");
+        let e = parse_json::<T>(br#"{"name":"a","bogus":1}"#).unwrap_err();
+        assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "bogus"), "{e}");
+        let e = parse_json::<T>(br#"{"name":"a""#).unwrap_err();
+        assert!(matches!(e, ApiError::BadRequest(_)));
+        let e = parse_json::<T>(br#"[1]"#).unwrap_err();
+        assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "body"), "{e}");
+    }
+}

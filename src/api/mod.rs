@@ -1,0 +1,172 @@
+//! The HTTP/JSON API on `api_addr` (default `127.0.0.1:9001`): registration, discovery,
+//! watches, `/metrics` and the web UI at `/ui/`.
+//!
+//! Every handler reads a catalog snapshot or writes through the catalog; the API keeps no
+//! state of its own besides rate-limit buckets. Errors become a status and a JSON body
+//! `{"error": "..."}` in one place ([`ApiError`]). Request bodies are bounded
+//! (`api.max_body_bytes`), `/v1/` is rate-limited per client IP, and with `[acl]` on,
+//! requests need a token with rights on the service names they touch.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /v1/instances` | register an instance |
+//! | `PUT /v1/instances/{id}/heartbeat` | renew its lease (`X-Netsel-Secret`) |
+//! | `DELETE /v1/instances/{id}` | deregister it (`X-Netsel-Secret`, or an ACL token) |
+//! | `GET /v1/instances/{id}` | one instance |
+//! | `GET /v1/services` | services with counts and health; blocking with `?index=&wait=` |
+//! | `GET /v1/services/{name}` | one service and its instances; blocking too |
+//! | `GET /v1/events` | server-sent change events |
+//! | `GET /v1/health` | liveness and readiness |
+//! | `GET /v1/openapi.yaml` | the OpenAPI document |
+//! | `GET /metrics` | Prometheus metrics |
+//! | `GET /ui/` | the live dashboard |
+
+mod acl;
+mod error;
+mod handlers;
+mod limit;
+pub mod model;
+mod ui;
+mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post, put};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use crate::catalog::Catalog;
+use crate::config::{AclSettings, ApiSettings};
+use crate::metrics::MetricsRegistry;
+
+/// Header carrying the catalog index of a response (for blocking queries).
+pub const INDEX_HEADER: &str = "x-netsel-index";
+/// Header carrying an instance secret on heartbeat and deregister.
+pub const SECRET_HEADER: &str = "x-netsel-secret";
+
+/// The OpenAPI document of this API.
+pub const OPENAPI_YAML: &str = include_str!("../../docs/openapi.yaml");
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    catalog: Catalog,
+    metrics: Option<MetricsRegistry>,
+    settings: ApiSettings,
+    acl: acl::Acl,
+    limiter: limit::RateLimiter,
+    streams: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("settings", &self.inner.settings)
+            .field("acl", &self.inner.acl.enabled())
+            .finish()
+    }
+}
+
+impl ApiState {
+    /// State over `catalog`. `metrics` is served at `/metrics` when given; `shutdown`
+    /// ends blocking queries and event streams, and turns readiness off.
+    pub fn new(
+        catalog: Catalog,
+        settings: &ApiSettings,
+        acl: &AclSettings,
+        metrics: Option<MetricsRegistry>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        ApiState {
+            inner: Arc::new(Inner {
+                catalog,
+                metrics,
+                settings: settings.clone(),
+                acl: acl::Acl::new(acl),
+                limiter: limit::RateLimiter::new(
+                    settings.rate_limit_per_sec,
+                    settings.rate_limit_burst,
+                ),
+                streams: Arc::new(Semaphore::new(settings.max_event_streams)),
+                shutdown,
+            }),
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such path".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"))],
+        OPENAPI_YAML,
+    )
+        .into_response()
+}
+
+/// The API's router. Tests drive it in-process; [`serve`] runs it on a listener.
+pub fn router(state: ApiState) -> Router {
+    let limited = Router::new()
+        .route("/v1/instances", post(handlers::register))
+        .route(
+            "/v1/instances/{id}",
+            get(handlers::instance).delete(handlers::deregister),
+        )
+        .route(
+            "/v1/instances/{id}/heartbeat",
+            put(handlers::heartbeat).post(handlers::heartbeat),
+        )
+        .route("/v1/services", get(handlers::services))
+        .route("/v1/services/{name}", get(handlers::service))
+        .route("/v1/events", get(watch::events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit::rate_limit,
+        ));
+    Router::new()
+        .merge(limited)
+        .route("/v1/health", get(handlers::health))
+        .route("/v1/health/ready", get(handlers::health))
+        .route("/v1/health/live", get(handlers::live))
+        .route("/v1/openapi.yaml", get(openapi))
+        .route("/metrics", get(handlers::metrics))
+        .route("/", get(|| async { Redirect::temporary("/ui/") }))
+        .route("/ui", get(|| async { Redirect::temporary("/ui/") }))
+        .route("/ui/", get(ui::index))
+        .route("/ui/{file}", get(ui::asset))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.inner.settings.max_body_bytes))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown`, then lets in-flight requests finish
+/// (blocking queries and event streams end at once).
+pub async fn serve(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "API server stopped");
+    }
+}

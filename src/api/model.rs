@@ -1,0 +1,233 @@
+//! The JSON shapes of the API (documented in `docs/openapi.yaml`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, Instance, Registered, Service};
+
+/// `POST /v1/instances`.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// Service name (one DNS label).
+    pub name: String,
+    /// Where the instance listens. Default: the address the request came from.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    /// Its port. Without one, a port is assigned from the port pool.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Metadata.
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    /// Balancing weight, 1..=10000 (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Lease TTL in seconds (default `max_heartbeat_age`).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// The service's port on its VIP (default: the first instance's port).
+    #[serde(default)]
+    pub service_port: Option<u16>,
+    /// `tcp`, `http1` or `http2` (default `tcp`).
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// The answer to a registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// Instance id.
+    pub id: String,
+    /// Instance secret: needed to heartbeat and deregister. Shown once.
+    pub secret: String,
+    /// Canonical service name.
+    pub service: String,
+    /// Service VIP.
+    pub vip: IpAddr,
+    /// Service port on the VIP.
+    pub service_port: u16,
+    /// Where the instance listens (`ip:port`).
+    pub endpoint: String,
+    /// Lease TTL, seconds.
+    pub ttl_secs: u64,
+    /// True when this renewed an existing registration.
+    pub renewed: bool,
+}
+
+impl From<Registered> for RegisterResponse {
+    fn from(r: Registered) -> Self {
+        RegisterResponse {
+            id: r.id.to_string(),
+            secret: r.secret.expose().to_string(),
+            service: r.service.to_string(),
+            vip: r.vip,
+            service_port: r.service_port,
+            endpoint: r.endpoint.to_string(),
+            ttl_secs: r.ttl.as_secs().max(1),
+            renewed: r.renewed,
+        }
+    }
+}
+
+/// Optional body of heartbeat and deregister (the secret may come in a header instead).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SecretBody {
+    /// The instance secret.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeartbeatResponse {
+    /// Instance id.
+    pub id: String,
+    /// Lease TTL, seconds.
+    pub ttl_secs: u64,
+    /// Time left on the renewed lease, milliseconds.
+    pub lease_remaining_ms: u64,
+}
+
+/// One instance as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    /// Instance id.
+    pub id: String,
+    /// Service name.
+    pub service: String,
+    /// Address it listens on.
+    pub address: IpAddr,
+    /// Port it listens on.
+    pub port: u16,
+    /// `address:port`.
+    pub endpoint: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Metadata.
+    pub meta: BTreeMap<String, String>,
+    /// Balancing weight.
+    pub weight: u32,
+    /// `tcp`, `http1` or `http2`.
+    pub protocol: &'static str,
+    /// `passing` or `critical`.
+    pub health: &'static str,
+    /// Lease TTL, seconds.
+    pub ttl_secs: u64,
+    /// When the lease runs out unless renewed, Unix milliseconds.
+    pub lease_deadline_unix_ms: u64,
+    /// Time left on the lease, milliseconds.
+    pub lease_remaining_ms: u64,
+    /// Catalog index at which it registered.
+    pub registered_index: u64,
+}
+
+impl InstanceView {
+    /// The view of `i` now.
+    pub fn new(catalog: &Catalog, i: &Instance) -> Self {
+        InstanceView {
+            id: i.id.to_string(),
+            service: i.service.to_string(),
+            address: i.endpoint.ip(),
+            port: i.endpoint.port(),
+            endpoint: i.endpoint.to_string(),
+            tags: i.tags.clone(),
+            meta: i.meta.clone(),
+            weight: i.weight,
+            protocol: i.protocol.as_str(),
+            health: i.health.as_str(),
+            ttl_secs: i.ttl.as_secs(),
+            lease_deadline_unix_ms: catalog.deadline_unix_ms(i.lease().deadline_ms()),
+            lease_remaining_ms: catalog.lease_remaining(i).as_millis() as u64,
+            registered_index: i.registered_index,
+        }
+    }
+}
+
+/// One service as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    /// Canonical name.
+    pub name: String,
+    /// VIP.
+    pub vip: IpAddr,
+    /// Service port on the VIP.
+    pub port: u16,
+    /// Number of instances.
+    pub instance_count: usize,
+    /// Number of passing instances.
+    pub healthy_count: usize,
+    /// `passing` (all instances pass), `warning` (some do) or `critical` (none do).
+    pub health: &'static str,
+    /// Every tag of any instance, sorted, without duplicates.
+    pub tags: Vec<String>,
+    /// Catalog index of its last change.
+    pub modify_index: u64,
+    /// Its instances (in `GET /v1/services/{name}`, or with `?detail=true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances: Option<Vec<InstanceView>>,
+}
+
+impl ServiceView {
+    /// The view of `s`, with instances when `detail`.
+    pub fn new(catalog: &Catalog, s: &Service, detail: bool) -> Self {
+        let healthy = s.healthy_count();
+        let mut tags: Vec<String> = s.instances.iter().flat_map(|i| i.tags.clone()).collect();
+        tags.sort();
+        tags.dedup();
+        ServiceView {
+            name: s.name.to_string(),
+            vip: s.vip,
+            port: s.port,
+            instance_count: s.instances.len(),
+            healthy_count: healthy,
+            health: if healthy == s.instances.len() {
+                "passing"
+            } else if healthy == 0 {
+                "critical"
+            } else {
+                "warning"
+            },
+            tags,
+            modify_index: s.modify_index,
+            instances: detail.then(|| {
+                s.instances
+                    .iter()
+                    .map(|i| InstanceView::new(catalog, i))
+                    .collect()
+            }),
+        }
+    }
+}
+
+/// `GET /v1/services`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceList {
+    /// Catalog index of this view.
+    pub index: u64,
+    /// Services, sorted by name.
+    pub services: Vec<ServiceView>,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthView {
+    /// `ok`, or `shutting_down`.
+    pub status: &'static str,
+    /// The process answers.
+    pub live: bool,
+    /// It accepts registrations and answers queries.
+    pub ready: bool,
+    /// Catalog index.
+    pub index: u64,
+    /// Services registered.
+    pub services: usize,
+    /// Instances registered.
+    pub instances: usize,
+}

@@ -1,0 +1,89 @@
+//! The catalog's Prometheus metrics: counters bumped by writes, and a collector that
+//! reads instance counts per service and health from the current snapshot at scrape time.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use super::{Catalog, Health};
+
+/// Counters of catalog writes. Cheap clones sharing their values; always recorded (one
+/// atomic add), exported once [`Catalog::register_metrics`] is called.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogMetrics {
+    /// Successful registrations (new or renewed).
+    pub(crate) registrations: Counter,
+    /// Accepted heartbeats (lease renewals).
+    pub(crate) heartbeats: Counter,
+    /// Instances removed because their lease ran out.
+    pub(crate) expiries: Counter,
+    /// Instances removed by deregistration.
+    pub(crate) deregistrations: Counter,
+}
+
+impl CatalogMetrics {
+    pub(crate) fn register(&self, registry: &mut Registry, catalog: Catalog) {
+        registry.register(
+            "registrations",
+            "Successful registrations (new or renewed)",
+            self.registrations.clone(),
+        );
+        registry.register(
+            "heartbeats",
+            "Accepted heartbeats (lease renewals)",
+            self.heartbeats.clone(),
+        );
+        registry.register(
+            "expiries",
+            "Instances removed because their lease ran out",
+            self.expiries.clone(),
+        );
+        registry.register(
+            "deregistrations",
+            "Instances removed by deregistration",
+            self.deregistrations.clone(),
+        );
+        registry.register_collector(Box::new(InstanceCollector { catalog }));
+    }
+}
+
+/// `netsel_instances{service, health}` and `netsel_services`, read from the snapshot.
+struct InstanceCollector {
+    catalog: Catalog,
+}
+
+impl std::fmt::Debug for InstanceCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstanceCollector")
+    }
+}
+
+impl Collector for InstanceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = self.catalog.snapshot();
+        let services = ConstGauge::new(snap.service_count() as i64);
+        services.encode(encoder.encode_descriptor(
+            "services",
+            "Registered services",
+            None,
+            services.metric_type(),
+        )?)?;
+        let mut family = encoder.encode_descriptor(
+            "instances",
+            "Registered instances per service and health state",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for svc in snap.services() {
+            let passing = svc.healthy_count();
+            let critical = svc.instances.len() - passing;
+            for (health, n) in [(Health::Passing, passing), (Health::Critical, critical)] {
+                let labels = [("service", svc.name.as_str()), ("health", health.as_str())];
+                ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
