@@ -451,7 +451,7 @@ mod tests {
         assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "bogus"), "{e}");
         let e = parse_json::<T>(br#"{"name":"a""#).unwrap_err();
         assert!(matches!(e, ApiError::BadRequest(_)));
-        let e = parse_json::<T>(br#"[1]"#).unwrap_err();
+        let e = parse_json::<T>(br#""str""#).unwrap_err();
         assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "body"), "{e}");
     }
 }
