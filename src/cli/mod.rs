@@ -5,7 +5,14 @@
 
 #![allow(clippy::print_stdout)]
 
+mod api_client;
+mod deregister;
+mod register;
+mod resolve;
+mod run;
 mod serve;
+mod services;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -26,10 +33,24 @@ pub struct Cli {
 pub enum Command {
     /// Run the NetSel server (registry, DNS, proxies, API).
     Serve(serve::ServeArgs),
+    /// List registered services.
+    Services(services::ServicesArgs),
+    /// Show one service: its VIP and instances.
+    Resolve(resolve::ResolveArgs),
+    /// Print catalog changes as they happen.
+    Watch(watch::WatchArgs),
+    /// Register an instance and keep it alive until interrupted.
+    Register(register::RegisterArgs),
+    /// Remove an instance (with its secret, or an operator token).
+    Deregister(deregister::DeregisterArgs),
+    /// Run a command and keep it registered while it lives.
+    Run(run::RunArgs),
 }
 
 /// Parses the command line, runs it, and maps failures to exit codes:
-/// 0 success, 1 runtime failure, 2 bad usage or configuration.
+/// 0 success, 1 runtime failure (API unreachable), 2 bad usage, configuration or input,
+/// 3 not found, 4 refused (secret or ACL token), 5 conflict, 6 rate-limited,
+/// 7 `resolve` found no healthy instance; `run` passes on its command's code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -46,6 +67,12 @@ pub fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Services(args) => services::run(args).await,
+            Command::Resolve(args) => resolve::run(args).await,
+            Command::Watch(args) => watch::run(args).await,
+            Command::Register(args) => register::run(args).await,
+            Command::Deregister(args) => deregister::run(args).await,
+            Command::Run(args) => run::run(args).await,
         }
     })
 }

@@ -1,0 +1,72 @@
+//! `netsel resolve NAME`: a service's VIP and its instances.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::api_client::{Api, ApiArgs, Failure, print_json, print_table};
+use crate::client::http::encode_component;
+
+/// Flags of `netsel resolve`.
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// Service name.
+    name: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Prints the service. Exit 0; 3 if no such service; 7 if it has no healthy instance.
+pub async fn run(args: ResolveArgs) -> ExitCode {
+    match resolve(&args).await {
+        Ok(code) => code,
+        Err(f) => f.report(),
+    }
+}
+
+async fn resolve(args: &ResolveArgs) -> Result<ExitCode, Failure> {
+    let api = Api::new(&args.api).await?;
+    let a = api
+        .get(&format!("/v1/services/{}", encode_component(&args.name)))
+        .await?;
+    let s = &a.body;
+    let healthy = s["healthy_count"].as_u64().unwrap_or(0);
+    if args.api.json {
+        print_json(s);
+    } else {
+        println!(
+            "{} {}:{} ({} of {} instances healthy)",
+            s["name"].as_str().unwrap_or(""),
+            s["vip"].as_str().unwrap_or(""),
+            s["port"],
+            healthy,
+            s["instance_count"]
+        );
+        let rows: Vec<Vec<String>> = s["instances"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|i| {
+                let tags: Vec<&str> = i["tags"]
+                    .as_array()
+                    .map(|t| t.iter().filter_map(|t| t.as_str()).collect())
+                    .unwrap_or_default();
+                vec![
+                    i["id"].as_str().unwrap_or("").to_string(),
+                    i["endpoint"].as_str().unwrap_or("").to_string(),
+                    i["health"].as_str().unwrap_or("").to_string(),
+                    i["weight"].to_string(),
+                    format!("{}s", i["lease_remaining_ms"].as_u64().unwrap_or(0) / 1000),
+                    tags.join(","),
+                ]
+            })
+            .collect();
+        print_table(&["ID", "ENDPOINT", "HEALTH", "WEIGHT", "LEASE", "TAGS"], &rows);
+    }
+    Ok(if healthy == 0 {
+        ExitCode::from(7)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,355 @@
+//! The API verbs of the real `netsel` binary against a server on port 0.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+use netsel::catalog::Catalog;
+use netsel::client::http::{self, HttpRequest};
+use netsel::{NetSelServer, Settings};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn server() -> (NetSelServer, SocketAddr, Catalog) {
+    let server = NetSelServer::with_settings(Settings::ephemeral());
+    server.start().await.unwrap();
+    let api = server.bound().unwrap().api.unwrap();
+    let catalog = server.catalog().unwrap();
+    (server, api, catalog)
+}
+
+fn netsel(api: SocketAddr) -> Command {
+    let mut c = Command::cargo_bin("netsel").unwrap();
+    c.env("NETSEL_API_ADDR", api.to_string())
+        .env_remove("NETSEL_TOKEN")
+        .env_remove("NETSEL_SECRET")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs the binary off the async runtime; returns (exit code, stdout, stderr).
+async fn run(mut cmd: Command) -> (i32, String, String) {
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn register(api: SocketAddr, name: &str, port: u16) -> (String, String) {
+    let body = json!({"name": name, "address": "127.0.0.1", "port": port, "tags": ["t1"]});
+    let r = http::send(api, &HttpRequest::new("POST", "/v1/instances").json(body.to_string()), T)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    (v["id"].as_str().unwrap().into(), v["secret"].as_str().unwrap().into())
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} failed");
+}
+
+async fn wait_exit(mut child: Child) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut out = String::new();
+                if let Some(mut s) = child.stdout.take() {
+                    use std::io::Read;
+                    let _ = s.read_to_string(&mut out);
+                }
+                return (status.code().unwrap_or(-1), out);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("process did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn services_and_resolve_print_text_and_json_with_exit_codes() {
+    let (server, api, _) = server().await;
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.arg("services");
+        c
+    })
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("no services"), "{out}");
+    register(api, "web", 8000).await;
+    register(api, "web", 8001).await;
+
+    let (code, out, err) = run({
+        let mut c = netsel(api);
+        c.arg("services");
+        c
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let row = out.lines().find(|l| l.starts_with("web ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("2/2") && row.contains("passing") && row.contains("t1"), "{row}");
+
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.args(["services", "--json"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["services"][0]["instance_count"], 2);
+
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.args(["resolve", "WEB", "--json"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["instances"].as_array().unwrap().len(), 2);
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.args(["resolve", "web"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("127.0.0.1:8001") && out.contains("2 of 2"), "{out}");
+
+    let (code, _, err) = run({
+        let mut c = netsel(api);
+        c.args(["resolve", "nope"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 3, "unknown service: {err}");
+    assert!(err.contains("unknown service nope"), "{err}");
+    let (code, _, _) = run({
+        let mut c = netsel(api);
+        c.args(["resolve", "bad_name"]);
+        c
+    })
+    .await;
+    assert!(code == 3 || code == 2, "{code}");
+
+    // Nothing listening: exit 1 with a clear message.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let (code, _, err) = run({
+        let mut c = netsel(api);
+        c.args(["services", "--api-addr", &dead]);
+        c
+    })
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the NetSel API"), "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn deregister_needs_the_secret() {
+    let (server, api, catalog) = server().await;
+    let (id, secret) = register(api, "db", 5432).await;
+    let (code, _, err) = run({
+        let mut c = netsel(api);
+        c.args(["deregister", &id]);
+        c
+    })
+    .await;
+    assert_eq!(code, 2, "no secret is a usage error: {err}");
+    let (code, _, err) = run({
+        let mut c = netsel(api);
+        c.args(["deregister", &id, "--secret", "00000000000000000000000000000000"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 4, "wrong secret: {err}");
+    assert!(catalog.snapshot().instance(&id).is_some());
+    let (code, out, err) = run({
+        let mut c = netsel(api);
+        c.args(["deregister", &id]).env("NETSEL_SECRET", &secret);
+        c
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deregistered"));
+    assert!(catalog.snapshot().instance(&id).is_none());
+    let (code, _, _) = run({
+        let mut c = netsel(api);
+        c.args(["deregister", &id, "--secret", &secret]);
+        c
+    })
+    .await;
+    assert_eq!(code, 3, "already gone");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_heartbeats_in_the_foreground_and_deregisters_on_ctrl_c() {
+    let (server, api, catalog) = server().await;
+    let child = netsel(api)
+        .args(["register", "fg", "--addr", "127.0.0.1:8123", "--tag", "x", "--ttl", "1", "--meta", "k=v"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("fg registered", || catalog.snapshot().service("fg").is_some()).await;
+    let inst = catalog.snapshot().service("fg").unwrap().instances[0].clone();
+    assert_eq!(inst.tags, ["x"]);
+    assert_eq!(inst.meta["k"], "v");
+    assert_eq!(inst.endpoint.port(), 8123);
+    // A 1 s lease survives well past its TTL: it is heartbeated.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(catalog.snapshot().instance(inst.id.as_str()).is_some(), "lease lapsed");
+    signal(&child, "INT");
+    let (code, out) = wait_exit(child).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("registered fg instance") && out.contains("deregistered"), "{out}");
+    assert!(catalog.snapshot().service("fg").is_none());
+    server.shutdown().await;
+}
+
+/// A tool the test needs: present, or the test is skipped (failed in CI).
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is required in CI (.ci/run installs it)"
+        );
+        eprintln!("note: {tool} not found; skipping");
+    }
+    found
+}
+
+#[tokio::test]
+async fn run_registers_python_http_server_while_it_lives() {
+    if !have("python3") {
+        return;
+    }
+    let (server, api, catalog) = server().await;
+    let port = free_port();
+    let child = netsel(api)
+        .args(["run", "--name", "pyweb", "--port", &port.to_string(), "--tag", "py", "--"])
+        .args(["python3", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("pyweb registered", || catalog.snapshot().service("pyweb").is_some()).await;
+    let svc = catalog.snapshot().service("pyweb").unwrap().clone();
+    assert_eq!(svc.instances[0].endpoint.port(), port);
+    // It really is the python server behind the registration.
+    let r = http::send(svc.instances[0].endpoint, &HttpRequest::new("GET", "/"), T)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("Directory listing"), "{}", r.text());
+
+    // SIGTERM goes to python; python dies of it; run passes that on and deregisters.
+    signal(&child, "TERM");
+    let (code, _) = wait_exit(child).await;
+    assert_eq!(code, 128 + 15, "python killed by SIGTERM");
+    assert!(catalog.snapshot().service("pyweb").is_none(), "deregistered");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn run_passes_on_the_exit_code_and_deregisters() {
+    let (server, api, catalog) = server().await;
+    let port = free_port();
+    // A command that listens, gets registered, then exits 7 on its own.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut watch = netsel::client::watch(api, "short").wait(Duration::from_secs(15));
+    assert_eq!(watch.next().await.unwrap(), None);
+    let child = netsel(api)
+        .args(["run", "--name", "short", "--port", &port.to_string(), "--"])
+        .args(["sh", "-c", "sleep 1; exit 7"])
+        .spawn()
+        .unwrap();
+    let appeared = tokio::time::timeout(T, watch.next()).await.unwrap().unwrap();
+    assert!(appeared.is_some(), "registered while alive");
+    let (code, _) = wait_exit(child).await;
+    assert_eq!(code, 7);
+    assert!(catalog.snapshot().service("short").is_none());
+    drop(listener);
+
+    // A command that cannot start: 127, nothing registered.
+    let (code, _, err) = run({
+        let mut c = netsel(api);
+        c.args(["run", "--name", "nope", "--port", "1", "--", "/nonexistent/cmd"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 127, "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn watch_prints_changes_as_json_lines() {
+    let (server, api, _) = server().await;
+    let mut child = netsel(api)
+        .args(["watch", "svc", "--json", "--count", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let hello: Value = serde_json::from_str(&tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap()).unwrap();
+    assert_eq!(hello["event"], "hello");
+    register(api, "other", 1000).await;
+    register(api, "svc", 1001).await;
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let line = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["service"], "svc", "filtered to svc: {line}");
+        kinds.push(v["kind"].as_str().unwrap().to_string());
+    }
+    assert!(kinds.contains(&"instance_registered".to_string()), "{kinds:?}");
+    let (code, _) = wait_exit(child).await;
+    assert_eq!(code, 0);
+    server.shutdown().await;
+}
