@@ -153,6 +153,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/ui", get(|| async { Redirect::temporary("/ui/") }))
         .route("/ui/", get(ui::index))
         .route("/ui/{file}", get(ui::asset))
+        .route("/favicon.ico", get(ui::favicon))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.inner.settings.max_body_bytes))

@@ -1,4 +1,4 @@
-//! The web UI: three static files compiled into the binary (no CDN, no build step).
+//! The web UI: four static files compiled into the binary (no CDN, no build step).
 
 use axum::extract::Path;
 use axum::http::{HeaderValue, header};
@@ -9,6 +9,7 @@ use super::ApiError;
 const INDEX_HTML: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
 const STYLE_CSS: &str = include_str!("ui/style.css");
+const FAVICON_SVG: &str = include_str!("ui/favicon.svg");
 
 /// Everything the page may load comes from NetSel itself.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -45,6 +46,12 @@ pub(crate) async fn asset(Path(file): Path<String>) -> Response {
         "app.js" => page("text/javascript; charset=utf-8", APP_JS),
         "style.css" => page("text/css; charset=utf-8", STYLE_CSS),
         "index.html" => page("text/html; charset=utf-8", INDEX_HTML),
+        "favicon.svg" => page("image/svg+xml", FAVICON_SVG),
         _ => ApiError::NotFound(format!("no UI asset {file}")).into_response(),
     }
+}
+
+/// `GET /favicon.ico` (browsers ask for it whatever the page says).
+pub(crate) async fn favicon() -> Response {
+    page("image/svg+xml", FAVICON_SVG)
 }

@@ -1,0 +1,275 @@
+// NetSel dashboard: lists services, VIPs, instances, health, tags and lease countdowns,
+// kept live by the /v1/events server-sent-event stream. No dependencies, no build step.
+'use strict';
+(() => {
+  const state = {
+    services: new Map(),
+    sort: { key: 'name', dir: 1 },
+    filter: '',
+    open: new Set(),
+    expandAll: false,
+    onlyUnhealthy: false,
+    token: sessionStorage.getItem('netsel-token') || '',
+    index: 0,
+  };
+  // For tests and curious operators: a page-load id (unchanged = no reload) and counters.
+  window.netselUi = { loadId: Math.random().toString(36).slice(2), renders: 0, events: 0 };
+
+  const $ = (id) => document.getElementById(id);
+  const ESC = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
+  const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ESC[c]);
+
+  function authHeaders() {
+    return state.token ? { Authorization: 'Bearer ' + state.token } : {};
+  }
+
+  async function api(path) {
+    const r = await fetch(path, { headers: authHeaders(), cache: 'no-store' });
+    if (r.status === 401 || r.status === 403) {
+      const body = await r.json().catch(() => ({}));
+      showTokenForm(body.error || 'access denied');
+      throw new Error('unauthorized');
+    }
+    return r;
+  }
+
+  // Lease deadlines on the local clock, from the server's "remaining" figures.
+  function stamp(svc) {
+    const now = Date.now();
+    svc.instances = svc.instances || [];
+    for (const i of svc.instances) i.deadline = now + i.lease_remaining_ms;
+    svc.next = svc.instances.length ? Math.min(...svc.instances.map((i) => i.deadline)) : Infinity;
+    return svc;
+  }
+
+  async function loadAll() {
+    const r = await api('/v1/services?detail=true');
+    if (!r.ok) return;
+    const body = await r.json();
+    state.services = new Map(body.services.map((s) => [s.name, stamp(s)]));
+    state.index = body.index;
+    schedule();
+  }
+
+  // Services named by change events, refetched one by one (coalesced).
+  const dirty = new Set();
+  let fetching = false;
+  async function refreshDirty() {
+    if (fetching) return;
+    fetching = true;
+    try {
+      while (dirty.size) {
+        const names = [...dirty];
+        dirty.clear();
+        if (names.length > 50) {
+          await loadAll();
+          continue;
+        }
+        await Promise.all(names.map(async (name) => {
+          const r = await api('/v1/services/' + encodeURIComponent(name));
+          if (r.status === 404) {
+            state.services.delete(name);
+          } else if (r.ok) {
+            const s = stamp(await r.json());
+            s.fresh = Date.now();
+            state.services.set(s.name, s);
+          }
+        }));
+        schedule();
+      }
+    } catch (e) {
+      // Shown through the status badge; the next event or refresh retries.
+    } finally {
+      fetching = false;
+    }
+  }
+
+  let renderTimer = null;
+  function schedule() {
+    if (renderTimer === null) renderTimer = setTimeout(() => { renderTimer = null; render(); }, 30);
+  }
+
+  function matches(s) {
+    if (state.onlyUnhealthy && s.health === 'passing') return false;
+    if (!state.filter) return true;
+    const hay = [s.name, s.vip + ':' + s.port, ...s.tags,
+      ...s.instances.map((i) => i.endpoint + ' ' + i.id)].join(' ').toLowerCase();
+    return state.filter.split(/\s+/).every((t) => hay.includes(t));
+  }
+
+  const HEALTH_RANK = { critical: 0, warning: 1, passing: 2 };
+  function ipKey(ip) {
+    return ip.includes('.') ? ip.split('.').map((p) => p.padStart(3, '0')).join('.') : ip;
+  }
+  function compare(a, b) {
+    let d = 0;
+    switch (state.sort.key) {
+      case 'vip': d = ipKey(a.vip) < ipKey(b.vip) ? -1 : ipKey(a.vip) > ipKey(b.vip) ? 1 : 0; break;
+      case 'health': d = HEALTH_RANK[a.health] - HEALTH_RANK[b.health]; break;
+      case 'instances': d = a.instance_count - b.instance_count; break;
+      case 'lease': d = (a.next === b.next) ? 0 : (a.next < b.next ? -1 : 1); break;
+      default: d = 0;
+    }
+    if (d === 0) d = a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
+    return d * state.sort.dir;
+  }
+
+  function fmtLease(ms) {
+    if (!Number.isFinite(ms)) return '–';
+    const s = Math.max(0, Math.ceil(ms / 1000));
+    if (s >= 3600) return Math.floor(s / 3600) + 'h' + String(Math.floor((s % 3600) / 60)).padStart(2, '0') + 'm';
+    if (s >= 60) return Math.floor(s / 60) + 'm' + String(s % 60).padStart(2, '0') + 's';
+    return s + 's';
+  }
+
+  const tags = (list) => list.map((t) => '<span class="tag">' + esc(t) + '</span>').join('');
+
+  function instanceRows(s) {
+    const rows = s.instances.map((i) =>
+      '<tr data-instance="' + esc(i.id) + '">' +
+      '<td class="mono">' + esc(i.id) + '</td>' +
+      '<td class="mono">' + esc(i.endpoint) + '</td>' +
+      '<td><span class="badge ' + esc(i.health) + '">' + esc(i.health) + '</span></td>' +
+      '<td class="num">' + esc(i.weight) + '</td>' +
+      '<td>' + esc(i.protocol) + '</td>' +
+      '<td>' + tags(i.tags) + '</td>' +
+      '<td class="num lease" data-deadline="' + i.deadline + '"></td>' +
+      '</tr>').join('');
+    return '<tr class="instances" data-instances-of="' + esc(s.name) + '"><td colspan="6">' +
+      '<table class="inner"><thead><tr><th>Instance</th><th>Endpoint</th><th>Health</th>' +
+      '<th class="num">Weight</th><th>Protocol</th><th>Tags</th><th class="num">Lease</th></tr></thead>' +
+      '<tbody>' + rows + '</tbody></table></td></tr>';
+  }
+
+  function render() {
+    const all = [...state.services.values()];
+    const list = all.filter(matches).sort(compare);
+    const now = Date.now();
+    const html = [];
+    for (const s of list) {
+      const open = state.expandAll || state.open.has(s.name);
+      const fresh = s.fresh && now - s.fresh < 2000;
+      html.push('<tr class="service' + (open ? ' open' : '') + (fresh ? ' fresh' : '') +
+        '" data-service="' + esc(s.name) + '">' +
+        '<td class="name">' + esc(s.name) + '</td>' +
+        '<td class="mono">' + esc(s.vip) + ':' + esc(s.port) + '</td>' +
+        '<td><span class="badge ' + esc(s.health) + '">' + esc(s.health) + '</span></td>' +
+        '<td class="num">' + s.healthy_count + '/' + s.instance_count + '</td>' +
+        '<td>' + tags(s.tags) + '</td>' +
+        '<td class="num lease" data-deadline="' + s.next + '"></td></tr>');
+      if (open) html.push(instanceRows(s));
+    }
+    $('rows').innerHTML = html.join('');
+    const instances = all.reduce((n, s) => n + s.instance_count, 0);
+    $('summary').textContent = all.length + ' services, ' + instances + ' instances';
+    $('shown').textContent = list.length === all.length ? '' : 'showing ' + list.length + ' of ' + all.length;
+    $('empty').hidden = all.length !== 0;
+    for (const th of document.querySelectorAll('th[data-sort]')) {
+      th.classList.toggle('sorted-asc', th.dataset.sort === state.sort.key && state.sort.dir === 1);
+      th.classList.toggle('sorted-desc', th.dataset.sort === state.sort.key && state.sort.dir === -1);
+    }
+    tick();
+    window.netselUi.renders++;
+  }
+
+  function tick() {
+    const now = Date.now();
+    for (const el of document.querySelectorAll('[data-deadline]')) {
+      const left = Number(el.dataset.deadline) - now;
+      el.textContent = fmtLease(left);
+      el.classList.toggle('low', left < 5000);
+    }
+  }
+
+  function setStatus(s) {
+    const el = $('status');
+    el.className = 'status ' + s;
+    el.textContent = s;
+  }
+
+  let events = null;
+  let batchTimer = null;
+  function connect() {
+    if (events) events.close();
+    const url = '/v1/events' + (state.token ? '?token=' + encodeURIComponent(state.token) : '');
+    events = new EventSource(url);
+    setStatus('connecting');
+    // Load after the stream is open, so no change falls between the two.
+    events.addEventListener('hello', () => {
+      setStatus('live');
+      loadAll().catch(() => {});
+    });
+    events.addEventListener('change', (e) => {
+      window.netselUi.events++;
+      const c = JSON.parse(e.data);
+      state.index = Math.max(state.index, c.index);
+      // One write sends several events: batch them briefly, and drop a removed service
+      // locally instead of asking for it.
+      if (c.kind === 'service_removed') {
+        dirty.delete(c.service);
+        state.services.delete(c.service);
+        schedule();
+      } else {
+        dirty.add(c.service);
+      }
+      clearTimeout(batchTimer);
+      batchTimer = setTimeout(refreshDirty, 20);
+    });
+    events.addEventListener('resync', () => loadAll().catch(() => {}));
+    events.onerror = () => {
+      if (events.readyState === EventSource.CLOSED) {
+        setStatus('offline');
+        // A refused stream (e.g. 401) closes for good: probe to show why, then retry.
+        api('/v1/services').catch(() => {});
+        setTimeout(connect, 3000);
+      } else {
+        setStatus('connecting');
+      }
+    };
+  }
+
+  function showTokenForm(message) {
+    $('token-form').hidden = false;
+    $('token-error').textContent = message;
+  }
+
+  $('token-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    state.token = $('token').value.trim();
+    sessionStorage.setItem('netsel-token', state.token);
+    $('token-form').hidden = true;
+    connect();
+  });
+
+  let filterTimer = null;
+  $('filter').addEventListener('input', (e) => {
+    clearTimeout(filterTimer);
+    filterTimer = setTimeout(() => { state.filter = e.target.value.trim().toLowerCase(); render(); }, 60);
+  });
+  $('only-unhealthy').addEventListener('change', (e) => { state.onlyUnhealthy = e.target.checked; render(); });
+  $('expand-all').addEventListener('change', (e) => { state.expandAll = e.target.checked; render(); });
+  document.querySelector('#services thead').addEventListener('click', (e) => {
+    const th = e.target.closest('th[data-sort]');
+    if (!th) return;
+    const key = th.dataset.sort;
+    state.sort = { key, dir: state.sort.key === key ? -state.sort.dir : 1 };
+    render();
+  });
+  $('rows').addEventListener('click', (e) => {
+    const tr = e.target.closest('tr.service');
+    if (!tr) return;
+    const name = tr.dataset.service;
+    if (state.open.has(name)) state.open.delete(name); else state.open.add(name);
+    render();
+  });
+
+  setInterval(tick, 1000);
+  // Heartbeats renew leases without change events: refresh open services often and the
+  // whole list now and then, so countdowns stay true.
+  setInterval(() => {
+    for (const name of state.open) dirty.add(name);
+    refreshDirty();
+  }, 5000);
+  setInterval(() => loadAll().catch(() => {}), 30000);
+  connect();
+})();
