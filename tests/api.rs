@@ -196,12 +196,14 @@ async fn errors_have_fitting_statuses_and_name_the_field() {
         (json!({"name": "db", "address": "not-an-ip", "port": 1}), "address"),
         (json!({"name": "db", "address": "127.0.0.1", "port": 70000}), "port"),
         (json!({"name": "db", "address": "127.0.0.1", "port": 0}), "port"),
-        (json!({"name": "db", "address": "127.0.0.1"}), "port"),
         (json!({"name": "db", "address": "127.0.0.1", "port": 1, "protocol": "smtp"}), "protocol"),
         (json!({"name": "db", "address": "127.0.0.1", "port": 1, "weight": 0}), "weight"),
         (json!({"name": "db", "address": "127.0.0.1", "port": 1, "ttl_secs": 0}), "ttl_secs"),
         (json!({"name": "db", "address": "127.0.0.1", "port": 1, "bogus": 1}), "bogus"),
         (json!({"name": "db", "address": "0.0.0.0", "port": 1}), "address"),
+        (json!({"name": "db", "address": "0.0.0.0"}), "address"),
+        (json!({"name": "db", "address": "224.0.0.1"}), "address"),
+        (json!({"name": "db", "address": "127.0.0.1", "port": 1.5}), "port"),
     ] {
         let r = api.register(body.clone()).await;
         assert_error(&r, 400, field);
@@ -237,11 +239,11 @@ async fn errors_have_fitting_statuses_and_name_the_field() {
         .send("DELETE", &format!("/v1/instances/{id}"), json!({"secret": "nope"}), &[])
         .await;
     assert_error(&r, 403, "wrong secret");
-    // Without a secret (and without ACLs) deregistration is refused, naming the field.
+    // Without a secret (and without ACLs) deregistration is refused.
     let r = api
         .send("DELETE", &format!("/v1/instances/{id}"), Value::Null, &[])
         .await;
-    assert_error(&r, 400, "secret");
+    assert_error(&r, 403, "secret is required");
 
     // 404: unknown names, ids and paths.
     assert_error(&api.get("/v1/services/nope").await, 404, "unknown service");

@@ -91,7 +91,11 @@ impl From<CatalogError> for ApiError {
             CatalogError::InvalidName(_) => ApiError::invalid("name", message),
             CatalogError::Invalid { field, reason } => {
                 // The catalog calls the endpoint `endpoint`; the API sends address + port.
-                let field = if field == "endpoint" { "address" } else { field };
+                let field = match field {
+                    "endpoint" => "address",
+                    "ttl" => "ttl_secs",
+                    other => other,
+                };
                 ApiError::invalid(field, reason)
             }
             CatalogError::UnknownInstance(_) | CatalogError::UnknownService(_) => {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -53,6 +54,34 @@ impl<T: DeserializeOwned + Default> FromRequest<ApiState> for JsonBody<T> {
             return Err(ApiError::UnsupportedMediaType);
         }
         parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// A path parameter; a bad one is a JSON 400 like every other error.
+pub(crate) struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| PathParam(p))
+            .map_err(|e| ApiError::BadRequest(format!("invalid path: {e}")))
+    }
+}
+
+/// The query string as a map; a malformed one is a JSON 400.
+pub(crate) struct QueryMap(pub BTreeMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<BTreeMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| QueryMap(q))
+            .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))
     }
 }
 
@@ -135,6 +164,11 @@ pub(crate) async fn register(
     if !acl.can_write(caller, &req.name, false) {
         return Err(acl.denied(caller, &format!("register {}", req.name)));
     }
+    if let Some(ip) = req.address
+        && (ip.is_unspecified() || ip.is_multicast())
+    {
+        return Err(ApiError::invalid("address", "not a unicast address"));
+    }
     let peer = client_ip(&ext);
     let endpoint = match (req.address, req.port) {
         (_, Some(0)) => return Err(ApiError::invalid("port", "must be 1..=65535")),
@@ -143,9 +177,11 @@ pub(crate) async fn register(
             Some(ip) => Endpoint::Explicit(SocketAddr::new(ip, port)),
             None => return Err(ApiError::invalid("address", "is required")),
         },
-        (Some(_), None) => {
-            return Err(ApiError::invalid("port", "is required when address is given"));
-        }
+        // An address without a port: a port from the pool, at that address.
+        (Some(ip), None) => Endpoint::Pool {
+            peer: ip,
+            hint: None,
+        },
         (None, None) => match peer {
             Some(peer) => Endpoint::Pool { peer, hint: None },
             None => return Err(ApiError::invalid("port", "is required")),
@@ -153,10 +189,12 @@ pub(crate) async fn register(
     };
     let protocol = match &req.protocol {
         None => None,
-        Some(p) => Some(
-            p.parse::<AppProtocol>()
-                .map_err(|_| ApiError::invalid("protocol", "expected tcp, http1 or http2"))?,
-        ),
+        Some(p) => Some(match p.as_str() {
+            "tcp" => AppProtocol::Tcp,
+            "http1" => AppProtocol::Http1,
+            "http2" => AppProtocol::Http2,
+            _ => return Err(ApiError::invalid("protocol", "expected tcp, http1 or http2")),
+        }),
     };
     let ttl = match req.ttl_secs {
         None => None,
@@ -185,6 +223,14 @@ pub(crate) async fn register(
     Ok((status, Json(RegisterResponse::from(registered))).into_response())
 }
 
+/// A request without the instance secret is refused like one with a wrong secret.
+fn secret_required() -> ApiError {
+    ApiError::Forbidden(
+        "the instance secret is required (X-Netsel-Secret header or {\"secret\": ...} body)"
+            .into(),
+    )
+}
+
 /// The secret from `X-Netsel-Secret`, else from the JSON body.
 fn secret_of(headers: &HeaderMap, body: SecretBody) -> Option<String> {
     headers
@@ -197,15 +243,12 @@ fn secret_of(headers: &HeaderMap, body: SecretBody) -> Option<String> {
 /// `PUT /v1/instances/{id}/heartbeat`.
 pub(crate) async fn heartbeat(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     headers: HeaderMap,
     JsonBody(body): JsonBody<SecretBody>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let Some(secret) = secret_of(&headers, body) else {
-        return Err(ApiError::invalid(
-            "secret",
-            "is required (X-Netsel-Secret header or JSON body)",
-        ));
+        return Err(secret_required());
     };
     let catalog = &state.inner.catalog;
     let ttl = catalog.heartbeat(&id, &secret)?;
@@ -226,7 +269,7 @@ pub(crate) async fn heartbeat(
 pub(crate) async fn deregister(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     headers: HeaderMap,
     JsonBody(body): JsonBody<SecretBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -240,10 +283,7 @@ pub(crate) async fn deregister(
                 .ok_or_else(|| ApiError::NotFound(format!("unknown instance {id}")))?;
             let acl = &state.inner.acl;
             if !acl.enabled() {
-                return Err(ApiError::invalid(
-                    "secret",
-                    "is required (X-Netsel-Secret header or JSON body)",
-                ));
+                return Err(secret_required());
             }
             if !acl.can_write(caller, inst.service.as_str(), true) {
                 return Err(acl.denied(caller, &format!("deregister from {}", inst.service)));
@@ -258,7 +298,7 @@ pub(crate) async fn deregister(
 pub(crate) async fn instance(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Response, ApiError> {
     let catalog = &state.inner.catalog;
     let snap = catalog.snapshot();
@@ -276,7 +316,7 @@ pub(crate) async fn instance(
 fn flag(q: &BTreeMap<String, String>, key: &'static str) -> Result<bool, ApiError> {
     match q.get(key).map(String::as_str) {
         None | Some("false") | Some("0") => Ok(false),
-        Some("") | Some("true") | Some("1") => Ok(true),
+        Some("true") | Some("1") => Ok(true),
         Some(_) => Err(ApiError::invalid(key, "expected true or false")),
     }
 }
@@ -286,7 +326,7 @@ fn flag(q: &BTreeMap<String, String>, key: &'static str) -> Result<bool, ApiErro
 pub(crate) async fn services(
     State(state): State<ApiState>,
     caller: Caller,
-    Query(q): Query<BTreeMap<String, String>>,
+    QueryMap(q): QueryMap,
 ) -> Result<Response, ApiError> {
     let acl = &state.inner.acl;
     if acl.enabled() && caller == Caller::Anonymous && !acl.can_read_all(caller) {
@@ -312,8 +352,8 @@ pub(crate) async fn services(
 pub(crate) async fn service(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(name): Path<String>,
-    Query(q): Query<BTreeMap<String, String>>,
+    PathParam(name): PathParam,
+    QueryMap(q): QueryMap,
 ) -> Result<Response, ApiError> {
     let acl = &state.inner.acl;
     if !acl.can_read(caller, &name) {

@@ -133,7 +133,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/v1/instances/{id}/heartbeat",
-            put(handlers::heartbeat).post(handlers::heartbeat),
+            put(handlers::heartbeat),
         )
         .route("/v1/services", get(handlers::services))
         .route("/v1/services/{name}", get(handlers::service))

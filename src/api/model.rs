@@ -7,6 +7,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, Instance, Registered, Service};
 
+/// An optional non-negative integer; integral floats (`8080.0`) count, as JSON Schema has
+/// it.
+fn integer<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    });
+    let whole = whole.ok_or_else(|| D::Error::custom(format!("{n} is not a non-negative integer")))?;
+    T::try_from(whole)
+        .map(Some)
+        .map_err(|_| D::Error::custom(format!("{whole} is out of range")))
+}
+
 /// `POST /v1/instances`.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -17,7 +39,7 @@ pub struct RegisterRequest {
     #[serde(default)]
     pub address: Option<IpAddr>,
     /// Its port. Without one, a port is assigned from the port pool.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer")]
     pub port: Option<u16>,
     /// Tags.
     #[serde(default)]
@@ -26,13 +48,13 @@ pub struct RegisterRequest {
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
     /// Balancing weight, 1..=10000 (default 1).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer")]
     pub weight: Option<u32>,
     /// Lease TTL in seconds (default `max_heartbeat_age`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer")]
     pub ttl_secs: Option<u64>,
     /// The service's port on its VIP (default: the first instance's port).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer")]
     pub service_port: Option<u16>,
     /// `tcp`, `http1` or `http2` (default `tcp`).
     #[serde(default)]

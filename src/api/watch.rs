@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::OwnedSemaphorePermit;
@@ -44,6 +44,11 @@ impl BlockingQuery {
         let max = Duration::from_secs(state.inner.settings.max_wait_secs);
         let wait = match q.get("wait") {
             None => DEFAULT_WAIT,
+            Some(v) if v.trim() != v || v.is_empty() => {
+                return Err(ApiError::invalid("wait", "expected a duration like 30s"));
+            }
+            // `wait=0` (in any unit) answers at once.
+            Some(v) if is_zero_duration(v) => Duration::ZERO,
             Some(v) => crate::protocol::parse_duration(v)
                 .map_err(|e| ApiError::invalid("wait", e))?,
         };
@@ -52,6 +57,14 @@ impl BlockingQuery {
             wait: wait.min(max),
         })
     }
+}
+
+fn is_zero_duration(v: &str) -> bool {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b == b'0')
+        && matches!(unit, "" | "ms" | "s" | "m" | "h")
 }
 
 /// Returns the snapshot once the catalog index has passed `query.index` and `changed`
@@ -113,7 +126,7 @@ fn json_event(kind: &str, data: &impl serde::Serialize) -> Event {
 pub(crate) async fn events(
     State(state): State<ApiState>,
     caller: Caller,
-    Query(q): Query<BTreeMap<String, String>>,
+    super::handlers::QueryMap(q): super::handlers::QueryMap,
 ) -> Result<Response, ApiError> {
     let acl = &state.inner.acl;
     let service = q.get("service").filter(|s| !s.is_empty()).cloned();
