@@ -221,3 +221,30 @@ async fn ui_and_openapi_are_served_from_the_binary() {
     assert!(r.text().starts_with("openapi: 3."));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let mut settings = Settings::ephemeral();
+    settings.api.max_connections = 1;
+    let server = NetSelServer::with_settings(settings);
+    server.start().await.unwrap();
+    let api = server.bound().unwrap().api.unwrap();
+    // The first client keeps its connection open (keep-alive) after one request.
+    let mut first = tokio::net::TcpStream::connect(api).await.unwrap();
+    first
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The second waits while the first holds the only slot...
+    let second = tokio::spawn(async move { get(api, "/v1/health").await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "served beyond max_connections");
+    // ...and is served once it is released.
+    drop(first);
+    let status = tokio::time::timeout(T, second).await.unwrap().unwrap();
+    assert_eq!(status, 200);
+    server.shutdown().await;
+}
