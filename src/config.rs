@@ -370,7 +370,10 @@ impl Settings {
             return bad("api.max_body_bytes", "must be at least 1024");
         }
         if self.api.rate_limit_per_sec > 0 && self.api.rate_limit_burst == 0 {
-            return bad("api.rate_limit_burst", "must be at least 1 when rate limiting");
+            return bad(
+                "api.rate_limit_burst",
+                "must be at least 1 when rate limiting",
+            );
         }
         if self.api.max_wait_secs == 0 || self.api.max_event_streams == 0 {
             return bad("api.max_wait_secs/max_event_streams", "must be at least 1");
@@ -383,7 +386,10 @@ impl Settings {
                 return bad("acl.tokens.token", "must be at least 16 characters");
             }
             if t.token.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return bad("acl.tokens.token", "may not contain spaces or control characters");
+                return bad(
+                    "acl.tokens.token",
+                    "may not contain spaces or control characters",
+                );
             }
         }
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {

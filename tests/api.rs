@@ -86,7 +86,9 @@ impl Api {
 
 fn assert_error(r: &Reply, status: u16, needle: &str) {
     assert_eq!(r.status.as_u16(), status, "{}", r.json);
-    let msg = r.json["error"].as_str().unwrap_or_else(|| panic!("no error: {}", r.json));
+    let msg = r.json["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {}", r.json));
     assert!(msg.contains(needle), "error '{msg}' lacks '{needle}'");
     assert!(
         r.headers["content-type"]
@@ -127,7 +129,11 @@ async fn register_list_get_heartbeat_deregister() {
     assert_eq!(svc["health"], "passing");
     assert_eq!(svc["tags"], json!(["blue", "v2"]));
     assert!(svc.get("instances").is_none());
-    let index: u64 = list.headers["x-netsel-index"].to_str().unwrap().parse().unwrap();
+    let index: u64 = list.headers["x-netsel-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(list.json["index"], index);
 
     let one = api.get("/v1/services/WEB").await;
@@ -176,7 +182,11 @@ async fn register_list_get_heartbeat_deregister() {
         )
         .await;
     assert_eq!(del.status, StatusCode::OK, "{}", del.json);
-    assert_error(&api.get("/v1/services/web").await, 404, "unknown service web");
+    assert_error(
+        &api.get("/v1/services/web").await,
+        404,
+        "unknown service web",
+    );
     assert!(api.catalog.snapshot().service("web").is_none());
 }
 
@@ -190,20 +200,53 @@ async fn errors_have_fitting_statuses_and_name_the_field() {
 
     // 400, naming the field.
     for (body, field) in [
-        (json!({"name": "db", "address": "127.0.0.1", "port": 1, "weight": "x"}), "weight"),
+        (
+            json!({"name": "db", "address": "127.0.0.1", "port": 1, "weight": "x"}),
+            "weight",
+        ),
         (json!({"address": "127.0.0.1", "port": 1}), "name"),
-        (json!({"name": "a_b", "address": "127.0.0.1", "port": 1}), "name"),
-        (json!({"name": "db", "address": "not-an-ip", "port": 1}), "address"),
-        (json!({"name": "db", "address": "127.0.0.1", "port": 70000}), "port"),
-        (json!({"name": "db", "address": "127.0.0.1", "port": 0}), "port"),
-        (json!({"name": "db", "address": "127.0.0.1", "port": 1, "protocol": "smtp"}), "protocol"),
-        (json!({"name": "db", "address": "127.0.0.1", "port": 1, "weight": 0}), "weight"),
-        (json!({"name": "db", "address": "127.0.0.1", "port": 1, "ttl_secs": 0}), "ttl_secs"),
-        (json!({"name": "db", "address": "127.0.0.1", "port": 1, "bogus": 1}), "bogus"),
-        (json!({"name": "db", "address": "0.0.0.0", "port": 1}), "address"),
+        (
+            json!({"name": "a_b", "address": "127.0.0.1", "port": 1}),
+            "name",
+        ),
+        (
+            json!({"name": "db", "address": "not-an-ip", "port": 1}),
+            "address",
+        ),
+        (
+            json!({"name": "db", "address": "127.0.0.1", "port": 70000}),
+            "port",
+        ),
+        (
+            json!({"name": "db", "address": "127.0.0.1", "port": 0}),
+            "port",
+        ),
+        (
+            json!({"name": "db", "address": "127.0.0.1", "port": 1, "protocol": "smtp"}),
+            "protocol",
+        ),
+        (
+            json!({"name": "db", "address": "127.0.0.1", "port": 1, "weight": 0}),
+            "weight",
+        ),
+        (
+            json!({"name": "db", "address": "127.0.0.1", "port": 1, "ttl_secs": 0}),
+            "ttl_secs",
+        ),
+        (
+            json!({"name": "db", "address": "127.0.0.1", "port": 1, "bogus": 1}),
+            "bogus",
+        ),
+        (
+            json!({"name": "db", "address": "0.0.0.0", "port": 1}),
+            "address",
+        ),
         (json!({"name": "db", "address": "0.0.0.0"}), "address"),
         (json!({"name": "db", "address": "224.0.0.1"}), "address"),
-        (json!({"name": "db", "address": "127.0.0.1", "port": 1.5}), "port"),
+        (
+            json!({"name": "db", "address": "127.0.0.1", "port": 1.5}),
+            "port",
+        ),
     ] {
         let r = api.register(body.clone()).await;
         assert_error(&r, 400, field);
@@ -218,11 +261,7 @@ async fn errors_have_fitting_statuses_and_name_the_field() {
         )
         .await;
     assert_error(&bad_json, 400, "not valid JSON");
-    assert_error(
-        &api.get("/v1/services?index=abc").await,
-        400,
-        "index",
-    );
+    assert_error(&api.get("/v1/services?index=abc").await, 400, "index");
     assert_error(&api.get("/v1/services?wait=forever").await, 400, "wait");
 
     // 403: wrong secret.
@@ -236,7 +275,12 @@ async fn errors_have_fitting_statuses_and_name_the_field() {
         .await;
     assert_error(&r, 403, "wrong secret");
     let r = api
-        .send("DELETE", &format!("/v1/instances/{id}"), json!({"secret": "nope"}), &[])
+        .send(
+            "DELETE",
+            &format!("/v1/instances/{id}"),
+            json!({"secret": "nope"}),
+            &[],
+        )
         .await;
     assert_error(&r, 403, "wrong secret");
     // Without a secret (and without ACLs) deregistration is refused.
@@ -247,24 +291,42 @@ async fn errors_have_fitting_statuses_and_name_the_field() {
 
     // 404: unknown names, ids and paths.
     assert_error(&api.get("/v1/services/nope").await, 404, "unknown service");
-    assert_error(&api.get("/v1/instances/ffff").await, 404, "unknown instance");
+    assert_error(
+        &api.get("/v1/instances/ffff").await,
+        404,
+        "unknown instance",
+    );
     let r = api
-        .send("PUT", "/v1/instances/ffff/heartbeat", json!({"secret": "x"}), &[])
+        .send(
+            "PUT",
+            "/v1/instances/ffff/heartbeat",
+            json!({"secret": "x"}),
+            &[],
+        )
         .await;
     assert_error(&r, 404, "unknown instance");
     assert_error(&api.get("/v2/nothing").await, 404, "no such path");
 
     // 405 is JSON too.
-    assert_error(&api.send("PATCH", "/v1/services", Value::Null, &[]).await, 405, "method");
+    assert_error(
+        &api.send("PATCH", "/v1/services", Value::Null, &[]).await,
+        405,
+        "method",
+    );
 
     // 409: another service port.
     let mut conflict = ok.clone();
     conflict["port"] = json!(5433);
     conflict["service_port"] = json!(6000);
-    assert_error(&api.register(conflict).await, 409, "already answers on port 5432");
+    assert_error(
+        &api.register(conflict).await,
+        409,
+        "already answers on port 5432",
+    );
 
     // 413: body too large.
-    let big = json!({"name": "db", "address": "127.0.0.1", "port": 1, "meta": {"k": "x".repeat(70_000)}});
+    let big =
+        json!({"name": "db", "address": "127.0.0.1", "port": 1, "meta": {"k": "x".repeat(70_000)}});
     assert_error(&api.register(big).await, 413, "larger than");
 
     // 415: not JSON.
@@ -345,7 +407,10 @@ async fn blocking_query_returns_when_the_service_changes() {
     let secret = r.json["secret"].as_str().unwrap().to_string();
     let id = r.json["id"].as_str().unwrap().to_string();
     let first = api.get("/v1/services/cache").await;
-    let index = first.headers["x-netsel-index"].to_str().unwrap().to_string();
+    let index = first.headers["x-netsel-index"]
+        .to_str()
+        .unwrap()
+        .to_string();
 
     // A change to another service does not wake a watcher of `cache`.
     let waiter = {
@@ -403,7 +468,10 @@ async fn blocking_query_returns_when_the_service_changes() {
 async fn blocking_query_times_out_with_the_same_index() {
     let api = api();
     let first = api.get("/v1/services").await;
-    let index = first.headers["x-netsel-index"].to_str().unwrap().to_string();
+    let index = first.headers["x-netsel-index"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let started = tokio::time::Instant::now();
     let r = api
         .get(&format!("/v1/services?index={index}&wait=30s"))
@@ -411,7 +479,10 @@ async fn blocking_query_times_out_with_the_same_index() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.headers["x-netsel-index"].to_str().unwrap(), index);
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_secs(30) && waited < Duration::from_secs(31), "{waited:?}");
+    assert!(
+        waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -422,13 +493,19 @@ async fn line_format_serves_the_resolve_answer() {
     let r = api
         .router
         .clone()
-        .oneshot(Request::get("/v1/services/lf?format=line").body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get("/v1/services/lf?format=line")
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let body = r.into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8(body.to_vec()).unwrap();
     match netsel::protocol::Response::parse(text.trim_end()).unwrap() {
-        netsel::protocol::Response::Resolved { name, instances, .. } => {
+        netsel::protocol::Response::Resolved {
+            name, instances, ..
+        } => {
             assert_eq!(name, "lf");
             assert_eq!(instances[0].endpoint.port(), 9999);
             assert_eq!(instances[0].weight, 2);
@@ -465,15 +542,29 @@ async fn acl_tokens_gate_reads_and_writes_by_name_prefix() {
     let ops = ("x-netsel-token", "ops-token-0123456789");
     let body = json!({"name": "web-front", "address": "127.0.0.1", "port": 8080});
 
-    assert_error(&api.send("POST", "/v1/instances", body.clone(), &[]).await, 401, "token");
     assert_error(
-        &api.send("POST", "/v1/instances", body.clone(), &[("authorization", "Bearer wrong-token-0123456")])
-            .await,
+        &api.send("POST", "/v1/instances", body.clone(), &[]).await,
+        401,
+        "token",
+    );
+    assert_error(
+        &api.send(
+            "POST",
+            "/v1/instances",
+            body.clone(),
+            &[("authorization", "Bearer wrong-token-0123456")],
+        )
+        .await,
         403,
         "unknown ACL token",
     );
     let other = json!({"name": "api", "address": "127.0.0.1", "port": 8081});
-    assert_error(&api.send("POST", "/v1/instances", other.clone(), &[web]).await, 403, "permission denied");
+    assert_error(
+        &api.send("POST", "/v1/instances", other.clone(), &[web])
+            .await,
+        403,
+        "permission denied",
+    );
     let r = api.send("POST", "/v1/instances", body, &[web]).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
     let r2 = api.send("POST", "/v1/instances", other, &[ops]).await;
@@ -482,7 +573,12 @@ async fn acl_tokens_gate_reads_and_writes_by_name_prefix() {
     // Reads: anonymous refused; the web token sees only web*; ops sees all.
     assert_error(&api.get("/v1/services").await, 401, "token");
     let list = api
-        .call(Request::get("/v1/services").header(web.0, web.1).body(Body::empty()).unwrap())
+        .call(
+            Request::get("/v1/services")
+                .header(web.0, web.1)
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await;
     let names: Vec<&str> = list.json["services"]
         .as_array()
@@ -492,19 +588,34 @@ async fn acl_tokens_gate_reads_and_writes_by_name_prefix() {
         .collect();
     assert_eq!(names, ["web-front"]);
     let list = api
-        .call(Request::get("/v1/services?token=ops-token-0123456789").body(Body::empty()).unwrap())
+        .call(
+            Request::get("/v1/services?token=ops-token-0123456789")
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await;
     assert_eq!(list.json["services"].as_array().unwrap().len(), 2);
 
     // Operators deregister without the secret when the token may write the name.
     let id = r2.json["id"].as_str().unwrap();
     assert_error(
-        &api.send("DELETE", &format!("/v1/instances/{id}"), Value::Null, &[web]).await,
+        &api.send(
+            "DELETE",
+            &format!("/v1/instances/{id}"),
+            Value::Null,
+            &[web],
+        )
+        .await,
         403,
         "permission denied",
     );
     let del = api
-        .send("DELETE", &format!("/v1/instances/{id}"), Value::Null, &[ops])
+        .send(
+            "DELETE",
+            &format!("/v1/instances/{id}"),
+            Value::Null,
+            &[ops],
+        )
         .await;
     assert_eq!(del.status, StatusCode::OK, "{}", del.json);
     // Health stays open for probes.

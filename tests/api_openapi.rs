@@ -95,6 +95,9 @@ fn document_is_the_one_served_and_lists_every_route() {
         "/v1/health:",
         "/metrics:",
     ] {
-        assert!(doc.contains(&format!("  {path}")), "{path} is not documented");
+        assert!(
+            doc.contains(&format!("  {path}")),
+            "{path} is not documented"
+        );
     }
 }

@@ -21,11 +21,16 @@ async fn server() -> (NetSelServer, SocketAddr, SocketAddr) {
 async fn post_json(api: SocketAddr, path: &str, body: Value) -> (u16, Value) {
     let req = HttpRequest::new("POST", path).json(body.to_string());
     let r = http::send(api, &req, T).await.unwrap();
-    (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
 }
 
 async fn get(api: SocketAddr, path: &str) -> http::HttpResponse {
-    http::send(api, &HttpRequest::new("GET", path), T).await.unwrap()
+    http::send(api, &HttpRequest::new("GET", path), T)
+        .await
+        .unwrap()
 }
 
 async fn register(api: SocketAddr, name: &str, port: u16) -> (String, String) {
@@ -56,9 +61,10 @@ fn find<'a>(
     metric: &str,
     labels: &[(&str, &str)],
 ) -> Option<&'a prometheus_parse::Sample> {
-    scrape.samples.iter().find(|s| {
-        s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-    })
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
 }
 
 #[tokio::test]
@@ -67,8 +73,13 @@ async fn metrics_parse_as_prometheus_text() {
     let (id, secret) = register(api, "web", 8000).await;
     register(api, "web", 8001).await;
     let req = HttpRequest::new("PUT", "/v1/instances/x/heartbeat");
-    let r = http::send(api, &req.header("X-Netsel-Secret", "x"), T).await.unwrap();
-    assert_eq!(r.status, 404, "an unknown instance is not counted as a heartbeat");
+    let r = http::send(api, &req.header("X-Netsel-Secret", "x"), T)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 404,
+        "an unknown instance is not counted as a heartbeat"
+    );
     let path = format!("/v1/instances/{id}/heartbeat");
     let r = http::send(
         api,
@@ -80,7 +91,9 @@ async fn metrics_parse_as_prometheus_text() {
     assert_eq!(r.status, 200, "{}", r.text());
     // Two bad line-protocol requests.
     let mut conn = tokio::net::TcpStream::connect(registry).await.unwrap();
-    conn.write_all(b"BOGUS|x\nHEARTBEAT|0123|wrong\n").await.unwrap();
+    conn.write_all(b"BOGUS|x\nHEARTBEAT|0123|wrong\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 256];
     let mut got = String::new();
     while got.matches('\n').count() < 2 {
@@ -102,19 +115,31 @@ async fn metrics_parse_as_prometheus_text() {
     assert_eq!(v("netsel_expiries_total", &[]), 0.0);
     assert_eq!(v("netsel_services", &[]), 1.0);
     assert_eq!(
-        v("netsel_instances", &[("service", "web"), ("health", "passing")]),
+        v(
+            "netsel_instances",
+            &[("service", "web"), ("health", "passing")]
+        ),
         2.0
     );
     assert_eq!(
-        v("netsel_instances", &[("service", "web"), ("health", "critical")]),
+        v(
+            "netsel_instances",
+            &[("service", "web"), ("health", "critical")]
+        ),
         0.0
     );
     assert_eq!(
-        v("netsel_registry_errors_total", &[("reason", "unknown_command")]),
+        v(
+            "netsel_registry_errors_total",
+            &[("reason", "unknown_command")]
+        ),
         1.0
     );
     assert_eq!(
-        v("netsel_registry_errors_total", &[("reason", "unknown_instance")]),
+        v(
+            "netsel_registry_errors_total",
+            &[("reason", "unknown_instance")]
+        ),
         1.0
     );
     server.shutdown().await;
@@ -123,9 +148,15 @@ async fn metrics_parse_as_prometheus_text() {
 #[tokio::test]
 async fn event_stream_sends_changes_and_ends_at_shutdown() {
     let (server, api, _) = server().await;
-    let mut all = http::open(api, &HttpRequest::new("GET", "/v1/events")).await.unwrap();
+    let mut all = http::open(api, &HttpRequest::new("GET", "/v1/events"))
+        .await
+        .unwrap();
     assert_eq!(all.status, 200);
-    assert!(all.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(
+        all.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let mut only_db = http::open(api, &HttpRequest::new("GET", "/v1/events?service=db"))
         .await
         .unwrap();
@@ -137,15 +168,32 @@ async fn event_stream_sends_changes_and_ends_at_shutdown() {
     register(api, "db", 5432).await;
     let mut kinds = Vec::new();
     for _ in 0..4 {
-        let e = tokio::time::timeout(T, all.next_event()).await.unwrap().unwrap().unwrap();
+        let e = tokio::time::timeout(T, all.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(e.event, "change");
         let data: Value = serde_json::from_str(&e.data).unwrap();
         assert_eq!(e.id.as_deref(), Some(data["index"].to_string().as_str()));
-        kinds.push((data["service"].as_str().unwrap().to_string(), data["kind"].as_str().unwrap().to_string()));
+        kinds.push((
+            data["service"].as_str().unwrap().to_string(),
+            data["kind"].as_str().unwrap().to_string(),
+        ));
     }
-    assert!(kinds.contains(&("web".into(), "service_created".into())), "{kinds:?}");
-    assert!(kinds.contains(&("web".into(), "instance_registered".into())), "{kinds:?}");
-    let e = tokio::time::timeout(T, only_db.next_event()).await.unwrap().unwrap().unwrap();
+    assert!(
+        kinds.contains(&("web".into(), "service_created".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("web".into(), "instance_registered".into())),
+        "{kinds:?}"
+    );
+    let e = tokio::time::timeout(T, only_db.next_event())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let data: Value = serde_json::from_str(&e.data).unwrap();
     assert_eq!(data["service"], "db", "the filtered stream only sees db");
     assert!(id.len() == 16);
@@ -204,14 +252,20 @@ async fn ui_and_openapi_are_served_from_the_binary() {
     assert_eq!(r.status, 200);
     let html = r.text();
     assert!(html.contains("<script src=\"app.js\""), "{html}");
-    assert!(!html.contains("http://") && !html.contains("https://"), "no external assets");
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
     let csp = r.header("content-security-policy").unwrap();
     assert!(csp.contains("default-src 'none'"));
     for asset in ["/ui/app.js", "/ui/style.css"] {
         let r = get(api, asset).await;
         assert_eq!(r.status, 200, "{asset}");
         assert!(!r.body.is_empty());
-        assert!(!r.text().contains("https://"), "{asset} loads nothing external");
+        assert!(
+            !r.text().contains("https://"),
+            "{asset} loads nothing external"
+        );
     }
     let r = get(api, "/").await;
     assert_eq!(r.status, 307);

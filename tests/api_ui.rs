@@ -11,10 +11,16 @@ use netsel::{NetSelServer, Settings};
 fn tools_present() -> bool {
     let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
     let missing: Vec<&str> = [
-        ("chromium (apt install chromium)", Path::new("/usr/bin/chromium").exists()),
+        (
+            "chromium (apt install chromium)",
+            Path::new("/usr/bin/chromium").exists(),
+        ),
         (
             "node (apt install nodejs)",
-            Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success()),
+            Command::new("node")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success()),
         ),
         (
             "playwright-core (npm ci in tests/ui)",
@@ -75,7 +81,10 @@ async fn ui_lists_services_and_updates_live_in_chromium() {
     assert!(out.status.success(), "UI test failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("\"ok\":true"), "{stdout}");
     let png = std::fs::read(&shot).expect("screenshot saved");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "screenshot is a real PNG");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "screenshot is a real PNG"
+    );
     eprintln!("UI screenshot: {}", shot.display());
     server.shutdown().await;
 }

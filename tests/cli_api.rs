@@ -44,11 +44,18 @@ async fn run(mut cmd: Command) -> (i32, String, String) {
 
 async fn register(api: SocketAddr, name: &str, port: u16) -> (String, String) {
     let body = json!({"name": name, "address": "127.0.0.1", "port": port, "tags": ["t1"]});
-    let r = http::send(api, &HttpRequest::new("POST", "/v1/instances").json(body.to_string()), T)
-        .await
-        .unwrap();
+    let r = http::send(
+        api,
+        &HttpRequest::new("POST", "/v1/instances").json(body.to_string()),
+        T,
+    )
+    .await
+    .unwrap();
     let v: Value = serde_json::from_slice(&r.body).unwrap();
-    (v["id"].as_str().unwrap().into(), v["secret"].as_str().unwrap().into())
+    (
+        v["id"].as_str().unwrap().into(),
+        v["secret"].as_str().unwrap().into(),
+    )
 }
 
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -120,8 +127,14 @@ async fn services_and_resolve_print_text_and_json_with_exit_codes() {
     })
     .await;
     assert_eq!(code, 0, "{err}");
-    let row = out.lines().find(|l| l.starts_with("web ")).unwrap_or_else(|| panic!("{out}"));
-    assert!(row.contains("2/2") && row.contains("passing") && row.contains("t1"), "{row}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        row.contains("2/2") && row.contains("passing") && row.contains("t1"),
+        "{row}"
+    );
 
     let (code, out, _) = run({
         let mut c = netsel(api);
@@ -149,7 +162,10 @@ async fn services_and_resolve_print_text_and_json_with_exit_codes() {
     })
     .await;
     assert_eq!(code, 0);
-    assert!(out.contains("127.0.0.1:8001") && out.contains("2 of 2"), "{out}");
+    assert!(
+        out.contains("127.0.0.1:8001") && out.contains("2 of 2"),
+        "{out}"
+    );
 
     let (code, _, err) = run({
         let mut c = netsel(api);
@@ -193,7 +209,12 @@ async fn deregister_needs_the_secret() {
     assert_eq!(code, 2, "no secret is a usage error: {err}");
     let (code, _, err) = run({
         let mut c = netsel(api);
-        c.args(["deregister", &id, "--secret", "00000000000000000000000000000000"]);
+        c.args([
+            "deregister",
+            &id,
+            "--secret",
+            "00000000000000000000000000000000",
+        ]);
         c
     })
     .await;
@@ -222,22 +243,42 @@ async fn deregister_needs_the_secret() {
 async fn register_heartbeats_in_the_foreground_and_deregisters_on_ctrl_c() {
     let (server, api, catalog) = server().await;
     let child = netsel(api)
-        .args(["register", "fg", "--addr", "127.0.0.1:8123", "--tag", "x", "--ttl", "1", "--meta", "k=v"])
+        .args([
+            "register",
+            "fg",
+            "--addr",
+            "127.0.0.1:8123",
+            "--tag",
+            "x",
+            "--ttl",
+            "1",
+            "--meta",
+            "k=v",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    eventually("fg registered", || catalog.snapshot().service("fg").is_some()).await;
+    eventually("fg registered", || {
+        catalog.snapshot().service("fg").is_some()
+    })
+    .await;
     let inst = catalog.snapshot().service("fg").unwrap().instances[0].clone();
     assert_eq!(inst.tags, ["x"]);
     assert_eq!(inst.meta["k"], "v");
     assert_eq!(inst.endpoint.port(), 8123);
     // A 1 s lease survives well past its TTL: it is heartbeated.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(catalog.snapshot().instance(inst.id.as_str()).is_some(), "lease lapsed");
+    assert!(
+        catalog.snapshot().instance(inst.id.as_str()).is_some(),
+        "lease lapsed"
+    );
     signal(&child, "INT");
     let (code, out) = wait_exit(child).await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("registered fg instance") && out.contains("deregistered"), "{out}");
+    assert!(
+        out.contains("registered fg instance") && out.contains("deregistered"),
+        "{out}"
+    );
     assert!(catalog.snapshot().service("fg").is_none());
     server.shutdown().await;
 }
@@ -267,13 +308,32 @@ async fn run_registers_python_http_server_while_it_lives() {
     let (server, api, catalog) = server().await;
     let port = free_port();
     let child = netsel(api)
-        .args(["run", "--name", "pyweb", "--port", &port.to_string(), "--tag", "py", "--"])
-        .args(["python3", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "run",
+            "--name",
+            "pyweb",
+            "--port",
+            &port.to_string(),
+            "--tag",
+            "py",
+            "--",
+        ])
+        .args([
+            "python3",
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    eventually("pyweb registered", || catalog.snapshot().service("pyweb").is_some()).await;
+    eventually("pyweb registered", || {
+        catalog.snapshot().service("pyweb").is_some()
+    })
+    .await;
     let svc = catalog.snapshot().service("pyweb").unwrap().clone();
     assert_eq!(svc.instances[0].endpoint.port(), port);
     // It really is the python server behind the registration.
@@ -287,7 +347,10 @@ async fn run_registers_python_http_server_while_it_lives() {
     signal(&child, "TERM");
     let (code, _) = wait_exit(child).await;
     assert_eq!(code, 128 + 15, "python killed by SIGTERM");
-    assert!(catalog.snapshot().service("pyweb").is_none(), "deregistered");
+    assert!(
+        catalog.snapshot().service("pyweb").is_none(),
+        "deregistered"
+    );
     server.shutdown().await;
 }
 
@@ -304,7 +367,10 @@ async fn run_passes_on_the_exit_code_and_deregisters() {
         .args(["sh", "-c", "sleep 1; exit 7"])
         .spawn()
         .unwrap();
-    let appeared = tokio::time::timeout(T, watch.next()).await.unwrap().unwrap();
+    let appeared = tokio::time::timeout(T, watch.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(appeared.is_some(), "registered while alive");
     let (code, _) = wait_exit(child).await;
     assert_eq!(code, 7);
@@ -314,7 +380,15 @@ async fn run_passes_on_the_exit_code_and_deregisters() {
     // A command that cannot start: 127, nothing registered.
     let (code, _, err) = run({
         let mut c = netsel(api);
-        c.args(["run", "--name", "nope", "--port", "1", "--", "/nonexistent/cmd"]);
+        c.args([
+            "run",
+            "--name",
+            "nope",
+            "--port",
+            "1",
+            "--",
+            "/nonexistent/cmd",
+        ]);
         c
     })
     .await;
@@ -337,7 +411,8 @@ async fn watch_prints_changes_as_json_lines() {
             let _ = tx.send(line);
         }
     });
-    let hello: Value = serde_json::from_str(&tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap()).unwrap();
+    let hello: Value =
+        serde_json::from_str(&tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap()).unwrap();
     assert_eq!(hello["event"], "hello");
     register(api, "other", 1000).await;
     register(api, "svc", 1001).await;
@@ -348,7 +423,10 @@ async fn watch_prints_changes_as_json_lines() {
         assert_eq!(v["service"], "svc", "filtered to svc: {line}");
         kinds.push(v["kind"].as_str().unwrap().to_string());
     }
-    assert!(kinds.contains(&"instance_registered".to_string()), "{kinds:?}");
+    assert!(
+        kinds.contains(&"instance_registered".to_string()),
+        "{kinds:?}"
+    );
     let (code, _) = wait_exit(child).await;
     assert_eq!(code, 0);
     server.shutdown().await;

@@ -153,7 +153,9 @@ impl Acl {
     /// The error for a caller without a right: 401 without a token, else 403.
     pub(crate) fn denied(&self, caller: Caller, what: &str) -> ApiError {
         match caller {
-            Caller::Anonymous => ApiError::Unauthorized(format!("an ACL token is required to {what}")),
+            Caller::Anonymous => {
+                ApiError::Unauthorized(format!("an ACL token is required to {what}"))
+            }
             _ => ApiError::Forbidden(format!("permission denied: {what}")),
         }
     }
@@ -162,7 +164,9 @@ impl Acl {
 /// The token a request presents, from its headers or `?token=`.
 fn presented_token(parts: &Parts) -> Option<String> {
     let h = &parts.headers;
-    if let Some(v) = h.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    if let Some(v) = h
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
         && let Some(t) = v.strip_prefix("Bearer ")
     {
         return Some(t.trim().to_string());

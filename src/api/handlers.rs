@@ -96,10 +96,9 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
             return ApiError::BadRequest(format!("request body is not valid JSON: {message}"));
         }
         // Missing and unknown fields are reported at the parent: name them from the message.
-        let named = message
-            .split('`')
-            .nth(1)
-            .filter(|_| message.starts_with("missing field") || message.starts_with("unknown field"));
+        let named = message.split('`').nth(1).filter(|_| {
+            message.starts_with("missing field") || message.starts_with("unknown field")
+        });
         let field = match (named, path.as_str()) {
             (Some(f), ".") => f.to_string(),
             (Some(f), p) if p == f || p.ends_with(&format!(".{f}")) => p.to_string(),
@@ -193,7 +192,12 @@ pub(crate) async fn register(
             "tcp" => AppProtocol::Tcp,
             "http1" => AppProtocol::Http1,
             "http2" => AppProtocol::Http2,
-            _ => return Err(ApiError::invalid("protocol", "expected tcp, http1 or http2")),
+            _ => {
+                return Err(ApiError::invalid(
+                    "protocol",
+                    "expected tcp, http1 or http2",
+                ));
+            }
         }),
     };
     let ttl = match req.ttl_secs {
@@ -226,8 +230,7 @@ pub(crate) async fn register(
 /// A request without the instance secret is refused like one with a wrong secret.
 fn secret_required() -> ApiError {
     ApiError::Forbidden(
-        "the instance secret is required (X-Netsel-Secret header or {\"secret\": ...} body)"
-            .into(),
+        "the instance secret is required (X-Netsel-Secret header or {\"secret\": ...} body)".into(),
     )
 }
 
@@ -484,14 +487,26 @@ mod tests {
             weight: Option<u32>,
         }
         let e = parse_json::<T>(br#"{"name":"a","weight":"x"}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "weight"), "{e}");
+        assert!(
+            matches!(&e, ApiError::Invalid { field, .. } if field == "weight"),
+            "{e}"
+        );
         let e = parse_json::<T>(br#"{"weight":1}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "name"), "{e}");
+        assert!(
+            matches!(&e, ApiError::Invalid { field, .. } if field == "name"),
+            "{e}"
+        );
         let e = parse_json::<T>(br#"{"name":"a","bogus":1}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "bogus"), "{e}");
+        assert!(
+            matches!(&e, ApiError::Invalid { field, .. } if field == "bogus"),
+            "{e}"
+        );
         let e = parse_json::<T>(br#"{"name":"a""#).unwrap_err();
         assert!(matches!(e, ApiError::BadRequest(_)));
         let e = parse_json::<T>(br#""str""#).unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { field, .. } if field == "body"), "{e}");
+        assert!(
+            matches!(&e, ApiError::Invalid { field, .. } if field == "body"),
+            "{e}"
+        );
     }
 }

@@ -78,7 +78,11 @@ pub(crate) fn client_ip(req_extensions: &axum::http::Extensions) -> Option<IpAdd
 }
 
 /// Middleware: refuses a request with 429 when its client is over the limit.
-pub(crate) async fn rate_limit(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+pub(crate) async fn rate_limit(
+    State(state): State<ApiState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let ip = client_ip(req.extensions()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     if let Err(retry_after_secs) = state.inner.limiter.check(ip) {
         tracing::debug!(%ip, "rate limited");

@@ -35,16 +35,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder as AutoBuilder;
-use hyper_util::server::graceful::GracefulShutdown;
-use tracing::Instrument;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post, put};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder as AutoBuilder;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use error::ApiError;
 
@@ -122,7 +122,10 @@ async fn method_not_allowed() -> ApiError {
 
 async fn openapi() -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/yaml"),
+        )],
         OPENAPI_YAML,
     )
         .into_response()
@@ -136,10 +139,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/instances/{id}",
             get(handlers::instance).delete(handlers::deregister),
         )
-        .route(
-            "/v1/instances/{id}/heartbeat",
-            put(handlers::heartbeat),
-        )
+        .route("/v1/instances/{id}/heartbeat", put(handlers::heartbeat))
         .route("/v1/services", get(handlers::services))
         .route("/v1/services/{name}", get(handlers::service))
         .route("/v1/events", get(watch::events))
@@ -204,11 +204,12 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: Cancellatio
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let mut app = app.clone();
-            tower_service::Service::call(&mut app, req.map(axum::body::Body::new))
-        });
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let mut app = app.clone();
+                tower_service::Service::call(&mut app, req.map(axum::body::Body::new))
+            });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();

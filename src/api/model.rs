@@ -23,7 +23,8 @@ where
             .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
             .map(|f| f as u64)
     });
-    let whole = whole.ok_or_else(|| D::Error::custom(format!("{n} is not a non-negative integer")))?;
+    let whole =
+        whole.ok_or_else(|| D::Error::custom(format!("{n} is not a non-negative integer")))?;
     T::try_from(whole)
         .map(Some)
         .map_err(|_| D::Error::custom(format!("{whole} is out of range")))

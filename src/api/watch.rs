@@ -49,8 +49,9 @@ impl BlockingQuery {
             }
             // `wait=0` (in any unit) answers at once.
             Some(v) if is_zero_duration(v) => Duration::ZERO,
-            Some(v) => crate::protocol::parse_duration(v)
-                .map_err(|e| ApiError::invalid("wait", e))?,
+            Some(v) => {
+                crate::protocol::parse_duration(v).map_err(|e| ApiError::invalid("wait", e))?
+            }
         };
         Ok(BlockingQuery {
             index,
@@ -107,7 +108,9 @@ struct Stream {
 impl Stream {
     fn wants(&self, c: &Change) -> bool {
         let name = c.service.as_str();
-        self.service.as_deref().is_none_or(|s| s.eq_ignore_ascii_case(name))
+        self.service
+            .as_deref()
+            .is_none_or(|s| s.eq_ignore_ascii_case(name))
             && self.state.inner.acl.can_read(self.caller, name)
     }
 }

@@ -26,7 +26,12 @@ pub struct ApiArgs {
     )]
     pub api_addr: String,
     /// ACL token, when the server has `[acl]` on.
-    #[arg(long, env = "NETSEL_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "NETSEL_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub token: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -123,7 +128,11 @@ impl Api {
 
     /// Sends `req`; any status is returned (use [`Answer::ok`] to turn errors into a
     /// [`Failure`]).
-    pub(crate) async fn send(&self, req: HttpRequest<'_>, timeout: Duration) -> Result<Answer, Failure> {
+    pub(crate) async fn send(
+        &self,
+        req: HttpRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Answer, Failure> {
         let r = http::send(self.addr, &req, timeout).await.map_err(|e| {
             Failure::Unreachable(format!("cannot reach the NetSel API at {}: {e}", self.addr))
         })?;
@@ -144,7 +153,9 @@ impl Api {
     }
 
     pub(crate) async fn get(&self, path: &str) -> Result<Answer, Failure> {
-        self.send(self.request("GET", path), CALL_TIMEOUT).await?.ok()
+        self.send(self.request("GET", path), CALL_TIMEOUT)
+            .await?
+            .ok()
     }
 }
 
@@ -275,7 +286,10 @@ impl Registrar {
 
     /// Registers; returns the API's answer (without the secret).
     pub(crate) async fn register(&mut self) -> Result<Value, Failure> {
-        let req = self.api.request("POST", "/v1/instances").json(self.body.to_string());
+        let req = self
+            .api
+            .request("POST", "/v1/instances")
+            .json(self.body.to_string());
         let mut a = self.api.send(req, CALL_TIMEOUT).await?.ok()?;
         let secret = a.body["secret"].as_str().unwrap_or_default().to_string();
         let id = a.body["id"].as_str().unwrap_or_default().to_string();
@@ -330,7 +344,10 @@ impl Registrar {
             return Ok(());
         };
         let path = format!("/v1/instances/{}", http::encode_component(&c.id));
-        let req = self.api.request("DELETE", &path).header("X-Netsel-Secret", c.secret);
+        let req = self
+            .api
+            .request("DELETE", &path)
+            .header("X-Netsel-Secret", c.secret);
         let a = self.api.send(req, CALL_TIMEOUT).await?;
         if a.status == 404 {
             return Ok(());

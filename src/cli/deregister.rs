@@ -14,7 +14,12 @@ pub struct DeregisterArgs {
     id: String,
     /// The instance secret returned at registration. Without it, `--token` must name an
     /// ACL token that may write the service.
-    #[arg(long, env = "NETSEL_SECRET", hide_env_values = true, value_name = "SECRET")]
+    #[arg(
+        long,
+        env = "NETSEL_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
     secret: Option<String>,
     #[command(flatten)]
     api: ApiArgs,

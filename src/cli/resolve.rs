@@ -62,7 +62,10 @@ async fn resolve(args: &ResolveArgs) -> Result<ExitCode, Failure> {
                 ]
             })
             .collect();
-        print_table(&["ID", "ENDPOINT", "HEALTH", "WEIGHT", "LEASE", "TAGS"], &rows);
+        print_table(
+            &["ID", "ENDPOINT", "HEALTH", "WEIGHT", "LEASE", "TAGS"],
+            &rows,
+        );
     }
     Ok(if healthy == 0 {
         ExitCode::from(7)

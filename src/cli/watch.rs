@@ -35,8 +35,9 @@ async fn watch(args: &WatchArgs) -> Result<(), Failure> {
         Some(n) => format!("/v1/events?service={}", encode_component(n)),
         None => "/v1/events".to_string(),
     };
-    let unreachable =
-        |e: http::HttpError| Failure::Unreachable(format!("cannot reach the NetSel API at {}: {e}", api.addr));
+    let unreachable = |e: http::HttpError| {
+        Failure::Unreachable(format!("cannot reach the NetSel API at {}: {e}", api.addr))
+    };
     let mut stream = http::open(api.addr, &api.request("GET", &path))
         .await
         .map_err(unreachable)?;
@@ -87,5 +88,7 @@ async fn watch(args: &WatchArgs) -> Result<(), Failure> {
             }
         }
     }
-    Err(Failure::Unreachable("the event stream ended (server shut down?)".into()))
+    Err(Failure::Unreachable(
+        "the event stream ended (server shut down?)".into(),
+    ))
 }

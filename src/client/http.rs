@@ -203,7 +203,10 @@ pub async fn open(addr: SocketAddr, req: &HttpRequest<'_>) -> Result<Body, HttpE
         None => None,
     };
     let framing = if chunked {
-        Framing::Chunked { left: 0, done: false }
+        Framing::Chunked {
+            left: 0,
+            done: false,
+        }
     } else if let Some(n) = length {
         Framing::Length(n)
     } else {
@@ -270,11 +273,15 @@ impl Body {
             Framing::Chunked { left, done } => {
                 if *left == 0 {
                     let mut line = Vec::new();
-                    (&mut self.reader).take(1024).read_until(b'\n', &mut line).await?;
+                    (&mut self.reader)
+                        .take(1024)
+                        .read_until(b'\n', &mut line)
+                        .await?;
                     let text = String::from_utf8_lossy(&line);
                     let size = text.trim().split(';').next().unwrap_or("");
-                    let size = usize::from_str_radix(size, 16)
-                        .map_err(|_| HttpError::Malformed(format!("chunk size '{}'", text.trim())))?;
+                    let size = usize::from_str_radix(size, 16).map_err(|_| {
+                        HttpError::Malformed(format!("chunk size '{}'", text.trim()))
+                    })?;
                     if size == 0 {
                         *done = true;
                         return Ok(None);
@@ -284,12 +291,17 @@ impl Body {
                 let want = (*left).min(buf.len());
                 let n = self.reader.read(&mut buf[..want]).await?;
                 if n == 0 {
-                    return Err(HttpError::Malformed("connection closed inside a chunk".into()));
+                    return Err(HttpError::Malformed(
+                        "connection closed inside a chunk".into(),
+                    ));
                 }
                 *left -= n;
                 if *left == 0 {
                     let mut crlf = Vec::new();
-                    (&mut self.reader).take(2).read_until(b'\n', &mut crlf).await?;
+                    (&mut self.reader)
+                        .take(2)
+                        .read_until(b'\n', &mut crlf)
+                        .await?;
                 }
                 buf.truncate(n);
                 Ok(Some(buf))
@@ -321,8 +333,14 @@ impl Body {
 
 /// `(end of the event, end of the separator)` of the first complete event in `buf`.
 fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    let a = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2));
-    let b = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, i + 4));
+    let a = buf
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2));
+    let b = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4));
     match (a, b) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),

@@ -83,7 +83,14 @@ pub async fn serve(
     limits: RegistryLimits,
     shutdown: CancellationToken,
 ) {
-    serve_with_metrics(listener, catalog, limits, RegistryMetrics::default(), shutdown).await
+    serve_with_metrics(
+        listener,
+        catalog,
+        limits,
+        RegistryMetrics::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve`], counting refused requests on `metrics`.
