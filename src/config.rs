@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::CatalogSettings;
 use crate::network::{DEFAULT_PORT_RANGE, DEFAULT_VIP_CIDR, PortPool, VipPool};
+use crate::proxy::balance::BalanceSettings;
 
 /// The seed's configuration, field for field. Richer settings live in [`Settings`].
 ///
@@ -154,6 +155,8 @@ pub struct Settings {
     pub network: NetworkSettings,
     /// Registry limits.
     pub registry: RegistryLimits,
+    /// Load balancing and passive ejection, shared by both proxies.
+    pub balance: BalanceSettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -178,6 +181,7 @@ impl From<NetSelConfig> for Settings {
             data_dir: None,
             network: NetworkSettings::default(),
             registry: RegistryLimits::default(),
+            balance: BalanceSettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -204,6 +208,7 @@ struct FileConfig {
     drain_secs: Option<u64>,
     network: Option<NetworkSettings>,
     registry: Option<RegistryLimits>,
+    balance: Option<BalanceSettings>,
 }
 
 impl Settings {
@@ -247,6 +252,7 @@ impl Settings {
             s.drain_secs => f.drain_secs,
             s.network => f.network,
             s.registry => f.registry,
+            s.balance => f.balance,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;

@@ -38,17 +38,19 @@ pub mod protocol;
 #[cfg(feature = "server")]
 pub mod catalog;
 #[cfg(feature = "server")]
+pub mod cli;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod network;
 #[cfg(feature = "server")]
+pub mod proxy;
+#[cfg(feature = "server")]
 pub mod registry;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "server")]
-pub mod cli;
 #[cfg(feature = "server")]
 pub mod store;
 

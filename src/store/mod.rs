@@ -7,10 +7,10 @@
 //!
 //! [`MemoryStore`] keeps nothing; a durable store loads what it kept in [`Store::load`].
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
