@@ -118,7 +118,7 @@ impl Connection {
                         let e = ProtocolError::TooLong(protocol::MAX_LINE_LEN);
                         Response::Failed(e.to_string()).encode_into(Framing::Line, &mut out);
                         stream.write_all(&out).await?;
-                        return Ok(());
+                        return close_gracefully(stream).await;
                     }
                 }
             };
@@ -159,7 +159,7 @@ impl Connection {
                     let reason = "timed out waiting for the rest of the request";
                     Response::Failed(reason.into()).encode_into(Framing::Line, &mut out);
                     stream.write_all(&out).await?;
-                    return Ok(());
+                    return close_gracefully(stream).await;
                 }
                 Read::Eof => {
                     // A last line without its newline: answer it, then we are done.
@@ -281,6 +281,25 @@ impl Connection {
             }
         }
     }
+}
+
+/// Closes after an error answer so the peer can read it: closing a socket with unread
+/// input makes the kernel send a reset, which can destroy the answer in flight. So: send
+/// FIN, then discard what the peer still sends, for a short while.
+async fn close_gracefully(mut stream: TcpStream) -> io::Result<()> {
+    stream.shutdown().await?;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0usize;
+        while let Ok(n) = stream.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 1 << 20 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+    Ok(())
 }
 
 fn failed(e: CatalogError) -> Response {
