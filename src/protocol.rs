@@ -151,6 +151,8 @@ pub struct ResolvedInstance {
     pub endpoint: SocketAddr,
     /// Balancing weight.
     pub weight: u32,
+    /// Time left on its lease when the registry answered (absent from older servers).
+    pub lease_remaining: Option<Duration>,
 }
 
 /// The answer to a successful registration.
@@ -192,7 +194,7 @@ pub enum Response {
     Registered(RegisterReply),
     /// `OK`
     Ok,
-    /// `RESOLVED|<name>|<vip>|<service-port>|<count>|<id> <endpoint> <weight>|...`
+    /// `RESOLVED|<name>|<vip>|<service-port>|<count>|<id> <endpoint> <weight> <lease-ms>|...`
     Resolved {
         /// Canonical service name.
         name: String,
@@ -731,16 +733,17 @@ impl Response {
                 }
                 let mut instances = Vec::with_capacity(count);
                 for item in rest {
-                    let mut parts = item.split(' ');
-                    let (Some(id), Some(ep), Some(w), None) =
-                        (parts.next(), parts.next(), parts.next(), parts.next())
-                    else {
-                        return Err(bad());
+                    let parts: Vec<&str> = item.split(' ').collect();
+                    let (id, ep, w, lease) = match parts.as_slice() {
+                        [id, ep, w] => (id, ep, w, None),
+                        [id, ep, w, lease] => (id, ep, w, Some(num(lease)?)),
+                        _ => return Err(bad()),
                     };
                     instances.push(ResolvedInstance {
                         id: id.to_string(),
                         endpoint: ep.parse().map_err(|_| bad())?,
                         weight: w.parse().map_err(|_| bad())?,
+                        lease_remaining: lease.map(Duration::from_millis),
                     });
                 }
                 Response::Resolved {
@@ -794,6 +797,9 @@ impl fmt::Display for Response {
                 )?;
                 for i in instances {
                     write!(f, "|{} {} {}", i.id, i.endpoint, i.weight)?;
+                    if let Some(lease) = i.lease_remaining {
+                        write!(f, " {}", lease.as_millis())?;
+                    }
                 }
                 Ok(())
             }
@@ -1089,11 +1095,20 @@ mod tests {
                 name: "web".into(),
                 vip: "127.77.0.9".parse().unwrap(),
                 service_port: 80,
-                instances: vec![ResolvedInstance {
-                    id: "abc".into(),
-                    endpoint: "[::1]:8080".parse().unwrap(),
-                    weight: 3,
-                }],
+                instances: vec![
+                    ResolvedInstance {
+                        id: "abc".into(),
+                        endpoint: "[::1]:8080".parse().unwrap(),
+                        weight: 3,
+                        lease_remaining: Some(Duration::from_millis(59_000)),
+                    },
+                    ResolvedInstance {
+                        id: "def".into(),
+                        endpoint: "127.0.0.1:1".parse().unwrap(),
+                        weight: 1,
+                        lease_remaining: None,
+                    },
+                ],
             },
             Response::Resolved {
                 name: "web".into(),
@@ -1153,6 +1168,8 @@ mod tests {
             "REGISTERED|a|b",
             "RESOLVED|web|127.0.0.1|80|2|a 127.0.0.1:1 1",
             "RESOLVED|web|127.0.0.1|80|1|a 127.0.0.1:1",
+            "RESOLVED|web|127.0.0.1|80|1|a 127.0.0.1:1 1 x",
+            "RESOLVED|web|127.0.0.1|80|1|a 127.0.0.1:1 1 2 3",
             "WHAT",
         ] {
             assert!(Response::parse(s).is_err(), "{s:?}");

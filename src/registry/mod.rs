@@ -273,6 +273,7 @@ impl Connection {
                                 id: i.id.to_string(),
                                 endpoint: i.endpoint,
                                 weight: i.weight,
+                                lease_remaining: Some(catalog.lease_remaining(i)),
                             })
                             .collect(),
                     },
