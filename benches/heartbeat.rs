@@ -61,9 +61,11 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.measurement_time(Duration::from_secs(5));
 
-    let one = std::sync::Arc::new(tokio::sync::Mutex::new(
-        rt.block_on(Conn::open(addr, "bench-one", 30000)),
-    ));
+    let one = std::sync::Arc::new(tokio::sync::Mutex::new(rt.block_on(Conn::open(
+        addr,
+        "bench-one",
+        30000,
+    ))));
     group.bench_function("one_connection", |b| {
         b.iter_custom(|iters| {
             let one = one.clone();

@@ -417,7 +417,9 @@ mod tests {
         let snap = catalog.snapshot();
         let svc = snap.service("web").unwrap();
         let first = b.pick(svc, &[]).unwrap();
-        let second = b.pick(svc, std::slice::from_ref(&first.instance.id)).unwrap();
+        let second = b
+            .pick(svc, std::slice::from_ref(&first.instance.id))
+            .unwrap();
         assert_ne!(first.instance.id, second.instance.id);
         b.report_failure(&first);
         b.report_failure(&second);
