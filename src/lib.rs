@@ -59,3 +59,8 @@ pub use client::ServiceClient;
 pub use config::{NetSelConfig, Settings};
 #[cfg(feature = "server")]
 pub use server::NetSelServer;
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
