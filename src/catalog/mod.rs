@@ -845,31 +845,27 @@ impl Catalog {
 
     /// Deregisters an instance; durable before it returns.
     pub async fn deregister(&self, id: &str, secret: &str) -> Result<(), CatalogError> {
-        let commit = {
-            let mut st = self.lock();
-            let inst = st
-                .instances
-                .get(id)
-                .ok_or_else(|| CatalogError::UnknownInstance(id.to_string()))?;
-            if !inst.secret_matches(secret) {
-                return Err(CatalogError::WrongSecret(id.to_string()));
-            }
-            let id = inst.id.clone();
-            self.remove_locked(&mut st, &[id], ChangeKind::InstanceDeregistered)
-        };
-        commit.wait().await?;
-        Ok(())
+        self.remove_one(id, Some(secret)).await
     }
 
     /// Removes an instance without its secret: for operators (API with a management
     /// token, `netsel deregister`). Durable before it returns.
     pub async fn deregister_admin(&self, id: &str) -> Result<(), CatalogError> {
+        self.remove_one(id, None).await
+    }
+
+    async fn remove_one(&self, id: &str, secret: Option<&str>) -> Result<(), CatalogError> {
         let commit = {
             let mut st = self.lock();
             let inst = st
                 .instances
                 .get(id)
                 .ok_or_else(|| CatalogError::UnknownInstance(id.to_string()))?;
+            if let Some(secret) = secret
+                && !inst.secret_matches(secret)
+            {
+                return Err(CatalogError::WrongSecret(id.to_string()));
+            }
             let id = inst.id.clone();
             self.remove_locked(&mut st, &[id], ChangeKind::InstanceDeregistered)
         };
