@@ -200,6 +200,12 @@ impl ServiceClientBuilder {
         self
     }
 
+    /// An active health check NetSel runs against the instance.
+    pub fn check(mut self, check: crate::protocol::Check) -> Self {
+        self.options.check = Some(check);
+        self
+    }
+
     /// How often the heartbeat handle heartbeats (default 10 s). Keep it well under the
     /// TTL.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::CatalogSettings;
+use crate::health::HealthSettings;
 use crate::network::{DEFAULT_PORT_RANGE, DEFAULT_VIP_CIDR, PortPool, VipPool};
 use crate::proxy::balance::BalanceSettings;
 
@@ -157,6 +158,8 @@ pub struct Settings {
     pub registry: RegistryLimits,
     /// Load balancing and passive ejection, shared by both proxies.
     pub balance: BalanceSettings,
+    /// Active health checks.
+    pub health: HealthSettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -182,6 +185,7 @@ impl From<NetSelConfig> for Settings {
             network: NetworkSettings::default(),
             registry: RegistryLimits::default(),
             balance: BalanceSettings::default(),
+            health: HealthSettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -209,6 +213,7 @@ struct FileConfig {
     network: Option<NetworkSettings>,
     registry: Option<RegistryLimits>,
     balance: Option<BalanceSettings>,
+    health: Option<HealthSettings>,
 }
 
 impl Settings {
@@ -253,6 +258,7 @@ impl Settings {
             s.network => f.network,
             s.registry => f.registry,
             s.balance => f.balance,
+            s.health => f.health,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -304,6 +310,14 @@ impl Settings {
     /// The port pool range.
     pub fn port_range(&self) -> RangeInclusive<u16> {
         self.network.port_pool_start..=self.network.port_pool_end
+    }
+
+    /// Time between active health-check rounds.
+    pub fn check_interval(&self) -> Duration {
+        match self.health.interval_ms {
+            0 => Duration::from_secs(self.config.health_check_interval),
+            ms => Duration::from_millis(ms),
+        }
     }
 
     /// What the catalog needs from these settings.

@@ -78,6 +78,52 @@ impl std::str::FromStr for AppProtocol {
     }
 }
 
+/// An active health check NetSel runs against an instance every `health_check_interval`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "server", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "server", serde(rename_all = "lowercase", tag = "type"))]
+pub enum Check {
+    /// A TCP connect to the endpoint succeeds.
+    Tcp,
+    /// `GET <path>` on the endpoint answers 2xx or 3xx.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+    },
+}
+
+impl Check {
+    /// The wire form: `tcp` or `http:<path>`.
+    pub fn to_wire(&self) -> String {
+        match self {
+            Check::Tcp => "tcp".into(),
+            Check::Http { path } => format!("http:{path}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Check {
+    type Err = ProtocolError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| ProtocolError::BadOption {
+            key: "check".into(),
+            reason: reason.into(),
+        };
+        if s.eq_ignore_ascii_case("tcp") {
+            return Ok(Check::Tcp);
+        }
+        let path = s
+            .strip_prefix("http:")
+            .ok_or_else(|| bad("expected tcp or http:/path"))?;
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad(
+                "the HTTP path must start with '/' and contain no spaces",
+            ));
+        }
+        Ok(Check::Http { path: path.into() })
+    }
+}
+
 /// Options of an extended registration; every field is optional on the wire.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegisterOptions {
@@ -95,6 +141,8 @@ pub struct RegisterOptions {
     pub port_hint: Option<u16>,
     /// What the instance speaks.
     pub protocol: Option<AppProtocol>,
+    /// An active health check.
+    pub check: Option<Check>,
 }
 
 /// A parsed request.
@@ -477,6 +525,10 @@ fn parse_register(fields: &[&str]) -> Result<Request, ProtocolError> {
                 let p: AppProtocol = value.parse()?;
                 set_once(&mut options.protocol, p, key)?;
             }
+            "check" => {
+                let c: Check = value.parse()?;
+                set_once(&mut options.check, c, key)?;
+            }
             _ => {
                 if let Some(mkey) = key.strip_prefix("meta.") {
                     let mkey = percent_decode(mkey)?;
@@ -654,6 +706,9 @@ impl fmt::Display for Request {
                 }
                 if let Some(p) = options.protocol {
                     write!(f, "|proto={}", p.as_str())?;
+                }
+                if let Some(c) = &options.check {
+                    write!(f, "|check={}", percent_encode(&c.to_wire()))?;
                 }
                 Ok(())
             }
@@ -894,6 +949,9 @@ mod tests {
                 service_port: Some(80),
                 port_hint: None,
                 protocol: Some(AppProtocol::Http2),
+                check: Some(Check::Http {
+                    path: "/health?x=1".into(),
+                }),
             },
         };
         let bytes = req.encode();
@@ -981,6 +1039,9 @@ mod tests {
             "REGISTER|web|-|service_port=0",
             "REGISTER|web|-|service_port=70000",
             "REGISTER|web|-|proto=gopher",
+            "REGISTER|web|-|check=udp",
+            "REGISTER|web|-|check=http:health",
+            "REGISTER|web|-|check=http:/a b",
             "REGISTER|web|-|tag=",
             "REGISTER|web|-|meta.=x",
             "REGISTER|web|127.0.0.1:1|port=21000",

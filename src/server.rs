@@ -179,6 +179,12 @@ impl NetSelServer {
             let shutdown = shutdown.clone();
             async move { catalog.run(shutdown).await }
         });
+        tasks.spawn(crate::health::run(
+            catalog.clone(),
+            s.health.clone(),
+            s.check_interval(),
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::registry::serve(
             registry,
             catalog.clone(),

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub use model::{Health, Instance, InstanceId, Lease, NameError, Secret, Service, ServiceName};
 
 use crate::network::{NetworkError, PortPool, VipPool};
-use crate::protocol::{AppProtocol, MAX_META, MAX_TAGS, MAX_VALUE_LEN};
+use crate::protocol::{AppProtocol, Check, MAX_META, MAX_TAGS, MAX_VALUE_LEN};
 use crate::store::{InstanceRecord, Persisted, ServiceRecord, Store, StoreError, StoreOp, VipHold};
 
 /// Settings the catalog needs; every default is in [`crate::config`].
@@ -145,6 +145,8 @@ pub struct Registration {
     pub service_port: Option<u16>,
     /// What the instance speaks (default TCP).
     pub protocol: Option<AppProtocol>,
+    /// An active health check (none by default: the lease alone decides).
+    pub check: Option<Check>,
 }
 
 impl Registration {
@@ -159,6 +161,7 @@ impl Registration {
             ttl: None,
             service_port: None,
             protocol: None,
+            check: None,
         }
     }
 }
@@ -417,6 +420,7 @@ impl Catalog {
                 meta: r.meta,
                 weight: r.weight.max(1),
                 protocol: r.protocol,
+                check: r.check,
                 ttl: Duration::from_millis(r.ttl_ms),
                 owner_peer: r.owner_peer,
                 pool_port: r.pool_port,
@@ -619,6 +623,7 @@ impl Catalog {
                 && prev.meta == reg.meta
                 && prev.weight == weight
                 && prev.protocol == reg.protocol.unwrap_or_default()
+                && prev.check == reg.check
                 && prev.ttl == ttl
             {
                 // The seed client registering again from the same address: a renewal.
@@ -726,6 +731,7 @@ impl Catalog {
                 meta: reg.meta,
                 weight,
                 protocol: reg.protocol.unwrap_or_default(),
+                check: reg.check,
                 ttl,
                 owner_peer,
                 pool_port,
@@ -793,6 +799,7 @@ impl Catalog {
             meta: i.meta.clone(),
             weight: i.weight,
             protocol: i.protocol,
+            check: i.check.clone(),
             ttl_ms: ms(i.ttl),
             owner_peer: i.owner_peer,
             pool_port: i.pool_port,

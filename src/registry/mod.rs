@@ -239,6 +239,7 @@ impl Connection {
                     ttl: options.ttl,
                     service_port: options.service_port,
                     protocol: options.protocol,
+                    check: options.check,
                 };
                 match catalog.register(reg).await {
                     Ok(r) => Response::Registered(RegisterReply {

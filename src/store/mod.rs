@@ -15,7 +15,7 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{InstanceId, Secret, ServiceName};
-use crate::protocol::AppProtocol;
+use crate::protocol::{AppProtocol, Check};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,9 @@ pub struct InstanceRecord {
     pub weight: u32,
     /// Protocol.
     pub protocol: AppProtocol,
+    /// Active health check.
+    #[serde(default)]
+    pub check: Option<Check>,
     /// Lease TTL in milliseconds.
     pub ttl_ms: u64,
     /// Registering peer for bare-name registrations.
