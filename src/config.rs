@@ -106,6 +106,12 @@ pub struct RegistryLimits {
     pub idle_timeout_secs: u64,
     /// Seconds a request may take to arrive once it has begun.
     pub frame_timeout_secs: u64,
+    /// Registrations per second allowed from one peer IP (a token bucket); 0 disables.
+    pub register_rate_per_ip: u32,
+    /// Registrations one peer IP may make in a burst.
+    pub register_burst_per_ip: u32,
+    /// Exempt loopback peers (processes on this host) from the registration rate limit.
+    pub rate_limit_exempt_loopback: bool,
 }
 
 impl Default for RegistryLimits {
@@ -114,6 +120,9 @@ impl Default for RegistryLimits {
             max_connections: 4096,
             idle_timeout_secs: 300,
             frame_timeout_secs: 10,
+            register_rate_per_ip: 200,
+            register_burst_per_ip: 1000,
+            rate_limit_exempt_loopback: true,
         }
     }
 }

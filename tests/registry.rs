@@ -425,6 +425,43 @@ async fn limits_frame_size_timeouts_and_connection_cap() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn registrations_are_rate_limited_per_peer() {
+    let mut s = settings(60);
+    s.registry.register_rate_per_ip = 1;
+    s.registry.register_burst_per_ip = 3;
+    s.registry.rate_limit_exempt_loopback = false;
+    let (server, addr) = start(s).await;
+    let mut line = Line::connect(addr).await;
+    let answers: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..5 {
+            v.push(
+                line.ask(&format!("REGISTER|rl|127.0.0.1:{}", 18100 + i))
+                    .await,
+            );
+        }
+        v
+    };
+    assert!(
+        answers[..3].iter().all(|a| a.starts_with("REGISTERED|")),
+        "{answers:?}"
+    );
+    assert!(
+        answers[3..]
+            .iter()
+            .all(|a| a.starts_with("FAILED|rate limited")),
+        "{answers:?}"
+    );
+    // Heartbeats are not limited.
+    let f: Vec<&str> = answers[0].split('|').collect();
+    assert_eq!(
+        line.ask(&format!("HEARTBEAT|{}|{}", f[1], f[2])).await,
+        "HEARTBEAT_OK"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_instances_from_a_hundred_clients() {
     let mut s = settings(600);

@@ -6,6 +6,7 @@
 //! may carry secrets.
 
 pub mod codec;
+mod rate;
 
 use std::io;
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let rate = Arc::new(rate::RateLimiter::new(&limits));
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -63,6 +65,7 @@ pub async fn serve(
         let conn = Connection {
             catalog: catalog.clone(),
             limits: limits.clone(),
+            rate: rate.clone(),
             peer,
         };
         let shutdown = shutdown.clone();
@@ -93,6 +96,7 @@ async fn refuse(mut stream: TcpStream) {
 struct Connection {
     catalog: Catalog,
     limits: RegistryLimits,
+    rate: Arc<rate::RateLimiter>,
     peer: SocketAddr,
 }
 
@@ -192,6 +196,15 @@ impl Connection {
     async fn execute(&self, request: Request) -> Response {
         let peer_ip = self.peer.ip().to_canonical();
         let catalog = &self.catalog;
+        let registers = matches!(
+            request,
+            Request::SeedRegister { .. } | Request::Register { .. }
+        );
+        if registers && !self.rate.allow(peer_ip) {
+            return Response::Failed(format!(
+                "rate limited: too many registrations from {peer_ip}"
+            ));
+        }
         match request {
             Request::Ping => Response::Pong,
             Request::SeedRegister { name } => {
