@@ -205,6 +205,12 @@ impl ServiceClientBuilder {
         self
     }
 
+    /// An active health check NetSel runs against the instance.
+    pub fn check(mut self, check: crate::protocol::Check) -> Self {
+        self.options.check = Some(check);
+        self
+    }
+
     /// How often the heartbeat handle heartbeats (default 10 s). Keep it well under the
     /// TTL.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
@@ -215,7 +221,8 @@ impl ServiceClientBuilder {
     /// The client. With no registry given, `127.0.0.1:9000`.
     pub fn build(mut self) -> ServiceClient {
         if self.registries.is_empty() {
-            self.registries.push(SocketAddr::from(([127, 0, 0, 1], 9000)));
+            self.registries
+                .push(SocketAddr::from(([127, 0, 0, 1], 9000)));
         }
         ServiceClient::from_parts(
             self.registries,
@@ -479,13 +486,21 @@ impl ServiceClient {
     }
 
     fn registry(&self) -> (usize, SocketAddr) {
-        let i = *self.shared.current.lock().unwrap_or_else(|e| e.into_inner());
+        let i = *self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let i = i % self.shared.registries.len();
         (i, self.shared.registries[i])
     }
 
     fn next_registry(&self) {
-        let mut cur = self.shared.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         *cur = (*cur + 1) % self.shared.registries.len();
     }
 

@@ -14,7 +14,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::CatalogSettings;
+use crate::health::HealthSettings;
 use crate::network::{DEFAULT_PORT_RANGE, DEFAULT_VIP_CIDR, PortPool, VipPool};
+use crate::proxy::balance::BalanceSettings;
 
 /// The seed's configuration, field for field. Richer settings live in [`Settings`].
 ///
@@ -104,6 +106,12 @@ pub struct RegistryLimits {
     pub idle_timeout_secs: u64,
     /// Seconds a request may take to arrive once it has begun.
     pub frame_timeout_secs: u64,
+    /// Registrations per second allowed from one peer IP (a token bucket); 0 disables.
+    pub register_rate_per_ip: u32,
+    /// Registrations one peer IP may make in a burst.
+    pub register_burst_per_ip: u32,
+    /// Exempt loopback peers (processes on this host) from the registration rate limit.
+    pub rate_limit_exempt_loopback: bool,
 }
 
 impl Default for RegistryLimits {
@@ -112,6 +120,9 @@ impl Default for RegistryLimits {
             max_connections: 4096,
             idle_timeout_secs: 300,
             frame_timeout_secs: 10,
+            register_rate_per_ip: 200,
+            register_burst_per_ip: 1000,
+            rate_limit_exempt_loopback: true,
         }
     }
 }
@@ -226,6 +237,10 @@ pub struct Settings {
     pub network: NetworkSettings,
     /// Registry limits.
     pub registry: RegistryLimits,
+    /// Load balancing and passive ejection, shared by both proxies.
+    pub balance: BalanceSettings,
+    /// Active health checks.
+    pub health: HealthSettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -254,6 +269,8 @@ impl From<NetSelConfig> for Settings {
             data_dir: None,
             network: NetworkSettings::default(),
             registry: RegistryLimits::default(),
+            balance: BalanceSettings::default(),
+            health: HealthSettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -284,6 +301,8 @@ struct FileConfig {
     registry: Option<RegistryLimits>,
     api: Option<ApiSettings>,
     acl: Option<AclSettings>,
+    balance: Option<BalanceSettings>,
+    health: Option<HealthSettings>,
 }
 
 impl Settings {
@@ -329,6 +348,8 @@ impl Settings {
             s.registry => f.registry,
             s.api => f.api,
             s.acl => f.acl,
+            s.balance => f.balance,
+            s.health => f.health,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -408,6 +429,14 @@ impl Settings {
         self.network.port_pool_start..=self.network.port_pool_end
     }
 
+    /// Time between active health-check rounds.
+    pub fn check_interval(&self) -> Duration {
+        match self.health.interval_ms {
+            0 => Duration::from_secs(self.config.health_check_interval),
+            ms => Duration::from_millis(ms),
+        }
+    }
+
     /// What the catalog needs from these settings.
     pub fn catalog_settings(&self) -> CatalogSettings {
         let ttl = Duration::from_secs(self.config.max_heartbeat_age);
@@ -445,15 +474,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seed_defaults() {
-        let c = NetSelConfig::default();
-        assert_eq!(c.registry_addr.to_string(), "0.0.0.0:9000");
-        assert_eq!(c.tcp_proxy_addr.to_string(), "0.0.0.0:8080");
-        assert_eq!(c.http_proxy_addr.to_string(), "0.0.0.0:8081");
-        assert_eq!(c.dns_addr.to_string(), "127.0.0.1:5353");
-        assert_eq!(c.health_check_interval, 30);
-        assert_eq!(c.max_heartbeat_age, 60);
+    fn settings_defaults() {
+        // The seed's six defaults are checked in tests/seed_snippets.rs.
         let s = Settings::default();
+        assert_eq!(s.config, NetSelConfig::default());
         assert_eq!(s.api_addr.to_string(), "127.0.0.1:9001");
         s.validate().unwrap();
     }

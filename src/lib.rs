@@ -41,17 +41,21 @@ pub mod api;
 #[cfg(feature = "server")]
 pub mod catalog;
 #[cfg(feature = "server")]
+pub mod cli;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod health;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod network;
 #[cfg(feature = "server")]
+pub mod proxy;
+#[cfg(feature = "server")]
 pub mod registry;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "server")]
-pub mod cli;
 #[cfg(feature = "server")]
 pub mod store;
 
@@ -60,3 +64,8 @@ pub use client::ServiceClient;
 pub use config::{NetSelConfig, Settings};
 #[cfg(feature = "server")]
 pub use server::NetSelServer;
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

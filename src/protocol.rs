@@ -78,6 +78,52 @@ impl std::str::FromStr for AppProtocol {
     }
 }
 
+/// An active health check NetSel runs against an instance every `health_check_interval`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "server", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "server", serde(rename_all = "lowercase", tag = "type"))]
+pub enum Check {
+    /// A TCP connect to the endpoint succeeds.
+    Tcp,
+    /// `GET <path>` on the endpoint answers 2xx or 3xx.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+    },
+}
+
+impl Check {
+    /// The wire form: `tcp` or `http:<path>`.
+    pub fn to_wire(&self) -> String {
+        match self {
+            Check::Tcp => "tcp".into(),
+            Check::Http { path } => format!("http:{path}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Check {
+    type Err = ProtocolError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| ProtocolError::BadOption {
+            key: "check".into(),
+            reason: reason.into(),
+        };
+        if s.eq_ignore_ascii_case("tcp") {
+            return Ok(Check::Tcp);
+        }
+        let path = s
+            .strip_prefix("http:")
+            .ok_or_else(|| bad("expected tcp or http:/path"))?;
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad(
+                "the HTTP path must start with '/' and contain no spaces",
+            ));
+        }
+        Ok(Check::Http { path: path.into() })
+    }
+}
+
 /// Options of an extended registration; every field is optional on the wire.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegisterOptions {
@@ -95,6 +141,8 @@ pub struct RegisterOptions {
     pub port_hint: Option<u16>,
     /// What the instance speaks.
     pub protocol: Option<AppProtocol>,
+    /// An active health check.
+    pub check: Option<Check>,
 }
 
 /// A parsed request.
@@ -151,6 +199,8 @@ pub struct ResolvedInstance {
     pub endpoint: SocketAddr,
     /// Balancing weight.
     pub weight: u32,
+    /// Time left on its lease when the registry answered (absent from older servers).
+    pub lease_remaining: Option<Duration>,
 }
 
 /// The answer to a successful registration.
@@ -192,7 +242,7 @@ pub enum Response {
     Registered(RegisterReply),
     /// `OK`
     Ok,
-    /// `RESOLVED|<name>|<vip>|<service-port>|<count>|<id> <endpoint> <weight>|...`
+    /// `RESOLVED|<name>|<vip>|<service-port>|<count>|<id> <endpoint> <weight> <lease-ms>|...`
     Resolved {
         /// Canonical service name.
         name: String,
@@ -475,6 +525,10 @@ fn parse_register(fields: &[&str]) -> Result<Request, ProtocolError> {
                 let p: AppProtocol = value.parse()?;
                 set_once(&mut options.protocol, p, key)?;
             }
+            "check" => {
+                let c: Check = value.parse()?;
+                set_once(&mut options.check, c, key)?;
+            }
             _ => {
                 if let Some(mkey) = key.strip_prefix("meta.") {
                     let mkey = percent_decode(mkey)?;
@@ -653,6 +707,9 @@ impl fmt::Display for Request {
                 if let Some(p) = options.protocol {
                     write!(f, "|proto={}", p.as_str())?;
                 }
+                if let Some(c) = &options.check {
+                    write!(f, "|check={}", percent_encode(&c.to_wire()))?;
+                }
                 Ok(())
             }
             Request::Heartbeat { id, secret } => write!(f, "HEARTBEAT|{id}|{secret}"),
@@ -666,7 +723,14 @@ impl Response {
     /// Appends the response's wire bytes, framed for `framing`, to `out`.
     pub fn encode_into(&self, framing: Framing, out: &mut Vec<u8>) {
         match (self, framing) {
-            (Response::SeedSuccess { vip, port, ttl_secs }, _) => {
+            (
+                Response::SeedSuccess {
+                    vip,
+                    port,
+                    ttl_secs,
+                },
+                _,
+            ) => {
                 let _ = write!(Bytes(out), "SUCCESS|{vip}|{port}|{ttl_secs}\0");
             }
             // The seed server sent heartbeat answers bare, with no terminator.
@@ -678,7 +742,7 @@ impl Response {
                 let _ = write!(Bytes(out), "FAILED|{}\0", one_line(reason));
             }
             (r, Framing::Line) => {
-                let _ = write!(Bytes(out), "{r}\n");
+                let _ = writeln!(Bytes(out), "{r}");
             }
             (r, Framing::Seed) => {
                 let _ = write!(Bytes(out), "{r}\0");
@@ -706,7 +770,7 @@ impl Response {
             ("HEARTBEAT_FAILED", []) => Response::HeartbeatFailed,
             ("PONG", []) => Response::Pong,
             ("OK", []) => Response::Ok,
-            ("FAILED", [reason @ ..]) => Response::Failed(reason.join("|")),
+            ("FAILED", reason) => Response::Failed(reason.join("|")),
             ("REGISTERED", [id, secret, vip, sport, ep, ttl]) => {
                 Response::Registered(RegisterReply {
                     id: id.to_string(),
@@ -724,16 +788,17 @@ impl Response {
                 }
                 let mut instances = Vec::with_capacity(count);
                 for item in rest {
-                    let mut parts = item.split(' ');
-                    let (Some(id), Some(ep), Some(w), None) =
-                        (parts.next(), parts.next(), parts.next(), parts.next())
-                    else {
-                        return Err(bad());
+                    let parts: Vec<&str> = item.split(' ').collect();
+                    let (id, ep, w, lease) = match parts.as_slice() {
+                        [id, ep, w] => (id, ep, w, None),
+                        [id, ep, w, lease] => (id, ep, w, Some(num(lease)?)),
+                        _ => return Err(bad()),
                     };
                     instances.push(ResolvedInstance {
                         id: id.to_string(),
                         endpoint: ep.parse().map_err(|_| bad())?,
                         weight: w.parse().map_err(|_| bad())?,
+                        lease_remaining: lease.map(Duration::from_millis),
                     });
                 }
                 Response::Resolved {
@@ -757,7 +822,11 @@ fn one_line(s: &str) -> String {
 impl fmt::Display for Response {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Response::SeedSuccess { vip, port, ttl_secs } => {
+            Response::SeedSuccess {
+                vip,
+                port,
+                ttl_secs,
+            } => {
                 write!(f, "SUCCESS|{vip}|{port}|{ttl_secs}")
             }
             Response::HeartbeatOk => f.write_str("HEARTBEAT_OK"),
@@ -776,9 +845,16 @@ impl fmt::Display for Response {
                 service_port,
                 instances,
             } => {
-                write!(f, "RESOLVED|{name}|{vip}|{service_port}|{}", instances.len())?;
+                write!(
+                    f,
+                    "RESOLVED|{name}|{vip}|{service_port}|{}",
+                    instances.len()
+                )?;
                 for i in instances {
                     write!(f, "|{} {} {}", i.id, i.endpoint, i.weight)?;
+                    if let Some(lease) = i.lease_remaining {
+                        write!(f, " {}", lease.as_millis())?;
+                    }
                 }
                 Ok(())
             }
@@ -873,6 +949,9 @@ mod tests {
                 service_port: Some(80),
                 port_hint: None,
                 protocol: Some(AppProtocol::Http2),
+                check: Some(Check::Http {
+                    path: "/health?x=1".into(),
+                }),
             },
         };
         let bytes = req.encode();
@@ -892,7 +971,14 @@ mod tests {
         );
         assert!(matches!(
             line("register|web|-|port=21000\r"),
-            Ok(Request::Register { endpoint: None, options: RegisterOptions { port_hint: Some(21000), .. }, .. })
+            Ok(Request::Register {
+                endpoint: None,
+                options: RegisterOptions {
+                    port_hint: Some(21000),
+                    ..
+                },
+                ..
+            })
         ));
         assert!(matches!(
             line("REGISTER|web|[::1]:80"),
@@ -953,6 +1039,9 @@ mod tests {
             "REGISTER|web|-|service_port=0",
             "REGISTER|web|-|service_port=70000",
             "REGISTER|web|-|proto=gopher",
+            "REGISTER|web|-|check=udp",
+            "REGISTER|web|-|check=http:health",
+            "REGISTER|web|-|check=http:/a b",
             "REGISTER|web|-|tag=",
             "REGISTER|web|-|meta.=x",
             "REGISTER|web|127.0.0.1:1|port=21000",
@@ -993,7 +1082,10 @@ mod tests {
             line("HEARTBEAT|web"),
             Ok(Request::SeedHeartbeat { name: "web".into() })
         );
-        assert!(matches!(line("HEARTBEAT"), Err(ProtocolError::Arity { .. })));
+        assert!(matches!(
+            line("HEARTBEAT"),
+            Err(ProtocolError::Arity { .. })
+        ));
         assert!(matches!(
             line("HEARTBEAT|a|b|c"),
             Err(ProtocolError::Arity { .. })
@@ -1064,11 +1156,20 @@ mod tests {
                 name: "web".into(),
                 vip: "127.77.0.9".parse().unwrap(),
                 service_port: 80,
-                instances: vec![ResolvedInstance {
-                    id: "abc".into(),
-                    endpoint: "[::1]:8080".parse().unwrap(),
-                    weight: 3,
-                }],
+                instances: vec![
+                    ResolvedInstance {
+                        id: "abc".into(),
+                        endpoint: "[::1]:8080".parse().unwrap(),
+                        weight: 3,
+                        lease_remaining: Some(Duration::from_millis(59_000)),
+                    },
+                    ResolvedInstance {
+                        id: "def".into(),
+                        endpoint: "127.0.0.1:1".parse().unwrap(),
+                        weight: 1,
+                        lease_remaining: None,
+                    },
+                ],
             },
             Response::Resolved {
                 name: "web".into(),
@@ -1128,6 +1229,8 @@ mod tests {
             "REGISTERED|a|b",
             "RESOLVED|web|127.0.0.1|80|2|a 127.0.0.1:1 1",
             "RESOLVED|web|127.0.0.1|80|1|a 127.0.0.1:1",
+            "RESOLVED|web|127.0.0.1|80|1|a 127.0.0.1:1 1 x",
+            "RESOLVED|web|127.0.0.1|80|1|a 127.0.0.1:1 1 2 3",
             "WHAT",
         ] {
             assert!(Response::parse(s).is_err(), "{s:?}");

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::{ConfigError, NetSelConfig, Settings};
 use crate::metrics::MetricsRegistry;
+use crate::proxy::balance::Balancer;
 use crate::store::{MemoryStore, Store};
 
 /// Why the server could not start.
@@ -155,6 +156,8 @@ impl NetSelServer {
             .clone()
             .unwrap_or_else(|| Arc::new(MemoryStore));
         let catalog = Catalog::new(s.catalog_settings(), store)?;
+        // One balancer for both proxies: they share policies and passive ejection.
+        let _balancer = Arc::new(Balancer::new(catalog.clone(), s.balance.clone()));
         let mut registry_metrics = crate::metrics::new_registry();
         catalog.register_metrics(&mut registry_metrics);
         let line_metrics = crate::registry::RegistryMetrics::new(&mut registry_metrics);
@@ -179,6 +182,12 @@ impl NetSelServer {
             let shutdown = shutdown.clone();
             async move { catalog.run(shutdown).await }
         });
+        tasks.spawn(crate::health::run(
+            catalog.clone(),
+            s.health.clone(),
+            s.check_interval(),
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::registry::serve_with_metrics(
             registry,
             catalog.clone(),
@@ -245,7 +254,10 @@ impl NetSelServer {
 }
 
 /// Binds a TCP listener, naming the part in the error.
-pub(crate) async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+pub(crate) async fn bind_tcp(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { what, addr, source })

@@ -105,7 +105,7 @@ async fn register_list_get_heartbeat_deregister() {
         .register(json!({
             "name": "Web", "address": "127.0.0.1", "port": 8000,
             "tags": ["v2", "blue"], "meta": {"zone": "a"}, "weight": 3, "ttl_secs": 30,
-            "protocol": "http1"
+            "protocol": "http1", "check": {"type": "http", "path": "/healthz"}
         }))
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
@@ -144,6 +144,7 @@ async fn register_list_get_heartbeat_deregister() {
     assert_eq!(inst["weight"], 3);
     assert_eq!(inst["protocol"], "http1");
     assert_eq!(inst["meta"]["zone"], "a");
+    assert_eq!(inst["check"], json!({"type": "http", "path": "/healthz"}));
     let remaining = inst["lease_remaining_ms"].as_u64().unwrap();
     assert!(remaining > 25_000 && remaining <= 30_000, "{remaining}");
     assert!(inst["lease_deadline_unix_ms"].as_u64().unwrap() > 1_600_000_000_000);

@@ -208,6 +208,10 @@ pub(crate) async fn register(
         }
         Some(s) => Some(Duration::from_secs(s)),
     };
+    let check = match &req.check {
+        None => None,
+        Some(c) => Some(c.to_check().map_err(|e| ApiError::invalid("check", e))?),
+    };
     let reg = Registration {
         name: req.name,
         endpoint,
@@ -217,6 +221,7 @@ pub(crate) async fn register(
         ttl,
         service_port: req.service_port,
         protocol,
+        check,
     };
     let registered = state.inner.catalog.register(reg).await?;
     let status = if registered.renewed {
@@ -401,6 +406,7 @@ pub(crate) async fn service(
                     id: i.id.to_string(),
                     endpoint: i.endpoint,
                     weight: i.weight,
+                    lease_remaining: Some(catalog.lease_remaining(i)),
                 })
                 .collect(),
         };

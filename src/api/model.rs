@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, Instance, Registered, Service};
+use crate::protocol::Check;
 
 /// An optional non-negative integer; integral floats (`8080.0`) count, as JSON Schema has
 /// it.
@@ -60,6 +61,49 @@ pub struct RegisterRequest {
     /// `tcp`, `http1` or `http2` (default `tcp`).
     #[serde(default)]
     pub protocol: Option<String>,
+    /// An active health check (default none: the lease alone decides).
+    #[serde(default)]
+    pub check: Option<CheckSpec>,
+}
+
+/// An active health check: `{"type": "tcp"}` or `{"type": "http", "path": "/health"}`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    /// `tcp` (a connect succeeds) or `http` (`GET path` answers 2xx or 3xx).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The HTTP path, starting with `/` (http only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl CheckSpec {
+    /// The catalog's check, or why not.
+    pub fn to_check(&self) -> Result<Check, String> {
+        let wire = match (self.kind.as_str(), &self.path) {
+            ("tcp", None) => "tcp".to_string(),
+            ("tcp", Some(_)) => return Err("a tcp check takes no path".into()),
+            ("http", Some(p)) => format!("http:{p}"),
+            ("http", None) => return Err("an http check needs a path".into()),
+            (other, _) => return Err(format!("unknown check type '{other}' (tcp or http)")),
+        };
+        wire.parse::<Check>().map_err(|e| e.to_string())
+    }
+
+    /// The spec of a catalog check.
+    pub fn from_check(c: &Check) -> Self {
+        match c {
+            Check::Tcp => CheckSpec {
+                kind: "tcp".into(),
+                path: None,
+            },
+            Check::Http { path } => CheckSpec {
+                kind: "http".into(),
+                path: Some(path.clone()),
+            },
+        }
+    }
 }
 
 /// The answer to a registration.
@@ -149,6 +193,9 @@ pub struct InstanceView {
     pub lease_remaining_ms: u64,
     /// Catalog index at which it registered.
     pub registered_index: u64,
+    /// Its active health check, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
 }
 
 impl InstanceView {
@@ -169,6 +216,7 @@ impl InstanceView {
             lease_deadline_unix_ms: catalog.deadline_unix_ms(i.lease().deadline_ms()),
             lease_remaining_ms: catalog.lease_remaining(i).as_millis() as u64,
             registered_index: i.registered_index,
+            check: i.check.as_ref().map(CheckSpec::from_check),
         }
     }
 }

@@ -30,15 +30,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::CatalogMetrics;
-pub use model::{
-    Health, Instance, InstanceId, Lease, NameError, Secret, Service, ServiceName,
-};
+pub use model::{Health, Instance, InstanceId, Lease, NameError, Secret, Service, ServiceName};
 
 use crate::network::{NetworkError, PortPool, VipPool};
-use crate::protocol::{AppProtocol, MAX_META, MAX_TAGS, MAX_VALUE_LEN};
-use crate::store::{
-    InstanceRecord, Persisted, ServiceRecord, Store, StoreError, StoreOp, VipHold,
-};
+use crate::protocol::{AppProtocol, Check, MAX_META, MAX_TAGS, MAX_VALUE_LEN};
+use crate::store::{InstanceRecord, Persisted, ServiceRecord, Store, StoreError, StoreOp, VipHold};
 
 /// Settings the catalog needs; every default is in [`crate::config`].
 #[derive(Debug, Clone)]
@@ -169,6 +165,8 @@ pub struct Registration {
     pub service_port: Option<u16>,
     /// What the instance speaks (default TCP).
     pub protocol: Option<AppProtocol>,
+    /// An active health check (none by default: the lease alone decides).
+    pub check: Option<Check>,
 }
 
 impl Registration {
@@ -183,6 +181,7 @@ impl Registration {
             ttl: None,
             service_port: None,
             protocol: None,
+            check: None,
         }
     }
 }
@@ -443,6 +442,7 @@ impl Catalog {
                 meta: r.meta,
                 weight: r.weight.max(1),
                 protocol: r.protocol,
+                check: r.check,
                 ttl: Duration::from_millis(r.ttl_ms),
                 owner_peer: r.owner_peer,
                 pool_port: r.pool_port,
@@ -599,7 +599,11 @@ impl Catalog {
         if reg.tags.iter().any(|t| t.is_empty() || too_long(t)) {
             return Err(invalid("tags", "empty or too long"));
         }
-        if reg.meta.iter().any(|(k, v)| k.is_empty() || too_long(k) || too_long(v)) {
+        if reg
+            .meta
+            .iter()
+            .any(|(k, v)| k.is_empty() || too_long(k) || too_long(v))
+        {
             return Err(invalid("meta", "empty key, or key or value too long"));
         }
         let control = |s: &String| s.chars().any(char::is_control);
@@ -647,6 +651,7 @@ impl Catalog {
                 && prev.meta == reg.meta
                 && prev.weight == weight
                 && prev.protocol == reg.protocol.unwrap_or_default()
+                && prev.check == reg.check
                 && prev.ttl == ttl
             {
                 // The seed client registering again from the same address: a renewal.
@@ -754,6 +759,7 @@ impl Catalog {
                 meta: reg.meta,
                 weight,
                 protocol: reg.protocol.unwrap_or_default(),
+                check: reg.check,
                 ttl,
                 owner_peer,
                 pool_port,
@@ -822,6 +828,7 @@ impl Catalog {
             meta: i.meta.clone(),
             weight: i.weight,
             protocol: i.protocol,
+            check: i.check.clone(),
             ttl_ms: ms(i.ttl),
             owner_peer: i.owner_peer,
             pool_port: i.pool_port,
@@ -875,32 +882,27 @@ impl Catalog {
 
     /// Deregisters an instance; durable before it returns.
     pub async fn deregister(&self, id: &str, secret: &str) -> Result<(), CatalogError> {
-        let commit = {
-            let mut st = self.lock();
-            let inst = st
-                .instances
-                .get(id)
-                .ok_or_else(|| CatalogError::UnknownInstance(id.to_string()))?;
-            if !inst.secret_matches(secret) {
-                return Err(CatalogError::WrongSecret(id.to_string()));
-            }
-            let id = inst.id.clone();
-            self.remove_locked(&mut st, &[id], ChangeKind::InstanceDeregistered)
-        };
-        commit.wait().await?;
-        self.inner.metrics.deregistrations.inc();
-        Ok(())
+        self.remove_one(id, Some(secret)).await
     }
 
     /// Removes an instance without its secret: for operators (API with a management
     /// token, `netsel deregister`). Durable before it returns.
     pub async fn deregister_admin(&self, id: &str) -> Result<(), CatalogError> {
+        self.remove_one(id, None).await
+    }
+
+    async fn remove_one(&self, id: &str, secret: Option<&str>) -> Result<(), CatalogError> {
         let commit = {
             let mut st = self.lock();
             let inst = st
                 .instances
                 .get(id)
                 .ok_or_else(|| CatalogError::UnknownInstance(id.to_string()))?;
+            if let Some(secret) = secret
+                && !inst.secret_matches(secret)
+            {
+                return Err(CatalogError::WrongSecret(id.to_string()));
+            }
             let id = inst.id.clone();
             self.remove_locked(&mut st, &[id], ChangeKind::InstanceDeregistered)
         };

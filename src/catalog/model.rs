@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{AppProtocol, MAX_NAME_LEN};
+use crate::protocol::{AppProtocol, Check, MAX_NAME_LEN};
 
 /// A validated service name: one DNS label, stored lower-case.
 ///
@@ -236,6 +236,8 @@ pub struct Instance {
     pub weight: u32,
     /// What it speaks.
     pub protocol: AppProtocol,
+    /// Its active health check, if any.
+    pub check: Option<Check>,
     /// Lease TTL.
     pub ttl: Duration,
     /// For bare-name (seed) registrations: the peer IP that registered it, the only address

@@ -49,6 +49,23 @@ impl From<HttpError> for ClientError {
     }
 }
 
+/// Equal but for lease countdowns (which change on every answer).
+fn same(a: &Option<Resolution>, b: &Option<Resolution>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.name == b.name
+                && a.vip == b.vip
+                && a.service_port == b.service_port
+                && a.instances.len() == b.instances.len()
+                && a.instances.iter().zip(&b.instances).all(|(x, y)| {
+                    x.id == y.id && x.endpoint == y.endpoint && x.weight == y.weight
+                })
+        }
+        _ => false,
+    }
+}
+
 impl ServiceWatch {
     /// A watch of `name` through the API at `api`.
     pub fn new(api: SocketAddr, name: impl Into<String>) -> Self {
@@ -84,7 +101,7 @@ impl ServiceWatch {
     pub async fn next(&mut self) -> Result<Option<Resolution>, ClientError> {
         loop {
             let state = self.poll().await?;
-            if self.last.as_ref() != Some(&state) {
+            if !self.last.as_ref().is_some_and(|last| same(last, &state)) {
                 self.last = Some(state.clone());
                 return Ok(state);
             }

@@ -6,6 +6,7 @@
 //! may carry secrets.
 
 pub mod codec;
+mod rate;
 
 use std::io;
 use std::net::SocketAddr;
@@ -102,6 +103,7 @@ pub async fn serve_with_metrics(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let rate = Arc::new(rate::RateLimiter::new(&limits));
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -128,6 +130,7 @@ pub async fn serve_with_metrics(
             catalog: catalog.clone(),
             limits: limits.clone(),
             metrics: metrics.clone(),
+            rate: rate.clone(),
             peer,
         };
         let shutdown = shutdown.clone();
@@ -159,6 +162,7 @@ struct Connection {
     catalog: Catalog,
     limits: RegistryLimits,
     metrics: RegistryMetrics,
+    rate: Arc<rate::RateLimiter>,
     peer: SocketAddr,
 }
 
@@ -185,7 +189,7 @@ impl Connection {
                         let e = ProtocolError::TooLong(protocol::MAX_LINE_LEN);
                         Response::Failed(e.to_string()).encode_into(Framing::Line, &mut out);
                         stream.write_all(&out).await?;
-                        return Ok(());
+                        return close_gracefully(stream).await;
                     }
                 }
             };
@@ -227,7 +231,7 @@ impl Connection {
                     let reason = "timed out waiting for the rest of the request";
                     Response::Failed(reason.into()).encode_into(Framing::Line, &mut out);
                     stream.write_all(&out).await?;
-                    return Ok(());
+                    return close_gracefully(stream).await;
                 }
                 Read::Eof => {
                     // A last line without its newline: answer it, then we are done.
@@ -261,6 +265,15 @@ impl Connection {
     async fn execute(&self, request: Request) -> Response {
         let peer_ip = self.peer.ip().to_canonical();
         let catalog = &self.catalog;
+        let registers = matches!(
+            request,
+            Request::SeedRegister { .. } | Request::Register { .. }
+        );
+        if registers && !self.rate.allow(peer_ip) {
+            return Response::Failed(format!(
+                "rate limited: too many registrations from {peer_ip}"
+            ));
+        }
         match request {
             Request::Ping => Response::Pong,
             Request::SeedRegister { name } => {
@@ -309,6 +322,7 @@ impl Connection {
                     ttl: options.ttl,
                     service_port: options.service_port,
                     protocol: options.protocol,
+                    check: options.check,
                 };
                 match catalog.register(reg).await {
                     Ok(r) => Response::Registered(RegisterReply {
@@ -343,6 +357,7 @@ impl Connection {
                                 id: i.id.to_string(),
                                 endpoint: i.endpoint,
                                 weight: i.weight,
+                                lease_remaining: Some(catalog.lease_remaining(i)),
                             })
                             .collect(),
                     },
@@ -351,6 +366,25 @@ impl Connection {
             }
         }
     }
+}
+
+/// Closes after an error answer so the peer can read it: closing a socket with unread
+/// input makes the kernel send a reset, which can destroy the answer in flight. So: send
+/// FIN, then discard what the peer still sends, for a short while.
+async fn close_gracefully(mut stream: TcpStream) -> io::Result<()> {
+    stream.shutdown().await?;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0usize;
+        while let Ok(n) = stream.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 1 << 20 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+    Ok(())
 }
 
 impl Connection {

@@ -7,15 +7,15 @@
 //!
 //! [`MemoryStore`] keeps nothing; a durable store loads what it kept in [`Store::load`].
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{InstanceId, Secret, ServiceName};
-use crate::protocol::AppProtocol;
+use crate::protocol::{AppProtocol, Check};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,9 @@ pub struct InstanceRecord {
     pub weight: u32,
     /// Protocol.
     pub protocol: AppProtocol,
+    /// Active health check.
+    #[serde(default)]
+    pub check: Option<Check>,
     /// Lease TTL in milliseconds.
     pub ttl_ms: u64,
     /// Registering peer for bare-name registrations.

@@ -1,0 +1,4 @@
+//! The proxies: TCP (gateway and per-VIP listeners) and HTTP, sharing one
+//! [`balance::Balancer`] for instance selection and passive health.
+
+pub mod balance;

@@ -1,0 +1,238 @@
+//! The real `netsel` binary and the seed's examples, driven as a user would.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use netsel::client::{ClientError, ServiceClient};
+
+/// Every listen flag on an ephemeral loopback port, with a VIP pool of the test's own.
+fn serve_args(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["serve"].iter().map(|s| s.to_string()).collect();
+    for flag in [
+        "--registry-addr",
+        "--api-addr",
+        "--dns-addr",
+        "--tcp-proxy-addr",
+        "--http-proxy-addr",
+    ] {
+        args.push(flag.into());
+        args.push("127.0.0.1:0".into());
+    }
+    args.push("--vip-cidr".into());
+    args.push(format!(
+        "127.{}.{}.0/24",
+        fastrand::u8(1..=250),
+        fastrand::u8(..)
+    ));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+struct Proc {
+    child: Child,
+    lines: BufReader<ChildStdout>,
+}
+
+impl Proc {
+    fn spawn(program: impl Into<PathBuf>, args: &[String]) -> Proc {
+        let mut child = Command::new(program.into())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn");
+        let lines = BufReader::new(child.stdout.take().unwrap());
+        Proc { child, lines }
+    }
+
+    /// Reads stdout lines until one starts with `prefix`; returns the rest of it.
+    fn wait_for(&mut self, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.lines.read_line(&mut line).expect("read stdout");
+            assert!(n > 0, "process ended before printing {prefix:?}");
+            if let Some(rest) = line.trim_end().strip_prefix(prefix) {
+                return rest.trim().to_string();
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn example(name: &str) -> PathBuf {
+    // target/debug/deps/<test> -> target/debug/examples/<name>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_registers_expires_and_stops_on_sigterm() {
+    let mut serve = Proc::spawn(
+        env!("CARGO_BIN_EXE_netsel"),
+        &serve_args(&["--max-heartbeat-age", "1", "--health-check-interval", "1"]),
+    );
+    let registry: SocketAddr = serve.wait_for("registry:").parse().unwrap();
+    serve.wait_for("ready");
+
+    let mut client = ServiceClient::new(registry, "cli-service".to_string());
+    let (vip, port) = client.register().await.unwrap();
+    assert!(vip.to_string().starts_with("127."));
+    let r = client.resolve("cli-service").await.unwrap();
+    assert_eq!(r.instances[0].endpoint.port(), port);
+
+    // No heartbeats: gone after max_heartbeat_age.
+    let start = Instant::now();
+    loop {
+        match client.resolve("cli-service").await {
+            Err(ClientError::UnknownService(_)) => break,
+            Ok(_) => assert!(start.elapsed() < Duration::from_secs(3), "never expired"),
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    serve.signal("TERM");
+    let status = serve.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "SIGTERM drains and exits 0");
+}
+
+#[test]
+fn sigint_also_exits_zero() {
+    let mut serve = Proc::spawn(env!("CARGO_BIN_EXE_netsel"), &serve_args(&[]));
+    serve.wait_for("ready");
+    serve.signal("INT");
+    assert_eq!(serve.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn config_file_validate_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "max_heartbeat_age = 5\n[network]\nvip_cidr = \"127.66.0.0/24\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(["serve", "--validate", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration is valid"
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "max_heartbeat_age = 5\nmystery = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(["serve", "--validate", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mystery"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(["serve", "--validate", "--max-heartbeat-age", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_heartbeat_age"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(["serve", "--config", "/nonexistent/netsel.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn port_conflict_fails_start_with_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut args = serve_args(&[]);
+    let i = args.iter().position(|a| a == "--registry-addr").unwrap();
+    args[i + 1] = addr.clone();
+    let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr) && err.contains("registry"), "{err}");
+}
+
+#[test]
+fn examples_run_the_seed_workflow() {
+    let mut server = Proc::spawn(example("netsel_server"), &["127.0.0.1:0".to_string()]);
+    let registry = server.wait_for("- Registration server:");
+    let mut service = Proc::spawn(example("service_b"), &[registry.clone(), "1".to_string()]);
+    let assigned = service.wait_for("Successfully registered! Assigned address:");
+    assert!(assigned.starts_with("127."), "{assigned}");
+    service.wait_for("Starting echo server on");
+
+    let out = Command::new(example("test_client"))
+        .args([registry.as_str(), "5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "test_client failed:\n{stdout}");
+    for check in [
+        "Service registration test passed!",
+        "Echo server test passed!",
+        "Heartbeat mechanism test passed!",
+        "All tests passed!",
+    ] {
+        assert!(stdout.contains(check), "missing {check:?} in:\n{stdout}");
+    }
+
+    // With service_b gone, test_client fails loudly.
+    drop(service);
+    let out = Command::new(example("test_client"))
+        .args([registry.as_str(), "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
