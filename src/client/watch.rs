@@ -58,9 +58,10 @@ fn same(a: &Option<Resolution>, b: &Option<Resolution>) -> bool {
                 && a.vip == b.vip
                 && a.service_port == b.service_port
                 && a.instances.len() == b.instances.len()
-                && a.instances.iter().zip(&b.instances).all(|(x, y)| {
-                    x.id == y.id && x.endpoint == y.endpoint && x.weight == y.weight
-                })
+                && a.instances
+                    .iter()
+                    .zip(&b.instances)
+                    .all(|(x, y)| x.id == y.id && x.endpoint == y.endpoint && x.weight == y.weight)
         }
         _ => false,
     }

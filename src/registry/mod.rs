@@ -270,6 +270,7 @@ impl Connection {
             Request::SeedRegister { .. } | Request::Register { .. }
         );
         if registers && !self.rate.allow(peer_ip) {
+            self.metrics.error("rate_limited");
             return Response::Failed(format!(
                 "rate limited: too many registrations from {peer_ip}"
             ));
