@@ -431,3 +431,74 @@ async fn watch_prints_changes_as_json_lines() {
     assert_eq!(code, 0);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn acl_tokens_from_flag_or_env() {
+    use netsel::config::{AclSettings, AclToken};
+    let mut settings = Settings::ephemeral();
+    settings.acl = AclSettings {
+        enabled: true,
+        anonymous_read: false,
+        tokens: vec![
+            AclToken {
+                name: "ops".into(),
+                token: "ops-token-0123456789".into(),
+                read: vec!["*".into()],
+                write: vec!["*".into()],
+            },
+            AclToken {
+                name: "reader".into(),
+                token: "reader-token-0123456789".into(),
+                read: vec!["*".into()],
+                write: vec![],
+            },
+        ],
+    };
+    let server = NetSelServer::with_settings(settings);
+    server.start().await.unwrap();
+    let api = server.bound().unwrap().api.unwrap();
+    let catalog = server.catalog().unwrap();
+    let body = json!({"name": "guarded", "address": "127.0.0.1", "port": 4000});
+    let req = HttpRequest::new("POST", "/v1/instances")
+        .header("Authorization", "Bearer ops-token-0123456789")
+        .json(body.to_string());
+    let r = http::send(api, &req, T).await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = serde_json::from_slice::<Value>(&r.body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (code, _, err) = run({
+        let mut c = netsel(api);
+        c.arg("services");
+        c
+    })
+    .await;
+    assert_eq!(code, 4, "no token: {err}");
+    assert!(err.contains("token"), "{err}");
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.args(["services", "--token", "reader-token-0123456789"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("guarded"), "{out}");
+    let (code, _, _) = run({
+        let mut c = netsel(api);
+        c.args(["deregister", &id, "--token", "reader-token-0123456789"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 4, "a read-only token may not deregister");
+    let (code, _, err) = run({
+        let mut c = netsel(api);
+        c.args(["deregister", &id]).env("NETSEL_TOKEN", "ops-token-0123456789");
+        c
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(catalog.snapshot().instance(&id).is_none());
+    server.shutdown().await;
+}
