@@ -494,7 +494,8 @@ async fn acl_tokens_from_flag_or_env() {
     assert_eq!(code, 4, "a read-only token may not deregister");
     let (code, _, err) = run({
         let mut c = netsel(api);
-        c.args(["deregister", &id]).env("NETSEL_TOKEN", "ops-token-0123456789");
+        c.args(["deregister", &id])
+            .env("NETSEL_TOKEN", "ops-token-0123456789");
         c
     })
     .await;

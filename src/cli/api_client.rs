@@ -104,10 +104,19 @@ pub(crate) struct Answer {
 }
 
 /// The API at one address.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Api {
     pub(crate) addr: SocketAddr,
     token: Option<String>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Api {

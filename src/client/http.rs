@@ -61,7 +61,8 @@ fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a st
 }
 
 /// One request: the method, path (with query), extra headers and an optional JSON body.
-#[derive(Debug, Clone)]
+/// Its `Debug` shows header names only: values may be secrets or tokens.
+#[derive(Clone)]
 pub struct HttpRequest<'a> {
     /// `GET`, `POST`, ...
     pub method: &'a str,
@@ -71,6 +72,18 @@ pub struct HttpRequest<'a> {
     pub headers: Vec<(&'a str, String)>,
     /// A JSON body.
     pub json: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for HttpRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| *k).collect();
+        f.debug_struct("HttpRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("headers", &names)
+            .field("json_len", &self.json.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 impl<'a> HttpRequest<'a> {
@@ -417,6 +430,16 @@ mod tests {
         let req = HttpRequest::new("GET", "/").header("X-A", "b\r\nX-Evil: 1");
         let text = String::from_utf8(req.encode(addr)).unwrap();
         assert!(text.contains("X-A: bX-Evil: 1\r\n"), "{text}");
+    }
+
+    #[test]
+    fn debug_hides_header_values() {
+        let req = HttpRequest::new("PUT", "/x").header("X-Netsel-Secret", "s3cr3t");
+        let shown = format!("{req:?}");
+        assert!(
+            shown.contains("X-Netsel-Secret") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
     }
 
     #[test]
