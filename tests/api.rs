@@ -622,3 +622,39 @@ async fn acl_tokens_gate_reads_and_writes_by_name_prefix() {
     // Health stays open for probes.
     assert_eq!(api.get("/v1/health").await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_lagging_event_subscriber_gets_a_resync_event() {
+    let api = api();
+    let resp = api
+        .router
+        .clone()
+        .oneshot(Request::get("/v1/events").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // More changes than the event channel holds, while nobody reads the stream.
+    for i in 0..2100u16 {
+        let ep = std::net::SocketAddr::from(([127, 0, 0, 1], 10_000 + i));
+        let reg = netsel::catalog::Registration::new(
+            format!("lag{i}"),
+            netsel::catalog::Endpoint::Explicit(ep),
+        );
+        api.catalog.register(reg).await.unwrap();
+    }
+    let mut text = String::new();
+    while !text.contains("event: resync") {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("stream stalled")
+            .expect("stream ended")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(text.starts_with("event: hello"), "{text}");
+    let resync = text.split("event: resync").nth(1).unwrap();
+    assert!(resync.contains("\"missed\":"), "{resync}");
+}
