@@ -66,7 +66,7 @@ run_wrk() { # name, url, [script]
       out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" "http://$API$url")
     fi
     echo "$out" > "$WORK/wrk-$name-$r.txt"
-    grep -q 'Non-2xx' <<<"$out" && echo "WARN $name: non-2xx responses (run $r)"
+    if grep -q 'Non-2xx' <<<"$out"; then echo "WARN $name: non-2xx responses (run $r)"; fi
     vals+=("$(awk '/Requests\/sec/{print $2}' <<<"$out")")
     p99=$(awk '/99%/{print $2}' <<<"$out")
     stop
@@ -79,8 +79,8 @@ prepare() {
     api_heartbeat)
       : > "$WORK/leases.txt"
       for i in $(seq 1000); do
-        reg "{\"name\":\"hb$((i % 50))\",\"address\":\"127.0.0.1\",\"port\":$((10000 + i)),\"ttl_secs\":600}" \
-          | sed -E 's/.*"id":"([^"]+)","secret":"([^"]+)".*/\1 \2/' >> "$WORK/leases.txt"
+        out=$(reg "{\"name\":\"hb$((i % 50))\",\"address\":\"127.0.0.1\",\"port\":$((10000 + i)),\"ttl_secs\":600}")
+        sed -E 's/.*"id":"([^"]+)","secret":"([^"]+)".*/\1 \2/' <<<"$out" >> "$WORK/leases.txt"
       done ;;
     api_get)
       for p in 1 2 3; do reg "{\"name\":\"web\",\"address\":\"127.0.0.1\",\"port\":$((8000 + p))}" >/dev/null; done ;;
@@ -89,7 +89,12 @@ prepare() {
   esac
 }
 
-run_wrk api_heartbeat / "$WORK/heartbeat.lua"
-run_wrk api_register / "$WORK/register.lua"
-run_wrk api_get /v1/services/web
-run_wrk api_list /v1/services
+ONLY=${ONLY:-api_heartbeat api_register api_get api_list}
+for b in $ONLY; do
+  case $b in
+    api_heartbeat) run_wrk api_heartbeat / "$WORK/heartbeat.lua" ;;
+    api_register) run_wrk api_register / "$WORK/register.lua" ;;
+    api_get) run_wrk api_get /v1/services/web ;;
+    api_list) run_wrk api_list /v1/services ;;
+  esac
+done
