@@ -365,10 +365,12 @@ impl Registrar {
     }
 }
 
-/// SIGINT and SIGTERM as a stream of signal numbers.
+/// SIGINT, SIGTERM, SIGHUP and SIGQUIT as a stream of signal numbers.
 pub(crate) struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -378,14 +380,18 @@ impl Signals {
         Ok(Signals {
             int: signal(SignalKind::interrupt()).map_err(e)?,
             term: signal(SignalKind::terminate()).map_err(e)?,
+            hup: signal(SignalKind::hangup()).map_err(e)?,
+            quit: signal(SignalKind::quit()).map_err(e)?,
         })
     }
 
-    /// The next SIGINT (2) or SIGTERM (15).
+    /// The next of those signals.
     pub(crate) async fn recv(&mut self) -> i32 {
         tokio::select! {
             _ = self.int.recv() => libc::SIGINT,
             _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+            _ = self.quit.recv() => libc::SIGQUIT,
         }
     }
 }

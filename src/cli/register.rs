@@ -23,7 +23,7 @@ pub struct RegisterArgs {
     api: ApiArgs,
 }
 
-/// Registers, heartbeats until SIGINT/SIGTERM, deregisters. Exit 0 after a clean
+/// Registers, heartbeats until SIGINT, SIGTERM, SIGHUP or SIGQUIT, deregisters. Exit 0 after a clean
 /// deregistration; the API failure's code if the first registration is refused.
 pub async fn run(args: RegisterArgs) -> ExitCode {
     match register(&args).await {

@@ -2,9 +2,10 @@
 //! while it lives.
 //!
 //! CMD starts at once; once its port accepts connections it is registered, and it
-//! heartbeats from then on. SIGINT and SIGTERM are passed on to CMD (not acted on), so CMD
-//! decides how to stop; when it exits, the instance is deregistered and `netsel run` exits
-//! with CMD's code (128 + N if a signal N killed it). Works for any language.
+//! heartbeats from then on. SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to CMD (not
+//! acted on), so CMD decides how to stop; when it exits, the instance is deregistered and
+//! `netsel run` exits with CMD's code (128 + N if a signal N killed it). Works for any
+//! language.
 
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
