@@ -658,3 +658,42 @@ async fn a_lagging_event_subscriber_gets_a_resync_event() {
     let resync = text.split("event: resync").nth(1).unwrap();
     assert!(resync.contains("\"missed\":"), "{resync}");
 }
+
+#[test]
+fn api_and_acl_settings_are_validated() {
+    let s = Settings::from_toml(
+        r#"
+        [api]
+        max_body_bytes = 4096
+        rate_limit_per_sec = 5
+        [acl]
+        enabled = true
+        [[acl.tokens]]
+        name = "ops"
+        token = "0123456789abcdef0123"
+        read = ["*"]
+        write = ["web"]
+        "#,
+    )
+    .unwrap();
+    assert_eq!(s.api.max_body_bytes, 4096);
+    assert_eq!(
+        s.api.rate_limit_burst, 400,
+        "unset keys keep their defaults"
+    );
+    assert!(s.acl.enabled);
+    assert!(
+        !format!("{s:?}").contains("0123456789abcdef0123"),
+        "tokens never print"
+    );
+    for bad in [
+        "[api]\nmax_body_bytes = 10",
+        "[api]\nmax_connections = 0",
+        "[api]\nrate_limit_burst = 0",
+        "[api]\nbogus = 1",
+        "[acl]\nenabled = true\n[[acl.tokens]]\ntoken = \"short\"",
+        "[acl]\n[[acl.tokens]]\ntoken = \"has spaces in the token\"",
+    ] {
+        assert!(Settings::from_toml(bad).is_err(), "accepted: {bad}");
+    }
+}
