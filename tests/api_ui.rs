@@ -88,3 +88,60 @@ async fn ui_lists_services_and_updates_live_in_chromium() {
     eprintln!("UI screenshot: {}", shot.display());
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ui_asks_for_a_token_when_acls_are_on() {
+    use netsel::config::{AclSettings, AclToken};
+    if !tools_present() {
+        return;
+    }
+    let mut settings = Settings::ephemeral();
+    settings.acl = AclSettings {
+        enabled: true,
+        anonymous_read: false,
+        tokens: vec![
+            AclToken {
+                name: "viewer".into(),
+                token: "viewer-token-0123456789".into(),
+                read: vec!["*".into()],
+                write: vec![],
+            },
+            AclToken {
+                name: "deployer".into(),
+                token: "deployer-token-0123456789".into(),
+                read: vec![],
+                write: vec!["acl-".into()],
+            },
+        ],
+    };
+    let server = NetSelServer::with_settings(settings);
+    server.start().await.unwrap();
+    let api = server.bound().unwrap().api.unwrap();
+    let catalog = server.catalog().unwrap();
+    let ep = "127.0.0.1:7000".parse().unwrap();
+    catalog
+        .register(Registration::new("acl-before", Endpoint::Explicit(ep)))
+        .await
+        .unwrap();
+    let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("ui_acl_test.mjs")
+            .current_dir(ui)
+            .env("NETSEL_API_URL", format!("http://{api}"))
+            .env("NETSEL_READ_TOKEN", "viewer-token-0123456789")
+            .env("NETSEL_WRITE_TOKEN", "deployer-token-0123456789")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "UI ACL test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("\"ok\":true"), "{stdout}");
+    server.shutdown().await;
+}
