@@ -17,7 +17,8 @@ use tokio_util::task::TaskTracker;
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::{ConfigError, NetSelConfig, Settings};
 use crate::metrics::MetricsRegistry;
-use crate::store::{MemoryStore, Store};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{MemoryStore, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,9 @@ pub enum ServerError {
     /// The catalog or its store could not be opened.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The durable store in the data dir could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
     /// `start` was called on a server that is running.
     #[error("server is already running")]
     AlreadyRunning,
@@ -77,6 +81,8 @@ impl BoundAddrs {
 
 struct Running {
     catalog: Catalog,
+    /// The store the server opened itself (from `data_dir`), closed at shutdown.
+    owned_store: Option<Arc<dyn Store>>,
     metrics: MetricsRegistry,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -148,12 +154,16 @@ impl NetSelServer {
         }
         let s = &self.settings;
         s.validate()?;
-        let store = self
-            .store
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_else(|| Arc::new(MemoryStore));
+        let explicit = self.store.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // An explicit store wins; else `data_dir` means the durable embedded store.
+        let (store, owned_store): (Arc<dyn Store>, _) = match (explicit, &s.data_dir) {
+            (Some(store), _) => (store, None),
+            (None, Some(dir)) => {
+                let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir)?);
+                (store.clone(), Some(store))
+            }
+            (None, None) => (Arc::new(MemoryStore), None),
+        };
         let catalog = Catalog::new(s.catalog_settings(), store)?;
         let mut registry_metrics = crate::metrics::new_registry();
 
@@ -187,6 +197,7 @@ impl NetSelServer {
         tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");
         *self.lock_running() = Some(Running {
             catalog,
+            owned_store,
             metrics,
             shutdown,
             tasks,
@@ -227,6 +238,10 @@ impl NetSelServer {
             .is_ok();
         if !drained {
             tracing::warn!(?drain, "shutdown deadline passed with work in flight");
+        }
+        if let Some(store) = running.owned_store {
+            // Flush coalesced lease renewals and release the data dir's lock.
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
         }
         drained
     }
