@@ -248,7 +248,10 @@ impl NetSelServer {
 }
 
 /// Binds a TCP listener, naming the part in the error.
-pub(crate) async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+pub(crate) async fn bind_tcp(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { what, addr, source })

@@ -257,7 +257,6 @@ fn read_acks(path: &Path) -> (Vec<Ack>, Vec<String>) {
 fn check_store(dir: &Path, acks: &Path, round: usize) {
     let (live, gone) = read_acks(acks);
     let p = EmbeddedStore::read(dir).expect("the store opens after a crash");
-    eprintln!("round {round}: store has {} instances, index {}, acked live {} gone {}", p.instances.len(), p.index, live.len(), gone.len());
     let instances: HashMap<&str, _> = p.instances.iter().map(|i| (i.id.as_str(), i)).collect();
     let services: HashMap<&str, _> = p.services.iter().map(|s| (s.name.as_str(), s)).collect();
     for a in &live {
@@ -265,7 +264,10 @@ fn check_store(dir: &Path, acks: &Path, round: usize) {
             panic!(
                 "round {round}: acknowledged {a:?} lost; service stored: {:?}; instances of it: {}",
                 services.get(a.service.as_str()),
-                p.instances.iter().filter(|i| i.service.as_str() == a.service).count()
+                p.instances
+                    .iter()
+                    .filter(|i| i.service.as_str() == a.service)
+                    .count()
             )
         });
         assert_eq!(i.service.as_str(), a.service, "round {round}");
@@ -310,7 +312,11 @@ async fn check_registry(addr: SocketAddr, acks: &Path, round: usize) {
                 instances,
                 ..
             } => {
-                assert_eq!((vip, service_port), (a.vip, a.service_port), "round {round}");
+                assert_eq!(
+                    (vip, service_port),
+                    (a.vip, a.service_port),
+                    "round {round}"
+                );
                 assert!(
                     instances
                         .iter()

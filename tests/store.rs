@@ -274,7 +274,12 @@ async fn a_restart_never_expires_instances_whose_lease_ran_out_while_down() {
     }
     // Still there after a sweep interval's worth of the expiry loop running.
     let idx = catalog.index();
-    assert_eq!(catalog.wait_for_index(idx, Duration::from_millis(300)).await, idx);
+    assert_eq!(
+        catalog
+            .wait_for_index(idx, Duration::from_millis(300))
+            .await,
+        idx
+    );
     assert_eq!(catalog.snapshot().instance_count(), 50);
     server.shutdown().await;
 }
@@ -360,7 +365,10 @@ async fn heartbeat_renewals_reach_disk_within_the_flush_interval() {
     server.shutdown().await;
     let p = EmbeddedStore::read(dir.path()).unwrap();
     let d = p.instances[0].deadline_unix_ms;
-    assert!(d >= heartbeat_at - 5 + 3_600_000 - 100, "renewed deadline persisted");
+    assert!(
+        d >= heartbeat_at - 5 + 3_600_000 - 100,
+        "renewed deadline persisted"
+    );
     assert!(d > registered_at + 3_600_000);
 }
 
@@ -396,21 +404,31 @@ async fn client_reregisters_when_the_data_dir_was_wiped() {
     s.config.registry_addr = addr;
     let server = start(s).await;
     let catalog = server.catalog().unwrap();
-    assert_eq!(catalog.snapshot().instance_count(), 0, "the store really is empty");
+    assert_eq!(
+        catalog.snapshot().instance_count(),
+        0,
+        "the store really is empty"
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(svc) = catalog.snapshot().service("wiped") {
             let i = &svc.instances[0];
             assert_eq!(i.endpoint, "127.0.0.1:18300".parse().unwrap());
             assert_eq!(i.meta.get("zone").map(String::as_str), Some("c"));
-            assert_ne!(i.id.as_str(), old_id, "a new registration, not a resurrection");
+            assert_ne!(
+                i.id.as_str(),
+                old_id,
+                "a new registration, not a resurrection"
+            );
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the client did not register again"
         );
-        catalog.wait_for_index(catalog.index(), Duration::from_millis(200)).await;
+        catalog
+            .wait_for_index(catalog.index(), Duration::from_millis(200))
+            .await;
     }
     heartbeats.shutdown().await.unwrap();
     server.shutdown().await;
@@ -533,7 +551,10 @@ fn a_second_store_on_the_same_dir_is_refused() {
     let first = EmbeddedStore::open(dir.path()).unwrap();
     let e = open_err(dir.path());
     assert!(matches!(e, StoreError::Locked(_)), "{e}");
-    assert!(e.to_string().contains("in use by another NetSel process"), "{e}");
+    assert!(
+        e.to_string().contains("in use by another NetSel process"),
+        "{e}"
+    );
     first.close();
     EmbeddedStore::open(dir.path()).expect("free again once closed");
 }

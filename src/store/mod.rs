@@ -10,10 +10,10 @@
 
 pub mod embedded;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
