@@ -210,8 +210,7 @@ impl ServiceClientBuilder {
     /// The client. With no registry given, `127.0.0.1:9000`.
     pub fn build(mut self) -> ServiceClient {
         if self.registries.is_empty() {
-            self.registries
-                .push(SocketAddr::from(([127, 0, 0, 1], 9000)));
+            self.registries.push(SocketAddr::from(([127, 0, 0, 1], 9000)));
         }
         ServiceClient::from_parts(
             self.registries,
@@ -475,21 +474,13 @@ impl ServiceClient {
     }
 
     fn registry(&self) -> (usize, SocketAddr) {
-        let i = *self
-            .shared
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let i = *self.shared.current.lock().unwrap_or_else(|e| e.into_inner());
         let i = i % self.shared.registries.len();
         (i, self.shared.registries[i])
     }
 
     fn next_registry(&self) {
-        let mut cur = self
-            .shared
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cur = self.shared.current.lock().unwrap_or_else(|e| e.into_inner());
         *cur = (*cur + 1) % self.shared.registries.len();
     }
 

@@ -38,8 +38,6 @@ pub mod protocol;
 #[cfg(feature = "server")]
 pub mod catalog;
 #[cfg(feature = "server")]
-pub mod cli;
-#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod metrics;
@@ -49,6 +47,8 @@ pub mod network;
 pub mod registry;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod cli;
 #[cfg(feature = "server")]
 pub mod store;
 

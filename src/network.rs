@@ -74,9 +74,7 @@ impl VipPool {
             _ => (0, total),
         };
         if size == 0 {
-            return Err(NetworkError::InvalidPool(format!(
-                "{net} has no usable addresses"
-            )));
+            return Err(NetworkError::InvalidPool(format!("{net} has no usable addresses")));
         }
         let probe_bind = match net.network() {
             IpAddr::V4(a) => a.is_loopback(),
@@ -105,12 +103,10 @@ impl VipPool {
 
     fn addr_at(&self, offset: u128) -> IpAddr {
         match self.net {
-            IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(
-                u32::from(n.network()).wrapping_add(offset as u32),
-            )),
-            IpNet::V6(n) => {
-                IpAddr::V6(Ipv6Addr::from(u128::from(n.network()).wrapping_add(offset)))
+            IpNet::V4(n) => {
+                IpAddr::V4(Ipv4Addr::from(u32::from(n.network()).wrapping_add(offset as u32)))
             }
+            IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(u128::from(n.network()).wrapping_add(offset))),
         }
     }
 
@@ -256,11 +252,7 @@ impl PortPool {
         for step in 0..len {
             let port = self.start + ((u32::from(self.cursor - self.start) + step) % len) as u16;
             if self.used.insert(port) {
-                self.cursor = if port == self.end {
-                    self.start
-                } else {
-                    port + 1
-                };
+                self.cursor = if port == self.end { self.start } else { port + 1 };
                 return Ok(port);
             }
         }

@@ -666,14 +666,7 @@ impl Response {
     /// Appends the response's wire bytes, framed for `framing`, to `out`.
     pub fn encode_into(&self, framing: Framing, out: &mut Vec<u8>) {
         match (self, framing) {
-            (
-                Response::SeedSuccess {
-                    vip,
-                    port,
-                    ttl_secs,
-                },
-                _,
-            ) => {
+            (Response::SeedSuccess { vip, port, ttl_secs }, _) => {
                 let _ = write!(Bytes(out), "SUCCESS|{vip}|{port}|{ttl_secs}\0");
             }
             // The seed server sent heartbeat answers bare, with no terminator.
@@ -764,11 +757,7 @@ fn one_line(s: &str) -> String {
 impl fmt::Display for Response {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Response::SeedSuccess {
-                vip,
-                port,
-                ttl_secs,
-            } => {
+            Response::SeedSuccess { vip, port, ttl_secs } => {
                 write!(f, "SUCCESS|{vip}|{port}|{ttl_secs}")
             }
             Response::HeartbeatOk => f.write_str("HEARTBEAT_OK"),
@@ -787,11 +776,7 @@ impl fmt::Display for Response {
                 service_port,
                 instances,
             } => {
-                write!(
-                    f,
-                    "RESOLVED|{name}|{vip}|{service_port}|{}",
-                    instances.len()
-                )?;
+                write!(f, "RESOLVED|{name}|{vip}|{service_port}|{}", instances.len())?;
                 for i in instances {
                     write!(f, "|{} {} {}", i.id, i.endpoint, i.weight)?;
                 }
@@ -907,14 +892,7 @@ mod tests {
         );
         assert!(matches!(
             line("register|web|-|port=21000\r"),
-            Ok(Request::Register {
-                endpoint: None,
-                options: RegisterOptions {
-                    port_hint: Some(21000),
-                    ..
-                },
-                ..
-            })
+            Ok(Request::Register { endpoint: None, options: RegisterOptions { port_hint: Some(21000), .. }, .. })
         ));
         assert!(matches!(
             line("REGISTER|web|[::1]:80"),
@@ -1015,10 +993,7 @@ mod tests {
             line("HEARTBEAT|web"),
             Ok(Request::SeedHeartbeat { name: "web".into() })
         );
-        assert!(matches!(
-            line("HEARTBEAT"),
-            Err(ProtocolError::Arity { .. })
-        ));
+        assert!(matches!(line("HEARTBEAT"), Err(ProtocolError::Arity { .. })));
         assert!(matches!(
             line("HEARTBEAT|a|b|c"),
             Err(ProtocolError::Arity { .. })

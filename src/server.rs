@@ -135,7 +135,8 @@ impl NetSelServer {
         }
     }
 
-    /// Uses `store` instead of the in-memory store.
+    /// Uses `store` instead of the in-memory store (and instead of the embedded store that
+    /// `settings.data_dir` would open). The server does not close a store given here.
     pub fn with_store(self, store: Arc<dyn Store>) -> Self {
         *self.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
         self
@@ -248,10 +249,7 @@ impl NetSelServer {
 }
 
 /// Binds a TCP listener, naming the part in the error.
-pub(crate) async fn bind_tcp(
-    what: &'static str,
-    addr: SocketAddr,
-) -> Result<TcpListener, ServerError> {
+pub(crate) async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { what, addr, source })

@@ -687,3 +687,14 @@ fn in_memory_flag_conflicts_with_data_dir() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--in-memory"));
 }
+
+#[test]
+fn the_store_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("new-data-dir");
+    EmbeddedStore::open(&data).unwrap().close();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data dir holds secrets");
+    assert_eq!(mode(&data.join(STORE_FILE)), 0o600);
+}

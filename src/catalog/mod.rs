@@ -28,11 +28,15 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use model::{Health, Instance, InstanceId, Lease, NameError, Secret, Service, ServiceName};
+pub use model::{
+    Health, Instance, InstanceId, Lease, NameError, Secret, Service, ServiceName,
+};
 
 use crate::network::{NetworkError, PortPool, VipPool};
 use crate::protocol::{AppProtocol, MAX_META, MAX_TAGS, MAX_VALUE_LEN};
-use crate::store::{InstanceRecord, Persisted, ServiceRecord, Store, StoreError, StoreOp, VipHold};
+use crate::store::{
+    InstanceRecord, Persisted, ServiceRecord, Store, StoreError, StoreOp, VipHold,
+};
 
 /// Settings the catalog needs; every default is in [`crate::config`].
 #[derive(Debug, Clone)]
@@ -567,11 +571,7 @@ impl Catalog {
         if reg.tags.iter().any(|t| t.is_empty() || too_long(t)) {
             return Err(invalid("tags", "empty or too long"));
         }
-        if reg
-            .meta
-            .iter()
-            .any(|(k, v)| k.is_empty() || too_long(k) || too_long(v))
-        {
+        if reg.meta.iter().any(|(k, v)| k.is_empty() || too_long(k) || too_long(v)) {
             return Err(invalid("meta", "empty key, or key or value too long"));
         }
         let control = |s: &String| s.chars().any(char::is_control);

@@ -102,7 +102,10 @@ mod tests {
         assert_eq!(decode(&mut b), Decoded::NeedMore { padding_only: true });
         b.extend_from_slice(&frame[100..]);
         b.extend_from_slice(b"PING\n");
-        assert_eq!(decode(&mut b), Decoded::Frame(Frame::Seed(buf(&frame))));
+        assert_eq!(
+            decode(&mut b),
+            Decoded::Frame(Frame::Seed(buf(&frame)))
+        );
         assert_eq!(decode(&mut b), Decoded::Frame(Frame::Line(buf(b"PING"))));
     }
 

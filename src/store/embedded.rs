@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,13 +155,22 @@ impl EmbeddedStore {
     /// [`open`](Self::open) with explicit options.
     pub fn open_with(dir: impl AsRef<Path>, options: EmbeddedOptions) -> Result<Self, StoreError> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Io(format!("cannot create data dir {}: {e}", dir.display()))
-        })?;
+        // The store holds instance secrets: a new data dir is private to its owner.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                StoreError::Io(format!("cannot create data dir {}: {e}", dir.display()))
+            })?;
         let path = dir.join(STORE_FILE);
         let shown = path.display().to_string();
         let (db, persisted) = guarded(&shown, || {
             let db = open_db(&path)?;
+            if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            {
+                tracing::warn!(path = %shown, error = %e, "cannot make the store file private");
+            }
             init_or_check(&db, &shown)?;
             let persisted = read_all(&db, &shown)?;
             Ok((db, persisted))
@@ -496,6 +506,7 @@ fn writer_loop(
 ) {
     let mut last_renew = Instant::now();
     let mut commit_ema = Duration::ZERO;
+    let mut failed: Option<String> = None;
     let mut last_batches = 0usize;
     let mut batches: Vec<Vec<StoreOp>> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
@@ -563,7 +574,11 @@ fn writer_loop(
             Vec::new()
         };
         if !batches.is_empty() || !renew.is_empty() || !replies.is_empty() {
-            let result = if batches.is_empty() && renew.is_empty() {
+            let result = if let Some(why) = &failed {
+                // Fail-stop: nothing is written after a failed commit, so no acknowledged
+                // write can depend on one that was lost.
+                Err(format!("an earlier commit failed ({why}); restart netsel"))
+            } else if batches.is_empty() && renew.is_empty() {
                 Ok(())
             } else {
                 let started = Instant::now();
@@ -574,9 +589,11 @@ fn writer_loop(
                 last_batches = batches.len();
                 r
             };
-            if let Err(e) = &result {
+            if let (Err(e), None) = (&result, &failed) {
                 tracing::error!(path = %shown, error = %e, batches = batches.len(),
-                    "store commit failed; the waiting writes are not acknowledged");
+                    "store commit failed; the waiting writes are not acknowledged, and the \
+                     store refuses every later write until netsel restarts");
+                failed = Some(e.clone());
             }
             for reply in replies.drain(..) {
                 let _ = reply.send(result.clone());
