@@ -487,10 +487,13 @@ async fn a_corrupted_store_is_refused_without_a_panic() {
     {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         store
-            .apply(vec![
-                StoreOp::PutService(service("svc", [127, 77, 0, 1])),
-                StoreOp::PutInstance(instance("00000000000000aa", "svc", 1, unix_ms())),
-            ])
+            .apply(
+                std::iter::once(StoreOp::PutService(service("svc", [127, 77, 0, 1])))
+                    .chain((0..2000u16).map(|i| {
+                        StoreOp::PutInstance(instance(&format!("{i:016x}"), "svc", i + 1, 0))
+                    }))
+                    .collect(),
+            )
             .wait()
             .await
             .unwrap();
@@ -507,6 +510,16 @@ async fn a_corrupted_store_is_refused_without_a_panic() {
         matches!(e, StoreError::NotAStore(_) | StoreError::Corrupt(_)),
         "{e}"
     );
+    assert_eq!(std::fs::read(&file).unwrap(), bad, "never rewritten");
+    // Data pages damaged (every page past the header, a few bytes each): refused, never
+    // trusted and never "repaired" into an empty store.
+    let mut bad = good.clone();
+    for page in (4096..bad.len()).step_by(4096) {
+        bad[page + 700..page + 716].fill(0x5A);
+    }
+    std::fs::write(&file, &bad).unwrap();
+    let e = open_err(dir.path());
+    assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
     assert_eq!(std::fs::read(&file).unwrap(), bad, "never rewritten");
     // Truncated to a few bytes past the magic.
     std::fs::write(&file, &good[..100]).unwrap();
@@ -611,6 +624,13 @@ fn serve(dir: &Path) -> Command {
     cmd
 }
 
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 /// Runs `netsel serve` expecting it to refuse to start; returns its stderr.
 fn serve_fails(dir: &Path) -> String {
     let mut child = serve(dir)
@@ -653,6 +673,25 @@ fn netsel_serve_exits_non_zero_on_a_bad_data_dir() {
     set_version(dir.path(), 7);
     let err = serve_fails(dir.path());
     assert!(err.contains("format version 7"), "{err}");
+
+    // A damaged store.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let ops = (0..500u16)
+            .map(|i| StoreOp::PutInstance(instance(&format!("{i:016x}"), "svc", i + 1, 0)))
+            .collect();
+        block_on(store.apply(ops).wait()).unwrap();
+        store.close();
+    }
+    let file = dir.path().join(STORE_FILE);
+    let mut bytes = std::fs::read(&file).unwrap();
+    for page in (4096..bytes.len()).step_by(4096) {
+        bytes[page + 700..page + 716].fill(0x5A);
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let err = serve_fails(dir.path());
+    assert!(err.contains("corrupt"), "{err}");
 
     // A data dir that cannot be created.
     let dir = tempfile::tempdir().unwrap();
