@@ -170,7 +170,7 @@ async fn client(
     let mut k = 0u64;
     while !stop.load(Ordering::Relaxed) {
         k += 1;
-        if k % 4 == 0 && !mine.is_empty() {
+        if k.is_multiple_of(4) && !mine.is_empty() {
             let victim = mine.swap_remove(fastrand::usize(..mine.len()));
             let req = Request::Deregister {
                 id: victim.id.clone(),
