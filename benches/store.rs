@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use netsel::catalog::{InstanceId, Secret, ServiceName};
 use netsel::protocol::{AppProtocol, RegisterOptions, Request, Response};
-use netsel::store::embedded::EmbeddedStore;
+use netsel::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use netsel::store::{InstanceRecord, ServiceRecord, Store, StoreOp};
 use netsel::{NetSelServer, Settings};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -72,7 +72,11 @@ async fn server(store: Option<Arc<EmbeddedStore>>) -> NetSelServer {
 
 /// Opens a fresh durable store in `dir`, or none for the in-memory runs.
 fn store_in(dir: Option<&Path>) -> Option<Arc<EmbeddedStore>> {
-    dir.map(|d| Arc::new(EmbeddedStore::open(d).unwrap()))
+    let options = EmbeddedOptions {
+        max_linger: Duration::from_micros(env_num("BENCH_LINGER_US", 0)),
+        ..EmbeddedOptions::default()
+    };
+    dir.map(|d| Arc::new(EmbeddedStore::open_with(d, options).unwrap()))
 }
 
 /// "commits=.. batches/commit=.. us/commit=.." for a durable run.

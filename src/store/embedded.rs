@@ -61,9 +61,9 @@ const RENEW_SHARDS: usize = 16;
 /// A lingering commit waits at most this long for the next write to arrive...
 const LINGER_GAP: Duration = Duration::from_micros(100);
 
-/// ...and at most this long in all: about one commit, never more than 2 ms.
-fn max_linger(commit_ema: Duration) -> Duration {
-    commit_ema.min(Duration::from_millis(2))
+/// ...and at most about one commit time in all, never more than the configured maximum.
+fn max_linger(commit_ema: Duration, cap: Duration) -> Duration {
+    commit_ema.min(cap)
 }
 
 /// Tuning of an [`EmbeddedStore`].
@@ -71,12 +71,19 @@ fn max_linger(commit_ema: Duration) -> Duration {
 pub struct EmbeddedOptions {
     /// How often coalesced lease renewals are written (default 1 s).
     pub renew_flush: Duration,
+    /// Longest a commit waits for more concurrent writes to join it (the wait is also
+    /// capped at about one commit time). Default zero: never wait. Waiting makes commits
+    /// fuller (fewer fsyncs) but leaves the disk idle meanwhile; without it, writers that
+    /// arrive during a commit form the next one, so CPU work and fsync overlap, which
+    /// measured as fast or faster (BENCHMARKS.md).
+    pub max_linger: Duration,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
             renew_flush: DEFAULT_RENEW_FLUSH,
+            max_linger: Duration::ZERO,
         }
     }
 }
@@ -184,7 +191,17 @@ impl EmbeddedStore {
                 let renewals = renewals.clone();
                 let shown = shown.clone();
                 let stats = stats.clone();
-                move || writer_loop(db, rx, renewals, options.renew_flush, shown, stats)
+                move || {
+                    writer_loop(
+                        db,
+                        rx,
+                        renewals,
+                        options.renew_flush,
+                        options.max_linger,
+                        shown,
+                        stats,
+                    )
+                }
             })
             .map_err(|e| StoreError::Io(format!("cannot start the store writer thread: {e}")))?;
         tracing::info!(path = %shown, services = persisted.services.len(),
@@ -506,6 +523,7 @@ fn writer_loop(
     rx: mpsc::Receiver<Msg>,
     renewals: Arc<Renewals>,
     renew_flush: Duration,
+    linger_cap: Duration,
     shown: String,
     stats: Arc<StoreStats>,
 ) {
@@ -539,11 +557,12 @@ fn writer_loop(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => disconnected = true,
         }
-        // Group commit: take everything already queued into this transaction. When writes
-        // arrive concurrently (the last commit carried several batches), linger while more
-        // keep coming, a bounded moment, so the writers answered by the last commit join
-        // this one instead of alternating in half-full waves. A lone writer never waits.
-        let linger_until = (last_batches > 1).then(|| Instant::now() + max_linger(commit_ema));
+        // Group commit: take everything already queued into this transaction. With
+        // `max_linger` set and writes arriving concurrently (the last commit carried several
+        // batches), linger while more keep coming, a bounded moment, so the writers answered
+        // by the last commit join this one. A lone writer never waits.
+        let linger_until = (last_batches > 1 && !linger_cap.is_zero())
+            .then(|| Instant::now() + max_linger(commit_ema, linger_cap));
         let mut taken = 1;
         while taken < MAX_MESSAGES_PER_TXN {
             let m = match rx.try_recv() {
