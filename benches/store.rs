@@ -343,6 +343,46 @@ fn stop(mut child: std::process::Child, signal: &str) {
     let _ = child.wait();
 }
 
+/// Catalog heartbeats (no network) in ns/op, memory vs durable, interleaved in short
+/// slices so that background load hits both alike. Returns (memory, durable) medians.
+async fn heartbeat_ns(dir: &Path) -> (f64, f64) {
+    use netsel::catalog::{Endpoint, Registration};
+    let mem = server(None).await;
+    let dur = server(store_in(Some(dir))).await;
+    let mut creds = [Vec::new(), Vec::new()];
+    for (k, srv) in [&mem, &dur].into_iter().enumerate() {
+        let cat = srv.catalog().unwrap();
+        for i in 0..1000u32 {
+            let ep = SocketAddr::from(([10, 8, (i >> 8) as u8, i as u8], 80));
+            let r = cat
+                .register(Registration::new(
+                    format!("hb{}", i % 50),
+                    Endpoint::Explicit(ep),
+                ))
+                .await
+                .unwrap();
+            creds[k].push((r.id.to_string(), r.secret.expose().to_string()));
+        }
+    }
+    let cats = [mem.catalog().unwrap(), dur.catalog().unwrap()];
+    let mut samples = [Vec::new(), Vec::new()];
+    const SLICE: usize = 200_000;
+    for _ in 0..15 {
+        for k in 0..2 {
+            let t = Instant::now();
+            for j in 0..SLICE {
+                let (id, secret) = &creds[k][j % 1000];
+                cats[k].heartbeat(id, secret).unwrap();
+            }
+            samples[k].push(t.elapsed().as_nanos() as f64 / SLICE as f64);
+        }
+    }
+    mem.shutdown().await;
+    dur.shutdown().await;
+    let [mut m, mut d] = samples;
+    (median(&mut m), median(&mut d))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -363,6 +403,11 @@ async fn main() {
     );
     let lat = commit_latency(&fs_dir.path().join("lat"), 300).await;
     println!("RESULT netsel store_commit_latency_us one_write_per_commit={lat:.0}");
+
+    let (m, d) = heartbeat_ns(&fs_dir.path().join("hbns")).await;
+    println!(
+        "RESULT netsel catalog_heartbeat_ns_per_op memory={m:.0} durable={d:.0} (interleaved, median of 15 x 200k)"
+    );
 
     if std::env::var("BENCH_SKIP_RATES").is_err() {
         let (mut reg_d, mut reg_m, mut hb_d, mut hb_m) = (vec![], vec![], vec![], vec![]);

@@ -18,7 +18,7 @@
 //!   a clear [`StoreError`]. Nothing is ever rewritten or truncated to "fix" a bad file.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -100,20 +100,39 @@ enum Msg {
 
 /// Latest renewal per instance, sharded so heartbeats on many threads rarely contend.
 struct Renewals {
-    hasher: RandomState,
-    shards: Vec<Mutex<HashMap<InstanceId, u64>>>,
+    shards: Vec<Mutex<HashMap<InstanceId, u64, BuildHasherDefault<IdHasher>>>>,
+}
+
+/// A cheap multiply-rotate hash (FxHash). Instance ids are random, chosen by the server,
+/// so SipHash's protection against chosen keys buys nothing on this per-heartbeat path.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl Renewals {
     fn new() -> Self {
         Renewals {
-            hasher: RandomState::new(),
             shards: (0..RENEW_SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 
     fn add(&self, id: &InstanceId, deadline: u64) {
-        let shard = self.hasher.hash_one(id.as_str()) as usize % RENEW_SHARDS;
+        let hash = BuildHasherDefault::<IdHasher>::default().hash_one(id.as_str());
+        let shard = (hash >> 60) as usize % RENEW_SHARDS;
         let mut map = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
         match map.get_mut(id.as_str()) {
             Some(d) => *d = (*d).max(deadline),
