@@ -18,7 +18,8 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::{ConfigError, NetSelConfig, Settings};
 use crate::metrics::MetricsRegistry;
 use crate::proxy::balance::Balancer;
-use crate::store::{MemoryStore, Store};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{MemoryStore, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub enum ServerError {
     /// The catalog or its store could not be opened.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The durable store in the data dir could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
     /// `start` was called on a server that is running.
     #[error("server is already running")]
     AlreadyRunning,
@@ -78,6 +82,8 @@ impl BoundAddrs {
 
 struct Running {
     catalog: Catalog,
+    /// The store the server opened itself (from `data_dir`), closed at shutdown.
+    owned_store: Option<Arc<dyn Store>>,
     metrics: MetricsRegistry,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -130,7 +136,8 @@ impl NetSelServer {
         }
     }
 
-    /// Uses `store` instead of the in-memory store.
+    /// Uses `store` instead of the in-memory store (and instead of the embedded store that
+    /// `settings.data_dir` would open). The server does not close a store given here.
     pub fn with_store(self, store: Arc<dyn Store>) -> Self {
         *self.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
         self
@@ -149,12 +156,16 @@ impl NetSelServer {
         }
         let s = &self.settings;
         s.validate()?;
-        let store = self
-            .store
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_else(|| Arc::new(MemoryStore));
+        let explicit = self.store.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // An explicit store wins; else `data_dir` means the durable embedded store.
+        let (store, owned_store): (Arc<dyn Store>, _) = match (explicit, &s.data_dir) {
+            (Some(store), _) => (store, None),
+            (None, Some(dir)) => {
+                let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir)?);
+                (store.clone(), Some(store))
+            }
+            (None, None) => (Arc::new(MemoryStore), None),
+        };
         let catalog = Catalog::new(s.catalog_settings(), store)?;
         // One balancer for both proxies: they share policies and passive ejection.
         let _balancer = Arc::new(Balancer::new(catalog.clone(), s.balance.clone()));
@@ -208,6 +219,7 @@ impl NetSelServer {
         tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");
         *self.lock_running() = Some(Running {
             catalog,
+            owned_store,
             metrics,
             shutdown,
             tasks,
@@ -248,6 +260,10 @@ impl NetSelServer {
             .is_ok();
         if !drained {
             tracing::warn!(?drain, "shutdown deadline passed with work in flight");
+        }
+        if let Some(store) = running.owned_store {
+            // Flush coalesced lease renewals and release the data dir's lock.
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
         }
         drained
     }

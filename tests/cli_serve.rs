@@ -21,6 +21,8 @@ fn serve_args(extra: &[&str]) -> Vec<String> {
         args.push(flag.into());
         args.push("127.0.0.1:0".into());
     }
+    // State in memory: parallel tests must not share (or lock) a data dir.
+    args.push("--in-memory".into());
     args.push("--vip-cidr".into());
     args.push(format!(
         "127.{}.{}.0/24",

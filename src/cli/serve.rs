@@ -10,6 +10,11 @@ use ipnet::IpNet;
 use crate::config::Settings;
 use crate::server::NetSelServer;
 
+/// Where `netsel serve` keeps its store when neither `--data-dir`, the config file's
+/// `data_dir`, nor `--in-memory` says otherwise: relative to the working directory, like
+/// etcd's `./<name>.etcd`.
+pub const DEFAULT_DATA_DIR: &str = "netsel-data";
+
 /// Flags of `netsel serve`. Flags override the config file, which overrides defaults.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -40,9 +45,13 @@ pub struct ServeArgs {
     /// Seconds without a heartbeat before an instance is removed [default: 60].
     #[arg(long, value_name = "SECS")]
     max_heartbeat_age: Option<u64>,
-    /// Directory of the durable embedded store. Without it, state is kept in memory.
-    #[arg(long, value_name = "DIR")]
+    /// Directory of the durable embedded store [default: ./netsel-data, or the config
+    /// file's data_dir].
+    #[arg(long, value_name = "DIR", conflicts_with = "in_memory")]
     data_dir: Option<PathBuf>,
+    /// Keep state in memory only: a restart forgets every registration.
+    #[arg(long)]
+    in_memory: bool,
     /// VIP pool [default: 127.77.0.0/16].
     #[arg(long, value_name = "CIDR")]
     vip_cidr: Option<IpNet>,
@@ -70,6 +79,13 @@ impl ServeArgs {
         );
         if self.data_dir.is_some() {
             s.data_dir = self.data_dir.clone();
+        }
+        if self.in_memory {
+            s.data_dir = None;
+        } else if s.data_dir.is_none() {
+            // `netsel serve` is durable by default (see docs/store.md); the library's
+            // `NetSelServer::new()` stays in memory.
+            s.data_dir = Some(PathBuf::from(DEFAULT_DATA_DIR));
         }
         s.validate()?;
         Ok(s)

@@ -6,6 +6,9 @@
 //! renewals go through [`Store::renew`], which a durable store may batch.
 //!
 //! [`MemoryStore`] keeps nothing; a durable store loads what it kept in [`Store::load`].
+//! [`embedded::EmbeddedStore`] is the durable store (redb), used by `netsel serve`.
+
+pub mod embedded;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -29,6 +32,25 @@ pub enum StoreError {
     /// The store is shutting down or its writer has stopped.
     #[error("store is closed")]
     Closed,
+    /// Another process (or another open store in this one) holds the data dir.
+    #[error("data dir {0} is in use by another NetSel process (the store file is locked)")]
+    Locked(String),
+    /// The file is not a NetSel store: not a redb database, or one of another program.
+    #[error("{0}")]
+    NotAStore(String),
+    /// The store was written in an on-disk format this version does not understand.
+    #[error(
+        "store {path} has format version {found}; this netsel reads version {supported} \
+         (use the netsel release that wrote it, or move the data dir away)"
+    )]
+    UnsupportedVersion {
+        /// The store file.
+        path: String,
+        /// The version found on disk.
+        found: u64,
+        /// The version this build reads and writes.
+        supported: u64,
+    },
 }
 
 /// A service as stored.
@@ -154,6 +176,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short description for logs (`memory`, `redb:/path`).
     fn describe(&self) -> String;
+
+    /// Flushes pending lease renewals, waits for queued batches, and releases the store
+    /// (its file lock). Later batches fail with [`StoreError::Closed`]. Blocks briefly.
+    fn close(&self) {}
 }
 
 /// A store that keeps nothing: state lives as long as the process.
