@@ -220,6 +220,7 @@ fn instance(id: &str, service: &str, port: u16, deadline_unix_ms: u64) -> Instan
         meta: [("k".to_string(), "v".to_string())].into(),
         weight: 1,
         protocol: AppProtocol::Tcp,
+        check: None,
         ttl_ms: 1000,
         owner_peer: None,
         pool_port: false,
