@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::CatalogSettings;
 use crate::network::{DEFAULT_PORT_RANGE, DEFAULT_VIP_CIDR, PortPool, VipPool};
 use crate::proxy::balance::BalanceSettings;
+use crate::proxy::http::HttpProxySettings;
 
 /// The seed's configuration, field for field. Richer settings live in [`Settings`].
 ///
@@ -157,6 +158,8 @@ pub struct Settings {
     pub registry: RegistryLimits,
     /// Load balancing and passive ejection, shared by both proxies.
     pub balance: BalanceSettings,
+    /// HTTP proxy limits, timeouts, pooling and retries.
+    pub http_proxy: HttpProxySettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -182,6 +185,7 @@ impl From<NetSelConfig> for Settings {
             network: NetworkSettings::default(),
             registry: RegistryLimits::default(),
             balance: BalanceSettings::default(),
+            http_proxy: HttpProxySettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -209,6 +213,7 @@ struct FileConfig {
     network: Option<NetworkSettings>,
     registry: Option<RegistryLimits>,
     balance: Option<BalanceSettings>,
+    http_proxy: Option<HttpProxySettings>,
 }
 
 impl Settings {
@@ -253,6 +258,7 @@ impl Settings {
             s.network => f.network,
             s.registry => f.registry,
             s.balance => f.balance,
+            s.http_proxy => f.http_proxy,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -290,6 +296,9 @@ impl Settings {
         if self.registry.idle_timeout_secs == 0 || self.registry.frame_timeout_secs == 0 {
             return bad("registry timeouts", "must be at least 1 second");
         }
+        self.http_proxy
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
             key: "network.vip_cidr",
             reason: e.to_string(),
@@ -395,6 +404,8 @@ mod tests {
             "[network]\nport_pool_start = 30000\nport_pool_end = 20000",
             "[network]\nvip_cidr = \"127.0.0.0/40\"",
             "[registry]\nmax_connections = 0",
+            "[http_proxy]\nmax_header_bytes = 100",
+            "[http_proxy]\ndefault_service = \"no such\"",
             "registry_addr = \"nope\"",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");

@@ -1,0 +1,160 @@
+//! The HTTP proxy's metrics, per service: requests by status class, latency, and whether
+//! each upstream request went out on a reused connection.
+
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::catalog::ServiceName;
+
+/// A service label: the catalog's name (a cheap clone), or `-` for requests that named no
+/// known service (kept to one value so unknown hosts cannot grow the label set).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ServiceLabel(pub Option<ServiceName>);
+
+impl EncodeLabelValue for ServiceLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.0.as_ref().map_or("-", |n| n.as_str()))
+    }
+}
+
+/// Status class of a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub(crate) enum Class {
+    /// 1xx
+    _1xx,
+    /// 2xx
+    _2xx,
+    /// 3xx
+    _3xx,
+    /// 4xx
+    _4xx,
+    /// 5xx
+    _5xx,
+}
+
+impl Class {
+    pub(crate) fn of(status: u16) -> Class {
+        match status {
+            0..200 => Class::_1xx,
+            200..300 => Class::_2xx,
+            300..400 => Class::_3xx,
+            400..500 => Class::_4xx,
+            _ => Class::_5xx,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    service: ServiceLabel,
+    class: Class,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceOnly {
+    service: ServiceLabel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UpstreamLabels {
+    service: ServiceLabel,
+    reused: bool,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~13 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Metric handles (cheap clones sharing values).
+#[derive(Debug, Clone)]
+pub(crate) struct ProxyMetrics {
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<ServiceOnly, Histogram, fn() -> Histogram>,
+    upstream: Family<UpstreamLabels, Counter>,
+    retries: Family<ServiceOnly, Counter>,
+    pub(crate) open_connections: Gauge<i64, AtomicI64>,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        ProxyMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            upstream: Family::default(),
+            retries: Family::default(),
+            open_connections: Gauge::default(),
+        }
+    }
+}
+
+impl ProxyMetrics {
+    /// Registers every metric on `registry` (names get the registry's `netsel_` prefix).
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "http_proxy_requests",
+            "Requests answered by the HTTP proxy, by service and status class",
+            self.requests.clone(),
+        );
+        registry.register(
+            "http_proxy_request_duration_seconds",
+            "Time from request to response headers, by service",
+            self.latency.clone(),
+        );
+        registry.register(
+            "http_proxy_upstream_requests",
+            "Requests sent to instances, by whether the connection was reused",
+            self.upstream.clone(),
+        );
+        registry.register(
+            "http_proxy_retries",
+            "Requests retried on another instance",
+            self.retries.clone(),
+        );
+        registry.register(
+            "http_proxy_open_connections",
+            "Client connections open on the HTTP proxy",
+            self.open_connections.clone(),
+        );
+    }
+
+    pub(crate) fn request(&self, service: &ServiceLabel, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                service: service.clone(),
+                class: Class::of(status),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&ServiceOnly {
+                service: service.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn upstream(&self, service: &ServiceLabel, reused: bool) {
+        self.upstream
+            .get_or_create(&UpstreamLabels {
+                service: service.clone(),
+                reused,
+            })
+            .inc();
+    }
+
+    pub(crate) fn retry(&self, service: &ServiceLabel) {
+        self.retries
+            .get_or_create(&ServiceOnly {
+                service: service.clone(),
+            })
+            .inc();
+    }
+}
