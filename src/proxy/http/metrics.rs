@@ -25,31 +25,19 @@ impl EncodeLabelValue for ServiceLabel {
     }
 }
 
-/// Status class of a response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub(crate) enum Class {
-    /// 1xx
-    _1xx,
-    /// 2xx
-    _2xx,
-    /// 3xx
-    _3xx,
-    /// 4xx
-    _4xx,
-    /// 5xx
-    _5xx,
+/// Status class of a response (`2xx`...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Class(u8);
+
+impl EncodeLabelValue for Class {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        write!(encoder, "{}xx", self.0)
+    }
 }
 
 impl Class {
     pub(crate) fn of(status: u16) -> Class {
-        match status {
-            0..200 => Class::_1xx,
-            200..300 => Class::_2xx,
-            300..400 => Class::_3xx,
-            400..500 => Class::_4xx,
-            _ => Class::_5xx,
-        }
+        Class((status / 100).clamp(1, 5) as u8)
     }
 }
 
