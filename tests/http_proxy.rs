@@ -58,7 +58,10 @@ async fn routes_by_host_and_rewrites_headers() {
         m.contains(r#"netsel_http_proxy_requests_total{service="web",class="2xx"} 5"#),
         "{m}"
     );
-    assert!(m.contains("netsel_http_proxy_request_duration_seconds_bucket"), "{m}");
+    assert!(
+        m.contains("netsel_http_proxy_request_duration_seconds_bucket"),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -110,7 +113,11 @@ async fn error_statuses() {
 
     // Never an open proxy: CONNECT and absolute-form for foreign hosts are refused,
     // and nothing is connected to.
-    let out = raw(p.http, b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n").await;
+    let out = raw(
+        p.http,
+        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 405"), "{out}");
     let probe = Backend::start("probe", false).await;
     let target = format!(
@@ -128,7 +135,10 @@ async fn error_statuses() {
         b"GET http://web.netsel/ HTTP/1.1\r\nHost: web.netsel\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("web-1"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("web-1"),
+        "{out}"
+    );
     let m = p.metrics();
     for line in [
         r#"netsel_http_proxy_requests_total{service="-",class="4xx"} 3"#,
@@ -179,7 +189,11 @@ async fn h2c_instances_and_clients() {
         let (status, _, body) = t.await.unwrap();
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ping"));
     }
-    assert_eq!(b2.accepts.load(Ordering::SeqCst), 1, "one shared h2 connection");
+    assert_eq!(
+        b2.accepts.load(Ordering::SeqCst),
+        1,
+        "one shared h2 connection"
+    );
 }
 
 #[tokio::test]
@@ -205,7 +219,10 @@ async fn upstream_connections_are_pooled() {
         }
     }
     let accepts = web.accepts.load(Ordering::SeqCst);
-    assert!(accepts <= 8, "{accepts} upstream connections for 70 requests");
+    assert!(
+        accepts <= 8,
+        "{accepts} upstream connections for 70 requests"
+    );
     assert_eq!(web.requests.load(Ordering::SeqCst), 70);
     let m = p.metrics();
     assert!(
@@ -275,11 +292,14 @@ async fn request_body_streams_before_it_is_complete() {
         .unwrap()
         .unwrap();
     let mut rb = resp.into_body();
-    let f = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::frame(&mut rb))
-        .await
-        .expect("first chunk echoed before the request body ended")
-        .unwrap()
-        .unwrap();
+    let f = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_body_util::BodyExt::frame(&mut rb),
+    )
+    .await
+    .expect("first chunk echoed before the request body ended")
+    .unwrap()
+    .unwrap();
     assert_eq!(f.into_data().unwrap(), "first");
     drop(sender);
     assert!(rb.is_end_stream() || http_body_util::BodyExt::frame(&mut rb).await.is_none());
@@ -324,7 +344,10 @@ async fn failover_when_an_instance_is_killed() {
         }));
     }
     let served = |b: &Backend| b.requests.load(Ordering::SeqCst);
-    eventually("load on every instance", || backends.iter().all(|b| served(b) > 50)).await;
+    eventually("load on every instance", || {
+        backends.iter().all(|b| served(b) > 50)
+    })
+    .await;
     backends[1].kill();
     let at_kill = served(&backends[0]) + served(&backends[2]);
     eventually("load after the kill", || {
@@ -338,7 +361,13 @@ async fn failover_when_an_instance_is_killed() {
         ok += o;
         failed.extend(f);
     }
-    assert!(failed.is_empty(), "{} failed of {}: {:?}", failed.len(), ok, &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)]
+    );
     assert!(ok > 600);
 }
 
@@ -357,7 +386,10 @@ async fn connect_failures_retry_any_method() {
         let (status, _, b) = read(tx.send_request(r).await.unwrap()).await;
         assert_eq!((status, b), (StatusCode::OK, format!("post {i}")));
     }
-    assert!(p.metrics().contains(r#"netsel_http_proxy_retries_total{service="web"}"#));
+    assert!(
+        p.metrics()
+            .contains(r#"netsel_http_proxy_retries_total{service="web"}"#)
+    );
 }
 
 #[tokio::test]
@@ -371,7 +403,9 @@ async fn websocket_echo_through_the_proxy() {
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
                 while let Some(Ok(m)) = ws.next().await {
                     if m.is_text() || m.is_binary() {
                         let _ = ws.send(m).await;
@@ -393,7 +427,10 @@ async fn websocket_echo_through_the_proxy() {
     }
     let big = vec![7u8; 1 << 20];
     ws.send(Message::binary(big.clone())).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap().into_data().as_ref(), &big[..]);
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_data().as_ref(),
+        &big[..]
+    );
     ws.close(None).await.unwrap();
 }
 
@@ -415,14 +452,30 @@ async fn curl_http1_and_h2_prior_knowledge() {
             .await
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let first = text.lines().next().unwrap_or("");
-        let want = if extra[0] == "--http1.1" { "HTTP/1.1 200" } else { "HTTP/2 200" };
+        let want = if extra[0] == "--http1.1" {
+            "HTTP/1.1 200"
+        } else {
+            "HTTP/2 200"
+        };
         assert!(first.starts_with(want), "{extra:?}: {text}");
         assert!(text.ends_with("web-1"), "{text}");
     }
     let out = tokio::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: nope"])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Host: nope",
+        ])
         .arg(&url)
         .output()
         .await
@@ -437,9 +490,15 @@ async fn graceful_shutdown_drains_in_flight_requests() {
     let _w = p.register("web", web.addr, AppProtocol::Http1).await;
     let addr = p.http;
     let slow = tokio::spawn(async move { get(addr, "web", "/slow?500").await });
-    eventually("request in flight", || web.requests.load(Ordering::SeqCst) == 1).await;
+    eventually("request in flight", || {
+        web.requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
     assert!(p.server.shutdown().await, "drained within the deadline");
     let (status, _, body) = slow.await.unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "web-1"));
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer listening");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
 }

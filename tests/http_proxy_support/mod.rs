@@ -51,7 +51,12 @@ pub async fn start_with(f: impl FnOnce(&mut Settings)) -> Proxy {
 
 impl Proxy {
     /// Registers `addr` as an instance of `name` through the client library.
-    pub async fn register(&self, name: &str, addr: SocketAddr, proto: AppProtocol) -> ServiceClient {
+    pub async fn register(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        proto: AppProtocol,
+    ) -> ServiceClient {
         let mut c = ServiceClient::builder(name)
             .registry(self.registry)
             .endpoint(addr)
@@ -91,7 +96,12 @@ impl Backend {
         let accepts = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let (a, r, s, l) = (accepts.clone(), requests.clone(), stop.clone(), label.to_string());
+        let (a, r, s, l) = (
+            accepts.clone(),
+            requests.clone(),
+            stop.clone(),
+            label.to_string(),
+        );
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -151,7 +161,13 @@ async fn handle(req: Request<Incoming>, label: String) -> Result<Response<Body>,
     };
     let seen = [
         ("x-seen-host", h("host")),
-        ("x-seen-authority", req.uri().authority().map(|a| a.to_string()).unwrap_or_default()),
+        (
+            "x-seen-authority",
+            req.uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        ),
         ("x-seen-xff", h("x-forwarded-for")),
         ("x-seen-xfh", h("x-forwarded-host")),
         ("x-seen-xfp", h("x-forwarded-proto")),
@@ -173,9 +189,7 @@ async fn handle(req: Request<Incoming>, label: String) -> Result<Response<Body>,
             }
             Response::new(full(n.to_string()))
         }
-        "/big" => {
-            Response::new(Big::new(query_num(&req)).boxed())
-        }
+        "/big" => Response::new(Big::new(query_num(&req)).boxed()),
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query_num(&req))).await;
             Response::new(full(label.clone()))
@@ -186,7 +200,8 @@ async fn handle(req: Request<Incoming>, label: String) -> Result<Response<Body>,
         }
         "/status" => {
             let mut r = Response::new(full(""));
-            *r.status_mut() = StatusCode::from_u16(query_num(&req) as u16).unwrap_or(StatusCode::OK);
+            *r.status_mut() =
+                StatusCode::from_u16(query_num(&req) as u16).unwrap_or(StatusCode::OK);
             r
         }
         _ => Response::new(full(label.clone())),
@@ -283,13 +298,24 @@ pub fn req2(method: &str, authority: &str, path: &str, b: Body) -> Request<Body>
 pub async fn read(resp: Response<Incoming>) -> (StatusCode, hyper::HeaderMap, String) {
     let (parts, b) = resp.into_parts();
     let bytes = b.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-    (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
 }
 
 /// One GET over a fresh HTTP/1.1 connection.
-pub async fn get(proxy: SocketAddr, host: &str, path: &str) -> (StatusCode, hyper::HeaderMap, String) {
+pub async fn get(
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+) -> (StatusCode, hyper::HeaderMap, String) {
     let mut tx = h1(proxy).await;
-    let resp = tx.send_request(req("GET", host, path, empty())).await.unwrap();
+    let resp = tx
+        .send_request(req("GET", host, path, empty()))
+        .await
+        .unwrap();
     read(resp).await
 }
 
@@ -322,7 +348,10 @@ pub fn have(tool: &str) -> bool {
 pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -157,7 +157,10 @@ mod tests {
             (&[("content-length", "5")], Ok(())),
             (&[("transfer-encoding", "chunked")], Ok(())),
             (&[("transfer-encoding", "Chunked")], Ok(())),
-            (&[("content-length", "5"), ("content-length", "5")], Err(DuplicateLength)),
+            (
+                &[("content-length", "5"), ("content-length", "5")],
+                Err(DuplicateLength),
+            ),
             (&[("content-length", "5, 5")], Err(DuplicateLength)),
             (
                 &[("content-length", "5"), ("transfer-encoding", "chunked")],
@@ -165,7 +168,10 @@ mod tests {
             ),
             (&[("transfer-encoding", "gzip, chunked")], Err(BadEncoding)),
             (
-                &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked"),
+                ],
                 Err(BadEncoding),
             ),
         ];
@@ -197,7 +203,11 @@ mod tests {
         assert_eq!(names, ["x-kept"]);
         let mut r = req(
             Version::HTTP_11,
-            &[("connection", "Upgrade"), ("upgrade", "websocket"), ("te", "trailers")],
+            &[
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("te", "trailers"),
+            ],
         );
         assert!(is_upgrade(&r));
         strip_hop_by_hop(r.headers_mut(), true);

@@ -18,6 +18,7 @@
 //! * Limits: header size and count (431), header read, idle and request timeouts, a
 //!   connection cap, HTTP/2 stream and reset limits, and 400 for ambiguous framing.
 
+mod framing;
 mod headers;
 mod metrics;
 mod route;
@@ -29,11 +30,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
@@ -48,8 +49,8 @@ use crate::catalog::{InstanceId, Service};
 use crate::protocol::AppProtocol;
 use crate::proxy::balance::{Balancer, Pick};
 
-pub use upstream::ResponseBody;
 use metrics::{ProxyMetrics, ServiceLabel};
+pub use upstream::ResponseBody;
 use upstream::{ConnectError, Hold, InFlight, Pool, PoolSettings, UpBody};
 
 /// The catalog domain used when no other is configured: `web.netsel` routes to `web`.
@@ -143,7 +144,10 @@ impl HttpProxySettings {
             return bad("http_proxy.max_headers", "must be 1..=10000");
         }
         for (key, v) in [
-            ("http_proxy.header_read_timeout_ms", self.header_read_timeout_ms),
+            (
+                "http_proxy.header_read_timeout_ms",
+                self.header_read_timeout_ms,
+            ),
             ("http_proxy.idle_timeout_ms", self.idle_timeout_ms),
             ("http_proxy.request_timeout_ms", self.request_timeout_ms),
             ("http_proxy.connect_timeout_ms", self.connect_timeout_ms),
@@ -414,9 +418,10 @@ impl HttpProxy {
                 async move { Ok::<_, Infallible>(proxy.handle(req, ctx).await) }
             })
         };
+        let io = framing::Guarded::new(stream, self.settings.max_header_bytes);
         let conn = self
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            .serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let idle = ms(self.settings.idle_timeout_ms);
         let mut draining = false;
@@ -446,7 +451,11 @@ impl HttpProxy {
         self.metrics.open_connections.dec();
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<ResponseBody> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        ctx: Arc<ConnCtx>,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         let in_flight = ctx.begin_request();
         self.budget.deposit();
@@ -751,7 +760,11 @@ impl HttpProxy {
                 let (client, upstream) = match tokio::join!(client_side, upstream_side) {
                     (Ok(c), Ok(u)) => (c, u),
                     (c, u) => {
-                        tracing::debug!(client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade did not complete");
+                        tracing::debug!(
+                            client_ok = c.is_ok(),
+                            upstream_ok = u.is_ok(),
+                            "upgrade did not complete"
+                        );
                         return;
                     }
                 };
@@ -806,7 +819,11 @@ enum Sender {
 
 fn respond(
     resp: Response<Incoming>,
-    pooled: Option<(Arc<Pool>, SocketAddr, hyper::client::conn::http1::SendRequest<UpBody>)>,
+    pooled: Option<(
+        Arc<Pool>,
+        SocketAddr,
+        hyper::client::conn::http1::SendRequest<UpBody>,
+    )>,
     active: crate::proxy::balance::ActiveGuard,
     in_flight: InFlight,
 ) -> Response<ResponseBody> {

@@ -61,9 +61,7 @@ pub(crate) fn service_name<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
     };
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     ok.then_some(name)
 }
 
@@ -122,7 +120,10 @@ mod tests {
             .body(())
             .unwrap();
         let t = target(&req, "netsel").unwrap();
-        assert_eq!((t.name, t.authority, t.absolute), ("web", "web.netsel:8081", false));
+        assert_eq!(
+            (t.name, t.authority, t.absolute),
+            ("web", "web.netsel:8081", false)
+        );
         let req = Request::builder()
             .uri("http://example.com/")
             .header(HOST, "web")
