@@ -167,7 +167,7 @@ async fn default_service_takes_unnamed_hosts() {
 
 #[tokio::test]
 async fn h2c_instances_and_clients() {
-    let p = start().await;
+    let p = start_with(|s| s.http_proxy.workers = 2).await;
     let b2 = Backend::start("grpcish", true).await;
     let _c = p.register("grpcish", b2.addr, AppProtocol::Http2).await;
     // An HTTP/1.1 client reaches an h2c-only instance...
@@ -189,16 +189,17 @@ async fn h2c_instances_and_clients() {
         let (status, _, body) = t.await.unwrap();
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ping"));
     }
-    assert_eq!(
-        b2.accepts.load(Ordering::SeqCst),
-        1,
-        "one shared h2 connection"
+    let accepts = b2.accepts.load(Ordering::SeqCst);
+    assert!(
+        accepts <= 2,
+        "one shared h2 connection per worker, not {accepts}"
     );
 }
 
 #[tokio::test]
 async fn upstream_connections_are_pooled() {
-    let p = start().await;
+    // One worker thread, so one pool sees every request.
+    let p = start_with(|s| s.http_proxy.workers = 1).await;
     let web = Backend::start("web-1", false).await;
     let _w = p.register("web", web.addr, AppProtocol::Http1).await;
     // Sequential requests, each on a new client connection: one upstream connection.

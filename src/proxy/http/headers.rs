@@ -153,7 +153,8 @@ mod tests {
     fn framing_rules() {
         use FramingError::*;
         let v11 = Version::HTTP_11;
-        let cases: &[(&[(&str, &str)], Result<(), FramingError>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Result<(), FramingError>);
+        let cases: &[Case] = &[
             (&[("content-length", "5")], Ok(())),
             (&[("transfer-encoding", "chunked")], Ok(())),
             (&[("transfer-encoding", "Chunked")], Ok(())),

@@ -60,6 +60,9 @@ pub const DEFAULT_DOMAIN: &str = "netsel";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpProxySettings {
+    /// Proxy threads, each with its own event loop, connections and upstream pool
+    /// (like nginx workers); 0 means one per CPU. Default 0.
+    pub workers: usize,
     /// Most client connections open at once; further clients wait in the listen backlog.
     /// Default 10000.
     pub max_connections: usize,
@@ -97,7 +100,9 @@ pub struct HttpProxySettings {
     /// Send instances the `Host` the client sent (else the instance's address).
     /// Default true.
     pub preserve_host: bool,
-    /// Idle HTTP/1.1 connections kept per instance. Default 256.
+    /// Idle HTTP/1.1 connections kept per instance, per worker. HTTP/2 clients
+    /// multiplex many requests, each needing its own HTTP/1.1 connection upstream, so
+    /// this is generous. Default 1024.
     pub pool_max_idle_per_instance: usize,
     /// Milliseconds an idle upstream connection is kept. Default 90000.
     pub pool_idle_timeout_ms: u64,
@@ -109,6 +114,7 @@ pub struct HttpProxySettings {
 impl Default for HttpProxySettings {
     fn default() -> Self {
         HttpProxySettings {
+            workers: 0,
             max_connections: 10_000,
             max_header_bytes: 65_536,
             max_headers: 100,
@@ -123,7 +129,7 @@ impl Default for HttpProxySettings {
             retry_budget_percent: 20,
             retry_burst: 50,
             preserve_host: true,
-            pool_max_idle_per_instance: 256,
+            pool_max_idle_per_instance: 1024,
             pool_idle_timeout_ms: 90_000,
             default_service: None,
         }
@@ -134,6 +140,9 @@ impl HttpProxySettings {
     /// Checks that the settings can work: `Err((key, reason))` otherwise.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let bad = |key, reason: &str| Err((key, reason.to_string()));
+        if self.workers > 1024 {
+            return bad("http_proxy.workers", "must be 0..=1024");
+        }
         if self.max_connections == 0 {
             return bad("http_proxy.max_connections", "must be at least 1");
         }
@@ -174,6 +183,7 @@ impl HttpProxySettings {
 
 /// What a client connection knows about itself.
 pub(crate) struct ConnCtx {
+    worker: Arc<Worker>,
     client_ip: HeaderValue,
     in_flight: AtomicUsize,
     /// Milliseconds after `born` when the last request ended.
@@ -200,6 +210,14 @@ impl ConnCtx {
         }
         self.born + Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed)) + idle
     }
+}
+
+/// One proxy thread's own state.
+struct Worker {
+    /// Upstream connections made from this thread.
+    pool: Arc<Pool>,
+    /// Client connections and tunnels on this thread.
+    tasks: TaskTracker,
 }
 
 /// A token bucket of retries, refilled by a share of each request.
@@ -250,12 +268,10 @@ pub struct HttpProxy {
     balancer: Arc<Balancer>,
     domain: String,
     builder: auto::Builder<TokioExecutor>,
-    pool: Arc<Pool>,
+    pools: std::sync::Mutex<Vec<Arc<Pool>>>,
     metrics: ProxyMetrics,
     budget: RetryBudget,
     drain: Duration,
-    /// Client connections and tunnels.
-    tasks: TaskTracker,
     /// Cancelled when the drain deadline has passed: everything still open is dropped.
     hard_stop: CancellationToken,
 }
@@ -305,11 +321,6 @@ impl HttpProxy {
             .initial_connection_window_size(4 << 20)
             .keep_alive_interval(ms(s.idle_timeout_ms.min(30_000)))
             .keep_alive_timeout(Duration::from_secs(20));
-        let pool = Arc::new(Pool::new(PoolSettings {
-            max_idle_per_instance: s.pool_max_idle_per_instance,
-            idle_timeout: ms(s.pool_idle_timeout_ms),
-            connect_timeout: ms(s.connect_timeout_ms),
-        }));
         let mut domain: String = domain.into();
         domain = domain.trim_matches('.').to_ascii_lowercase();
         Arc::new(HttpProxy {
@@ -318,10 +329,9 @@ impl HttpProxy {
             balancer,
             domain,
             builder,
-            pool,
+            pools: std::sync::Mutex::new(Vec::new()),
             metrics: ProxyMetrics::default(),
             drain,
-            tasks: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
         })
     }
@@ -333,15 +343,94 @@ impl HttpProxy {
 
     /// Idle upstream HTTP/1.1 connections in the pool.
     pub fn idle_upstream_connections(&self) -> usize {
-        self.pool.idle_count()
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.iter().map(|p| p.idle_count()).sum()
     }
 
     /// Accepts and serves connections until `shutdown`; then stops accepting, lets
     /// requests in flight finish (up to the drain deadline) and returns.
+    ///
+    /// Connections are served by `workers` threads, each running its own single-threaded
+    /// event loop with its own upstream pool: a request and the upstream exchange it
+    /// causes stay on one thread, with no cross-thread wake-ups (the nginx model).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let workers = match self.settings.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let slots = Arc::new(Semaphore::new(self.settings.max_connections));
+        let std_listener = match listener.into_std() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "http proxy: cannot share the listener");
+                return;
+            }
+        };
+        let mut done = Vec::new();
+        for n in 0..workers {
+            let worker = Arc::new(Worker {
+                pool: Arc::new(Pool::new(PoolSettings {
+                    max_idle_per_instance: self.settings.pool_max_idle_per_instance,
+                    idle_timeout: ms(self.settings.pool_idle_timeout_ms),
+                    connect_timeout: ms(self.settings.connect_timeout_ms),
+                })),
+                tasks: TaskTracker::new(),
+            });
+            self.pools
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(worker.pool.clone());
+            let listener = match std_listener.try_clone() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "http proxy: cannot share the listener");
+                    break;
+                }
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let (proxy, slots, shutdown) = (self.clone(), slots.clone(), shutdown.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("http-proxy-{n}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "http proxy: cannot start a worker");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => proxy.run_worker(l, worker, slots, shutdown).await,
+                            Err(e) => tracing::error!(error = %e, "http proxy: listener"),
+                        }
+                    });
+                    drop(tx);
+                });
+            match spawned {
+                Ok(_) => done.push(rx),
+                Err(e) => tracing::error!(error = %e, "http proxy: cannot start a worker thread"),
+            }
+        }
+        drop(std_listener);
+        for rx in done {
+            let _ = rx.await;
+        }
+    }
+
+    /// One worker: accepts until `shutdown`, then drains its connections.
+    async fn run_worker(
+        self: Arc<Self>,
+        listener: TcpListener,
+        worker: Arc<Worker>,
+        slots: Arc<Semaphore>,
+        shutdown: CancellationToken,
+    ) {
         let reaper = tokio::spawn({
-            let pool = self.pool.clone();
+            let pool = worker.pool.clone();
             let every = ms(self.settings.pool_idle_timeout_ms / 2).max(Duration::from_millis(100));
             let shutdown = shutdown.clone();
             async move {
@@ -366,9 +455,10 @@ impl HttpProxy {
             match accepted {
                 Ok((stream, peer)) => {
                     let proxy = self.clone();
-                    let shutdown = shutdown.clone();
-                    self.tasks
-                        .spawn(proxy.connection(stream, peer, shutdown, permit));
+                    let (shutdown, w) = (shutdown.clone(), worker.clone());
+                    worker
+                        .tasks
+                        .spawn(proxy.connection(stream, peer, w, shutdown, permit));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
@@ -382,14 +472,14 @@ impl HttpProxy {
         }
         drop(listener);
         reaper.abort();
-        self.tasks.close();
-        if tokio::time::timeout(self.drain, self.tasks.wait())
+        worker.tasks.close();
+        if tokio::time::timeout(self.drain, worker.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(drain = ?self.drain, "http proxy: drain deadline passed, closing connections");
             self.hard_stop.cancel();
-            self.tasks.wait().await;
+            worker.tasks.wait().await;
         }
     }
 
@@ -397,12 +487,14 @@ impl HttpProxy {
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
+        worker: Arc<Worker>,
         shutdown: CancellationToken,
         _permit: OwnedSemaphorePermit,
     ) {
         let _ = stream.set_nodelay(true);
         self.metrics.open_connections.inc();
         let ctx = Arc::new(ConnCtx {
+            worker,
             client_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
             in_flight: AtomicUsize::new(0),
@@ -547,8 +639,8 @@ impl HttpProxy {
             .as_ref()
             .and_then(|t| HeaderValue::from_str(t.authority).ok());
         let resp = if headers::is_upgrade(&req) {
-            self.upgrade(req, &svc, &label, ctx, authority, in_flight)
-                .await
+            // Rare and large: boxed, so the common path's future stays small.
+            Box::pin(self.upgrade(req, &svc, &label, ctx, authority, in_flight)).await
         } else {
             self.forward(req, &svc, &label, ctx, authority, in_flight)
                 .await
@@ -618,9 +710,17 @@ impl HttpProxy {
             let addr = pick.instance.endpoint;
             let h2 = pick.instance.protocol == AppProtocol::Http2;
             let conn = if h2 {
-                self.pool.h2(addr).await.map(|(tx, r)| (Sender::H2(tx), r))
+                ctx.worker
+                    .pool
+                    .h2(addr)
+                    .await
+                    .map(|(tx, r)| (Sender::H2(tx), r))
             } else {
-                self.pool.h1(addr).await.map(|(tx, r)| (Sender::H1(tx), r))
+                ctx.worker
+                    .pool
+                    .h1(addr)
+                    .await
+                    .map(|(tx, r)| (Sender::H1(tx), r))
             };
             let (sender, reused) = match conn {
                 Ok(c) => c,
@@ -645,7 +745,7 @@ impl HttpProxy {
                 Sender::H2(mut tx) => match tx.try_send_request(up).await {
                     Ok(resp) => Ok((resp, None)),
                     Err(mut e) => {
-                        self.pool.drop_h2(addr);
+                        ctx.worker.pool.drop_h2(addr);
                         Err((e.take_message(), e.into_error()))
                     }
                 },
@@ -653,7 +753,7 @@ impl HttpProxy {
             match result {
                 Ok((resp, tx)) => {
                     self.balancer.report_success(&pick);
-                    let pooled = tx.map(|tx| (self.pool.clone(), addr, tx));
+                    let pooled = tx.map(|tx| (ctx.worker.pool.clone(), addr, tx));
                     return respond(resp, pooled, active, in_flight);
                 }
                 Err((Some(unsent_req), e)) if unsent < 4 => {
@@ -726,7 +826,7 @@ impl HttpProxy {
                 continue;
             }
             let active = pick.start();
-            let mut tx = match self.pool.connect_h1(addr).await {
+            let mut tx = match ctx.worker.pool.connect_h1(addr).await {
                 Ok(tx) => tx,
                 Err(e) => {
                     last = Some(match e {
@@ -754,7 +854,7 @@ impl HttpProxy {
             }
             let upstream_side = hyper::upgrade::on(&mut resp);
             let hard_stop = self.hard_stop.clone();
-            self.tasks.spawn(async move {
+            ctx.worker.tasks.spawn(async move {
                 let _active = active;
                 let _in_flight = in_flight;
                 let (client, upstream) = match tokio::join!(client_side, upstream_side) {

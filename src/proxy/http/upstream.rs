@@ -186,6 +186,8 @@ pub(crate) struct PoolSettings {
 pub(crate) struct Pool {
     h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<UpBody>>>,
+    /// One HTTP/2 connect at a time per instance, so a burst shares one connection.
+    h2_connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     settings: PoolSettings,
 }
 
@@ -194,6 +196,7 @@ impl Pool {
         Pool {
             h1: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
+            h2_connecting: Mutex::new(HashMap::new()),
             settings,
         }
     }
@@ -270,11 +273,19 @@ impl Pool {
         &self,
         addr: SocketAddr,
     ) -> Result<(http2::SendRequest<UpBody>, bool), ConnectError> {
-        {
-            let map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(tx) = map.get(&addr).filter(|tx| !tx.is_closed()) {
-                return Ok((tx.clone(), true));
-            }
+        if let Some(tx) = self.shared_h2(addr) {
+            return Ok((tx, true));
+        }
+        let gate = self
+            .h2_connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr)
+            .or_default()
+            .clone();
+        let _connecting = gate.lock().await;
+        if let Some(tx) = self.shared_h2(addr) {
+            return Ok((tx, true));
         }
         let io = self.connect_tcp(addr).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -298,6 +309,11 @@ impl Pool {
         Ok((tx, false))
     }
 
+    fn shared_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<UpBody>> {
+        let map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&addr).filter(|tx| !tx.is_closed()).cloned()
+    }
+
     /// Forgets an HTTP/2 connection that failed.
     pub(crate) fn drop_h2(&self, addr: SocketAddr) {
         let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
@@ -317,6 +333,9 @@ impl Pool {
         drop(map);
         let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, tx| !tx.is_closed());
+        drop(map);
+        let mut gates = self.h2_connecting.lock().unwrap_or_else(|e| e.into_inner());
+        gates.retain(|_, g| Arc::strong_count(g) > 1);
     }
 
     /// Idle HTTP/1.1 connections held (for tests and metrics).
