@@ -129,6 +129,11 @@ async fn slow_headers_and_idle_connections_are_closed() {
     let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "connection closed by the proxy");
     assert!(started.elapsed() >= Duration::from_millis(250));
+    // An HTTP/1.1 keep-alive connection waiting for its next request is closed too.
+    let mut tx = h1(p.http).await;
+    let (status, _, _) = read_resp(tx.send_request(req("GET", "web", "/", empty())).await).await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("idle h1 connection closed", || tx.is_closed()).await;
     // An HTTP/2 connection with nothing in flight is closed after the idle timeout.
     let mut tx = h2(p.http).await;
     let (status, _, _) = read_resp(tx.send_request(req2("GET", "web", "/", empty())).await).await;
