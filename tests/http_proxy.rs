@@ -110,6 +110,10 @@ async fn error_statuses() {
     let _s = p.register("slow", slow.addr, AppProtocol::Http1).await;
     let (status, _, _) = get(p.http, "slow", "/hang").await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        p.metrics()
+            .contains(r#"netsel_http_proxy_requests_total{service="slow",class="5xx"} 1"#)
+    );
 
     // Never an open proxy: CONNECT and absolute-form for foreign hosts are refused,
     // and nothing is connected to.
@@ -502,4 +506,29 @@ async fn graceful_shutdown_drains_in_flight_requests() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "no longer listening"
     );
+}
+
+#[tokio::test]
+async fn shutdown_deadline_cuts_requests_that_do_not_finish() {
+    let p = start_with(|s| s.drain_secs = 1).await;
+    let web = Backend::start("web-1", false).await;
+    let _w = p.register("web", web.addr, AppProtocol::Http1).await;
+    let mut tx = h1(p.http).await;
+    let hung =
+        tokio::spawn(async move { tx.send_request(req("GET", "web", "/hang", empty())).await });
+    eventually("request in flight", || {
+        web.requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    assert!(
+        !p.server.shutdown().await,
+        "the hung request is not drained"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let r = tokio::time::timeout(Duration::from_secs(3), hung)
+        .await
+        .expect("client connection closed at the deadline")
+        .unwrap();
+    assert!(r.is_err(), "no response for a request cut at the deadline");
 }

@@ -50,7 +50,7 @@ use crate::protocol::AppProtocol;
 use crate::proxy::balance::{Balancer, Pick};
 
 use metrics::{ProxyMetrics, ServiceLabel};
-pub use upstream::ResponseBody;
+use upstream::ResponseBody;
 use upstream::{ConnectError, Hold, InFlight, Pool, PoolSettings, UpBody};
 
 /// The catalog domain used when no other is configured: `web.netsel` routes to `web`.
@@ -551,18 +551,7 @@ impl HttpProxy {
         let start = Instant::now();
         let in_flight = ctx.begin_request();
         self.budget.deposit();
-        let (label, resp) = match tokio::time::timeout(
-            ms(self.settings.request_timeout_ms),
-            self.route(req, &ctx, in_flight),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => (
-                ServiceLabel(None),
-                local(StatusCode::GATEWAY_TIMEOUT, "request timed out\n"),
-            ),
-        };
+        let (label, resp) = self.route(req, &ctx, in_flight).await;
         self.metrics
             .request(&label, resp.status().as_u16(), start.elapsed());
         resp
@@ -638,13 +627,19 @@ impl HttpProxy {
         let authority = target
             .as_ref()
             .and_then(|t| HeaderValue::from_str(t.authority).ok());
+        let timeout = ms(self.settings.request_timeout_ms);
         let resp = if headers::is_upgrade(&req) {
             // Rare and large: boxed, so the common path's future stays small.
-            Box::pin(self.upgrade(req, &svc, &label, ctx, authority, in_flight)).await
+            let up = self.upgrade(req, &svc, &label, ctx, authority, in_flight);
+            tokio::time::timeout(timeout, Box::pin(up)).await
         } else {
-            self.forward(req, &svc, &label, ctx, authority, in_flight)
-                .await
+            let fwd = self.forward(req, &svc, &label, ctx, authority, in_flight);
+            tokio::time::timeout(timeout, fwd).await
         };
+        let resp = resp.unwrap_or_else(|_| {
+            let body = format!("no instance of '{}' answered in time\n", svc.name);
+            local(StatusCode::GATEWAY_TIMEOUT, body)
+        });
         (label, resp)
     }
 

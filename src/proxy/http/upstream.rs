@@ -97,7 +97,7 @@ enum Kind {
 
 /// The body of a response to a client: a short local answer or an instance's body,
 /// streamed.
-pub struct ResponseBody {
+pub(crate) struct ResponseBody {
     kind: Kind,
     hold: Option<Box<Hold>>,
 }
