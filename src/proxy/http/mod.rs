@@ -359,6 +359,10 @@ impl HttpProxy {
             n => n,
         };
         let slots = Arc::new(Semaphore::new(self.settings.max_connections));
+        // The workers stop on `shutdown`, and also if this future is dropped (its runtime
+        // shutting down), so no worker thread outlives the server.
+        let shutdown = shutdown.child_token();
+        let _stop_workers = shutdown.clone().drop_guard();
         let std_listener = match listener.into_std() {
             Ok(l) => l,
             Err(e) => {
