@@ -85,7 +85,67 @@ impl Default for ProxyMetrics {
     }
 }
 
+/// One service's metric handles, resolved once per worker so recording takes no lock
+/// on the metric families.
+#[derive(Debug)]
+pub(crate) struct ServiceMetrics {
+    classes: [Counter; 5],
+    latency: Histogram,
+    fresh: Counter,
+    reused: Counter,
+    retries: Counter,
+}
+
+impl ServiceMetrics {
+    pub(crate) fn request(&self, status: u16, elapsed: Duration) {
+        self.classes[usize::from(Class::of(status).0 - 1)].inc();
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn upstream(&self, reused: bool) {
+        if reused {
+            self.reused.inc();
+        } else {
+            self.fresh.inc();
+        }
+    }
+
+    pub(crate) fn retry(&self) {
+        self.retries.inc();
+    }
+}
+
 impl ProxyMetrics {
+    /// The handles for `service`.
+    pub(crate) fn service(&self, service: &ServiceLabel) -> ServiceMetrics {
+        let class = |c: u8| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    service: service.clone(),
+                    class: Class(c),
+                })
+                .clone()
+        };
+        let upstream = |reused: bool| {
+            self.upstream
+                .get_or_create(&UpstreamLabels {
+                    service: service.clone(),
+                    reused,
+                })
+                .clone()
+        };
+        let only = ServiceOnly {
+            service: service.clone(),
+        };
+        ServiceMetrics {
+            classes: [class(1), class(2), class(3), class(4), class(5)],
+            latency: self.latency.get_or_create(&only).clone(),
+            fresh: upstream(false),
+            reused: upstream(true),
+            retries: self.retries.get_or_create(&only).clone(),
+        }
+    }
+
     /// Registers every metric on `registry` (names get the registry's `netsel_` prefix).
     pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
@@ -113,36 +173,5 @@ impl ProxyMetrics {
             "Client connections open on the HTTP proxy",
             self.open_connections.clone(),
         );
-    }
-
-    pub(crate) fn request(&self, service: &ServiceLabel, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                service: service.clone(),
-                class: Class::of(status),
-            })
-            .inc();
-        self.latency
-            .get_or_create(&ServiceOnly {
-                service: service.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
-    }
-
-    pub(crate) fn upstream(&self, service: &ServiceLabel, reused: bool) {
-        self.upstream
-            .get_or_create(&UpstreamLabels {
-                service: service.clone(),
-                reused,
-            })
-            .inc();
-    }
-
-    pub(crate) fn retry(&self, service: &ServiceLabel) {
-        self.retries
-            .get_or_create(&ServiceOnly {
-                service: service.clone(),
-            })
-            .inc();
     }
 }

@@ -49,7 +49,7 @@ use crate::catalog::{InstanceId, Service};
 use crate::protocol::AppProtocol;
 use crate::proxy::balance::{Balancer, Pick};
 
-use metrics::{ProxyMetrics, ServiceLabel};
+use metrics::{ProxyMetrics, ServiceLabel, ServiceMetrics};
 use upstream::ResponseBody;
 use upstream::{ConnectError, Hold, InFlight, Pool, PoolSettings, UpBody};
 
@@ -218,6 +218,23 @@ struct Worker {
     pool: Arc<Pool>,
     /// Client connections and tunnels on this thread.
     tasks: TaskTracker,
+    /// Metric handles by service, for this thread.
+    metrics: std::sync::Mutex<std::collections::HashMap<ServiceLabel, Arc<ServiceMetrics>>>,
+}
+
+impl Worker {
+    fn metrics(&self, all: &ProxyMetrics, service: ServiceLabel) -> Arc<ServiceMetrics> {
+        let mut cache = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(&service) {
+            return m.clone();
+        }
+        if cache.len() >= 4096 {
+            cache.clear(); // services come and go; keep the cache bounded
+        }
+        let m = Arc::new(all.service(&service));
+        cache.insert(service, m.clone());
+        m
+    }
 }
 
 /// A token bucket of retries, refilled by a share of each request.
@@ -379,6 +396,7 @@ impl HttpProxy {
                     connect_timeout: ms(self.settings.connect_timeout_ms),
                 })),
                 tasks: TaskTracker::new(),
+                metrics: Default::default(),
             });
             self.pools
                 .lock()
@@ -556,8 +574,11 @@ impl HttpProxy {
         let in_flight = ctx.begin_request();
         self.budget.deposit();
         let (label, resp) = self.route(req, &ctx, in_flight).await;
-        self.metrics
-            .request(&label, resp.status().as_u16(), start.elapsed());
+        let m = match label {
+            Labelled::Known(m) => m,
+            Labelled::Unknown => ctx.worker.metrics(&self.metrics, ServiceLabel(None)),
+        };
+        m.request(resp.status().as_u16(), start.elapsed());
         resp
     }
 
@@ -566,8 +587,8 @@ impl HttpProxy {
         req: Request<Incoming>,
         ctx: &ConnCtx,
         in_flight: InFlight,
-    ) -> (ServiceLabel, Response<ResponseBody>) {
-        let none = ServiceLabel(None);
+    ) -> (Labelled, Response<ResponseBody>) {
+        let none = Labelled::Unknown;
         if req.method() == Method::CONNECT {
             let mut r = local(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -623,10 +644,16 @@ impl HttpProxy {
             }
         };
         drop(snap);
-        let label = ServiceLabel(Some(svc.name.clone()));
+        let m = ctx
+            .worker
+            .metrics(&self.metrics, ServiceLabel(Some(svc.name.clone())));
+        let label = &*m;
         if svc.healthy_count() == 0 {
             let body = format!("service '{}' has no healthy instance\n", svc.name);
-            return (label, local(StatusCode::SERVICE_UNAVAILABLE, body));
+            return (
+                Labelled::Known(m),
+                local(StatusCode::SERVICE_UNAVAILABLE, body),
+            );
         }
         let authority = target
             .as_ref()
@@ -634,17 +661,17 @@ impl HttpProxy {
         let timeout = ms(self.settings.request_timeout_ms);
         let resp = if headers::is_upgrade(&req) {
             // Rare and large: boxed, so the common path's future stays small.
-            let up = self.upgrade(req, &svc, &label, ctx, authority, in_flight);
+            let up = self.upgrade(req, &svc, label, ctx, authority, in_flight);
             tokio::time::timeout(timeout, Box::pin(up)).await
         } else {
-            let fwd = self.forward(req, &svc, &label, ctx, authority, in_flight);
+            let fwd = self.forward(req, &svc, label, ctx, authority, in_flight);
             tokio::time::timeout(timeout, fwd).await
         };
         let resp = resp.unwrap_or_else(|_| {
             let body = format!("no instance of '{}' answered in time\n", svc.name);
             local(StatusCode::GATEWAY_TIMEOUT, body)
         });
-        (label, resp)
+        (Labelled::Known(m), resp)
     }
 
     /// Builds the request for one attempt on `instance`.
@@ -685,7 +712,7 @@ impl HttpProxy {
         &self,
         req: Request<Incoming>,
         svc: &Arc<Service>,
-        label: &ServiceLabel,
+        label: &ServiceMetrics,
         ctx: &ConnCtx,
         authority: Option<HeaderValue>,
         in_flight: InFlight,
@@ -733,7 +760,7 @@ impl HttpProxy {
                     continue;
                 }
             };
-            self.metrics.upstream(label, reused);
+            label.upstream(reused);
             let Some(b) = body.take() else { break };
             let up = self.upstream_request(&parts, b, addr, h2);
             let result = match sender {
@@ -770,7 +797,7 @@ impl HttpProxy {
                     if replayable && retries_left > 0 && self.budget.withdraw() {
                         retries_left -= 1;
                         exclude.push(pick.instance.id.clone());
-                        self.metrics.retry(label);
+                        label.retry();
                         body = Some(UpBody::Empty);
                         continue;
                     }
@@ -785,7 +812,7 @@ impl HttpProxy {
         &self,
         pick: &Pick,
         e: &ConnectError,
-        label: &ServiceLabel,
+        label: &ServiceMetrics,
         exclude: &mut Vec<InstanceId>,
     ) {
         let ej = self.balancer.report_failure(pick);
@@ -795,7 +822,7 @@ impl HttpProxy {
             "instance refused a proxied connection; ejected"
         );
         exclude.push(pick.instance.id.clone());
-        self.metrics.retry(label);
+        label.retry();
     }
 
     /// An HTTP/1.1 `Upgrade`: forwarded on a fresh connection; on `101` both sides are
@@ -804,7 +831,7 @@ impl HttpProxy {
         &self,
         mut req: Request<Incoming>,
         svc: &Arc<Service>,
-        label: &ServiceLabel,
+        label: &ServiceMetrics,
         ctx: &ConnCtx,
         authority: Option<HeaderValue>,
         in_flight: InFlight,
@@ -836,7 +863,7 @@ impl HttpProxy {
                     continue;
                 }
             };
-            self.metrics.upstream(label, false);
+            label.upstream(false);
             let Some(b) = body.take() else { break };
             let up = self.upstream_request(&parts, b, addr, false);
             let mut resp = match tx.send_request(up).await {
@@ -884,6 +911,13 @@ impl HttpProxy {
         }
         failed(svc, last)
     }
+}
+
+/// Which service's metrics a response counts under.
+enum Labelled {
+    Known(Arc<ServiceMetrics>),
+    /// The request named no known service.
+    Unknown,
 }
 
 /// A request's head, kept for retries.
