@@ -17,6 +17,7 @@ use crate::catalog::CatalogSettings;
 use crate::health::HealthSettings;
 use crate::network::{DEFAULT_PORT_RANGE, DEFAULT_VIP_CIDR, PortPool, VipPool};
 use crate::proxy::balance::BalanceSettings;
+use crate::proxy::http::HttpProxySettings;
 
 /// The seed's configuration, field for field. Richer settings live in [`Settings`].
 ///
@@ -241,6 +242,8 @@ pub struct Settings {
     pub balance: BalanceSettings,
     /// Active health checks.
     pub health: HealthSettings,
+    /// HTTP proxy limits, timeouts, pooling and retries.
+    pub http_proxy: HttpProxySettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -271,6 +274,7 @@ impl From<NetSelConfig> for Settings {
             registry: RegistryLimits::default(),
             balance: BalanceSettings::default(),
             health: HealthSettings::default(),
+            http_proxy: HttpProxySettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -303,6 +307,7 @@ struct FileConfig {
     acl: Option<AclSettings>,
     balance: Option<BalanceSettings>,
     health: Option<HealthSettings>,
+    http_proxy: Option<HttpProxySettings>,
 }
 
 impl Settings {
@@ -350,6 +355,7 @@ impl Settings {
             s.acl => f.acl,
             s.balance => f.balance,
             s.health => f.health,
+            s.http_proxy => f.http_proxy,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -413,6 +419,9 @@ impl Settings {
                 );
             }
         }
+        self.http_proxy
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
             key: "network.vip_cidr",
             reason: e.to_string(),
@@ -521,6 +530,8 @@ mod tests {
             "[network]\nport_pool_start = 30000\nport_pool_end = 20000",
             "[network]\nvip_cidr = \"127.0.0.0/40\"",
             "[registry]\nmax_connections = 0",
+            "[http_proxy]\nmax_header_bytes = 100",
+            "[http_proxy]\ndefault_service = \"no such\"",
             "registry_addr = \"nope\"",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");

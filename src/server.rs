@@ -168,7 +168,7 @@ impl NetSelServer {
         };
         let catalog = Catalog::new(s.catalog_settings(), store)?;
         // One balancer for both proxies: they share policies and passive ejection.
-        let _balancer = Arc::new(Balancer::new(catalog.clone(), s.balance.clone()));
+        let balancer = Arc::new(Balancer::new(catalog.clone(), s.balance.clone()));
         let mut registry_metrics = crate::metrics::new_registry();
         catalog.register_metrics(&mut registry_metrics);
         let line_metrics = crate::registry::RegistryMetrics::new(&mut registry_metrics);
@@ -176,7 +176,7 @@ impl NetSelServer {
         // Bind every listener first: a conflict fails start-up before anything runs.
         let registry = bind_tcp("registry", s.config.registry_addr).await?;
         let api = bind_tcp("api", s.api_addr).await?;
-        let bound = BoundAddrs {
+        let mut bound = BoundAddrs {
             registry: local_addr(&registry, s.config.registry_addr),
             api: Some(local_addr(&api, s.api_addr)),
             dns: None,
@@ -184,6 +184,15 @@ impl NetSelServer {
             http_proxy: None,
         };
         // (Each front end binds here and fills in its `bound` field.)
+        let http_listener = bind_tcp("http proxy", s.config.http_proxy_addr).await?;
+        bound.http_proxy = Some(local_addr(&http_listener, s.config.http_proxy_addr));
+        let http_proxy = crate::proxy::http::HttpProxy::new(
+            s.http_proxy.clone(),
+            balancer.clone(),
+            crate::proxy::http::DEFAULT_DOMAIN,
+            Duration::from_secs(s.drain_secs),
+        );
+        http_proxy.register_metrics(&mut registry_metrics);
 
         let metrics = MetricsRegistry::new(std::mem::take(&mut registry_metrics));
         let shutdown = CancellationToken::new();
@@ -215,6 +224,7 @@ impl NetSelServer {
         );
         tasks.spawn(crate::api::serve(api, api_state, shutdown.clone()));
         // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
+        tasks.spawn(http_proxy.serve(http_listener, shutdown.clone()));
         tasks.close();
         tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");
         *self.lock_running() = Some(Running {

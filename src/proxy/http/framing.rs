@@ -1,0 +1,462 @@
+//! A guard on HTTP/1 client connections against request smuggling.
+//!
+//! hyper resolves ambiguous framing the lenient way RFC 9112 allows: with both
+//! `Content-Length` and `Transfer-Encoding` it drops the length and lets chunked win, and
+//! it folds repeated equal lengths into one. The proxy refuses such requests instead
+//! (400, nothing forwarded), but by the time a request reaches it those headers are
+//! gone. So this guard reads alongside hyper: it follows request heads and bodies in the
+//! byte stream and, when a head has ambiguous framing, replaces the byte that would end
+//! it with bytes hyper cannot parse. hyper then answers 400 itself, in order after any
+//! earlier pipelined responses, and closes the connection; the request never reaches the
+//! proxy's handler.
+//!
+//! Connections that start with the HTTP/2 preface, and connections after an `Upgrade` or
+//! `CONNECT` head, are passed through unchanged.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// What hyper gets instead of the end of a refused head: a NUL where a header name or a
+/// line feed must be.
+const POISON: &[u8] = b"\0\r\n\r\n";
+/// Header line bytes kept for inspection (names and framing values are short).
+const LINE_KEEP: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// In a chunk-size line: the size so far.
+    Size(u64),
+    /// In chunk extensions, up to the end of the line.
+    Ext(u64),
+    /// Chunk data left.
+    Data(u64),
+    /// After chunk data: CR.
+    DataCr,
+    /// After chunk data: LF.
+    DataLf,
+    /// Trailer section, at the start of a line.
+    TrailerLineStart,
+    /// Inside a trailer line.
+    TrailerLine,
+    /// Final CR seen; LF ends the message.
+    TrailerEnd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Before the first bytes: HTTP/2 preface or not (bytes matched so far).
+    Detect(usize),
+    /// In a request head.
+    Head,
+    /// In a body of known length.
+    Fixed(u64),
+    /// In a chunked body.
+    Chunked(Chunk),
+    /// Not looking any more (HTTP/2, upgrades, or something hyper will reject anyway).
+    Pass,
+    /// A refused head was replaced: the connection reads as ended.
+    Poisoned,
+}
+
+/// What a head said about framing.
+#[derive(Debug, Default)]
+struct Head {
+    line: Vec<u8>,
+    line_truncated: bool,
+    first_line: bool,
+    bytes: usize,
+    lengths: u32,
+    length: Option<u64>,
+    encodings: u32,
+    chunked: bool,
+    bad: bool,
+    http10: bool,
+    switches: bool,
+}
+
+impl Head {
+    fn reset(&mut self) {
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        *self = Head {
+            line,
+            first_line: true,
+            ..Head::default()
+        };
+    }
+
+    fn end_line(&mut self) {
+        let mut line = &self.line[..];
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        if self.first_line {
+            self.first_line = false;
+            self.http10 = line.ends_with(b"HTTP/1.0");
+            self.switches |= line.starts_with(b"CONNECT ");
+        } else if let Some(colon) = line.iter().position(|b| *b == b':') {
+            let name = &line[..colon];
+            let value = line[colon + 1..].trim_ascii();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                self.lengths += 1;
+                let parsed = (!value.is_empty()
+                    && value.len() <= 19
+                    && value.iter().all(u8::is_ascii_digit)
+                    && !self.line_truncated)
+                    .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+                    .flatten();
+                match parsed {
+                    Some(n) => self.length = Some(n),
+                    None => self.bad = true,
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                self.encodings += 1;
+                self.chunked = value.eq_ignore_ascii_case(b"chunked") && !self.line_truncated;
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
+                self.switches = true;
+            }
+        }
+        self.line.clear();
+        self.line_truncated = false;
+    }
+
+    /// Whether the framing is ambiguous.
+    fn refused(&self) -> bool {
+        self.bad
+            || self.lengths > 1
+            || (self.lengths > 0 && self.encodings > 0)
+            || self.encodings > 1
+            || (self.encodings == 1 && (!self.chunked || self.http10))
+    }
+}
+
+/// Follows HTTP/1 requests in a byte stream.
+#[derive(Debug)]
+pub(crate) struct Scanner {
+    state: State,
+    head: Head,
+    max_head: usize,
+}
+
+/// What the scanner decided about a run of bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Pass them on.
+    Pass,
+    /// Pass on the first `n`; the byte at `n` ends a refused head.
+    Refuse(usize),
+}
+
+impl Scanner {
+    pub(crate) fn new(max_head: usize) -> Self {
+        let mut head = Head::default();
+        head.reset();
+        Scanner {
+            state: State::Detect(0),
+            head,
+            max_head,
+        }
+    }
+
+    /// Looks at the next bytes of the stream.
+    pub(crate) fn scan(&mut self, bytes: &[u8]) -> Verdict {
+        let mut i = 0;
+        while i < bytes.len() {
+            match &mut self.state {
+                State::Pass | State::Poisoned => return Verdict::Pass,
+                State::Detect(n) => {
+                    if bytes[i] == H2_PREFACE[*n] {
+                        *n += 1;
+                        i += 1;
+                        if *n == H2_PREFACE.len() {
+                            self.state = State::Pass;
+                        }
+                    } else {
+                        // Not HTTP/2: replay what matched into the head scanner.
+                        let matched = *n;
+                        self.state = State::Head;
+                        for b in &H2_PREFACE[..matched] {
+                            if self.head_byte(*b) {
+                                // A preface prefix cannot end a head; be safe anyway.
+                                return Verdict::Refuse(i);
+                            }
+                        }
+                    }
+                }
+                State::Head => {
+                    if self.head_byte(bytes[i]) {
+                        return Verdict::Refuse(i);
+                    }
+                    i += 1;
+                }
+                State::Fixed(left) => {
+                    let take = (*left).min((bytes.len() - i) as u64);
+                    *left -= take;
+                    i += take as usize;
+                    if *left == 0 {
+                        self.state = State::Head;
+                    }
+                }
+                State::Chunked(c) => {
+                    let b = bytes[i];
+                    if let Chunk::Data(left) = c {
+                        let take = (*left).min((bytes.len() - i) as u64);
+                        *left -= take;
+                        i += take as usize;
+                        if *left == 0 {
+                            *c = Chunk::DataCr;
+                        }
+                        continue;
+                    }
+                    i += 1;
+                    let next = match *c {
+                        Chunk::Size(n) => match b {
+                            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if n < 1 << 56 => {
+                                let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                                Some(Chunk::Size(n * 16 + d))
+                            }
+                            b';' | b' ' | b'\t' | b'\r' => Some(Chunk::Ext(n)),
+                            b'\n' => Some(end_size_line(n)),
+                            _ => None,
+                        },
+                        Chunk::Ext(n) => Some(if b == b'\n' {
+                            end_size_line(n)
+                        } else {
+                            Chunk::Ext(n)
+                        }),
+                        Chunk::Data(_) => unreachable!("handled above"),
+                        Chunk::DataCr => match b {
+                            b'\r' => Some(Chunk::DataLf),
+                            b'\n' => Some(Chunk::Size(0)),
+                            _ => None,
+                        },
+                        Chunk::DataLf => (b == b'\n').then_some(Chunk::Size(0)),
+                        Chunk::TrailerLineStart => match b {
+                            b'\r' => Some(Chunk::TrailerEnd),
+                            b'\n' => {
+                                self.end_message();
+                                continue;
+                            }
+                            _ => Some(Chunk::TrailerLine),
+                        },
+                        Chunk::TrailerLine => Some(if b == b'\n' {
+                            Chunk::TrailerLineStart
+                        } else {
+                            Chunk::TrailerLine
+                        }),
+                        Chunk::TrailerEnd => {
+                            if b == b'\n' {
+                                self.end_message();
+                                continue;
+                            }
+                            None
+                        }
+                    };
+                    match next {
+                        Some(c) => self.state = State::Chunked(c),
+                        // Malformed chunking: hyper rejects it and closes the connection.
+                        None => self.state = State::Pass,
+                    }
+                }
+            }
+        }
+        Verdict::Pass
+    }
+
+    fn end_message(&mut self) {
+        self.state = State::Head;
+    }
+
+    /// One byte of a head; `true` when it ends a refused head.
+    fn head_byte(&mut self, b: u8) -> bool {
+        let h = &mut self.head;
+        h.bytes += 1;
+        if h.bytes > self.max_head {
+            // hyper answers 431 to this one.
+            self.state = State::Pass;
+            return false;
+        }
+        if b != b'\n' {
+            if h.line.len() < LINE_KEEP {
+                h.line.push(b);
+            } else {
+                h.line_truncated = true;
+            }
+            return false;
+        }
+        let empty = h.line.is_empty() || h.line == b"\r";
+        if empty && h.first_line {
+            // Blank lines before a request line are skipped by the parser.
+            h.line.clear();
+            return false;
+        }
+        if !empty {
+            h.end_line();
+            return false;
+        }
+        // End of the head.
+        if h.refused() {
+            self.state = State::Poisoned;
+            return true;
+        }
+        self.state = if h.switches {
+            State::Pass
+        } else if h.encodings > 0 {
+            State::Chunked(Chunk::Size(0))
+        } else {
+            match h.length {
+                Some(n) if n > 0 => State::Fixed(n),
+                _ => State::Head,
+            }
+        };
+        self.head.reset();
+        false
+    }
+}
+
+fn end_size_line(n: u64) -> Chunk {
+    if n == 0 {
+        Chunk::TrailerLineStart
+    } else {
+        Chunk::Data(n)
+    }
+}
+
+/// A client connection read through a [`Scanner`].
+#[derive(Debug)]
+pub(crate) struct Guarded<T> {
+    inner: T,
+    scanner: Scanner,
+}
+
+impl<T> Guarded<T> {
+    pub(crate) fn new(inner: T, max_head: usize) -> Self {
+        Guarded {
+            inner,
+            scanner: Scanner::new(max_head),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.scanner.state == State::Poisoned {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Verdict::Refuse(n) = this.scanner.scan(&buf.filled()[before..]) {
+            tracing::debug!("refused a request head with ambiguous framing");
+            buf.set_filled(before + n);
+            if buf.remaining() < POISON.len() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "ambiguous request framing",
+                )));
+            }
+            buf.put_slice(POISON);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(input: &[u8], step: usize) -> Option<usize> {
+        let mut s = Scanner::new(65536);
+        let mut offset = 0;
+        for chunk in input.chunks(step) {
+            if let Verdict::Refuse(n) = s.scan(chunk) {
+                return Some(offset + n);
+            }
+            offset += chunk.len();
+        }
+        None
+    }
+
+    #[test]
+    fn honest_pipelines_pass_at_any_split() {
+        let stream = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+            POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 44\r\n\r\n\
+            GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\nGET / HTTP/1.1\r\n\
+            POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n10\r\nContent-Length: 1\r\n0\r\nX-Trailer: 1\r\n\r\n\
+            GET /last HTTP/1.1\r\nHost: a\r\n\r\n";
+        for step in [1, 2, 3, 7, 64, stream.len()] {
+            assert_eq!(scan_all(stream, step), None, "step {step}");
+        }
+    }
+
+    #[test]
+    fn ambiguous_heads_are_refused_at_their_last_byte() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\n",
+        ] {
+            for step in [1, 5, head.len()] {
+                assert_eq!(scan_all(head, step), Some(head.len() - 1), "{head:?}");
+            }
+        }
+        // Behind an honest request whose body looks like a head, still found.
+        let mut s = b"POST / HTTP/1.1\r\nContent-Length: 38\r\n\r\n".to_vec();
+        s.extend_from_slice(b"Content-Length: 1\r\nContent-Length: 2\r\n");
+        assert_eq!(scan_all(&s, 3), None);
+        s.extend_from_slice(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n");
+        assert_eq!(scan_all(&s, 3), Some(s.len() - 1));
+    }
+
+    #[test]
+    fn http2_and_upgrades_pass_through() {
+        let mut s = H2_PREFACE.to_vec();
+        s.extend_from_slice(b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n");
+        assert_eq!(scan_all(&s, 5), None);
+        let s = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\
+            POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(scan_all(s, 4), None);
+    }
+}

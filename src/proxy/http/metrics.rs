@@ -1,0 +1,177 @@
+//! The HTTP proxy's metrics, per service: requests by status class, latency, and whether
+//! each upstream request went out on a reused connection.
+
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::catalog::ServiceName;
+
+/// A service label: the catalog's name (a cheap clone), or `-` for requests that named no
+/// known service (kept to one value so unknown hosts cannot grow the label set).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ServiceLabel(pub Option<ServiceName>);
+
+impl EncodeLabelValue for ServiceLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.0.as_ref().map_or("-", |n| n.as_str()))
+    }
+}
+
+/// Status class of a response (`2xx`...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Class(u8);
+
+impl EncodeLabelValue for Class {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        write!(encoder, "{}xx", self.0)
+    }
+}
+
+impl Class {
+    pub(crate) fn of(status: u16) -> Class {
+        Class((status / 100).clamp(1, 5) as u8)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    service: ServiceLabel,
+    class: Class,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceOnly {
+    service: ServiceLabel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UpstreamLabels {
+    service: ServiceLabel,
+    reused: bool,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~13 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Metric handles (cheap clones sharing values).
+#[derive(Debug, Clone)]
+pub(crate) struct ProxyMetrics {
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<ServiceOnly, Histogram, fn() -> Histogram>,
+    upstream: Family<UpstreamLabels, Counter>,
+    retries: Family<ServiceOnly, Counter>,
+    pub(crate) open_connections: Gauge<i64, AtomicI64>,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        ProxyMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            upstream: Family::default(),
+            retries: Family::default(),
+            open_connections: Gauge::default(),
+        }
+    }
+}
+
+/// One service's metric handles, resolved once per worker so recording takes no lock
+/// on the metric families.
+#[derive(Debug)]
+pub(crate) struct ServiceMetrics {
+    classes: [Counter; 5],
+    latency: Histogram,
+    fresh: Counter,
+    reused: Counter,
+    retries: Counter,
+}
+
+impl ServiceMetrics {
+    pub(crate) fn request(&self, status: u16, elapsed: Duration) {
+        self.classes[usize::from(Class::of(status).0 - 1)].inc();
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn upstream(&self, reused: bool) {
+        if reused {
+            self.reused.inc();
+        } else {
+            self.fresh.inc();
+        }
+    }
+
+    pub(crate) fn retry(&self) {
+        self.retries.inc();
+    }
+}
+
+impl ProxyMetrics {
+    /// The handles for `service`.
+    pub(crate) fn service(&self, service: &ServiceLabel) -> ServiceMetrics {
+        let class = |c: u8| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    service: service.clone(),
+                    class: Class(c),
+                })
+                .clone()
+        };
+        let upstream = |reused: bool| {
+            self.upstream
+                .get_or_create(&UpstreamLabels {
+                    service: service.clone(),
+                    reused,
+                })
+                .clone()
+        };
+        let only = ServiceOnly {
+            service: service.clone(),
+        };
+        ServiceMetrics {
+            classes: [class(1), class(2), class(3), class(4), class(5)],
+            latency: self.latency.get_or_create(&only).clone(),
+            fresh: upstream(false),
+            reused: upstream(true),
+            retries: self.retries.get_or_create(&only).clone(),
+        }
+    }
+
+    /// Registers every metric on `registry` (names get the registry's `netsel_` prefix).
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "http_proxy_requests",
+            "Requests answered by the HTTP proxy, by service and status class",
+            self.requests.clone(),
+        );
+        registry.register(
+            "http_proxy_request_duration_seconds",
+            "Time from request to response headers, by service",
+            self.latency.clone(),
+        );
+        registry.register(
+            "http_proxy_upstream_requests",
+            "Requests sent to instances, by whether the connection was reused",
+            self.upstream.clone(),
+        );
+        registry.register(
+            "http_proxy_retries",
+            "Requests retried on another instance",
+            self.retries.clone(),
+        );
+        registry.register(
+            "http_proxy_open_connections",
+            "Client connections open on the HTTP proxy",
+            self.open_connections.clone(),
+        );
+    }
+}

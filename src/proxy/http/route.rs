@@ -1,0 +1,137 @@
+//! Which service a request is for: the authority (`:authority` for HTTP/2, `Host` for
+//! HTTP/1.1, the request target's authority when it is in absolute form), reduced to a
+//! service name. Pure functions, tested here.
+
+use hyper::header::HOST;
+use hyper::{Request, Version};
+
+/// Where a request says it is going.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target<'a> {
+    /// The authority as the client sent it (`web`, `web.netsel:8081`): forwarded as `Host`.
+    pub authority: &'a str,
+    /// The service name it names, lower-cased only when needed by the catalog lookup.
+    pub name: &'a str,
+    /// Whether the HTTP/1 request target was in absolute form (`GET http://host/ ...`):
+    /// such a request names its host explicitly and is never routed to a default service.
+    pub absolute: bool,
+}
+
+/// The authority of `req`: the URI's (HTTP/2 `:authority`, or HTTP/1 absolute form) when
+/// present, else the `Host` header. `None` when there is neither or `Host` is not text.
+pub(crate) fn authority<B>(req: &Request<B>) -> Option<(&str, bool)> {
+    if let Some(a) = req.uri().authority() {
+        let absolute = req.version() < Version::HTTP_2;
+        return Some((a.as_str(), absolute));
+    }
+    let host = req.headers().get(HOST)?.to_str().ok()?;
+    Some((host, false))
+}
+
+/// The host part of an authority: no userinfo, no port, no trailing dot. IPv6 literals
+/// keep their brackets.
+pub(crate) fn host_of(authority: &str) -> &str {
+    let a = authority.rsplit('@').next().unwrap_or(authority);
+    let host = if a.starts_with('[') {
+        match a.find(']') {
+            Some(end) => &a[..=end],
+            None => a,
+        }
+    } else {
+        match a.rfind(':') {
+            Some(colon) => &a[..colon],
+            None => a,
+        }
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// The service name in `host`: `NAME` or `NAME.<domain>` (case-insensitive). Anything
+/// else (another domain, an IP literal, more labels) yields `None`.
+pub(crate) fn service_name<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+    let name = match host.len().checked_sub(domain.len() + 1) {
+        Some(cut)
+            if host.as_bytes()[cut] == b'.'
+                && host.is_char_boundary(cut)
+                && host[cut + 1..].eq_ignore_ascii_case(domain) =>
+        {
+            &host[..cut]
+        }
+        _ => host,
+    };
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    ok.then_some(name)
+}
+
+/// The target of `req`, given the catalog domain (`netsel`, without dots at either end).
+pub(crate) fn target<'a, B>(req: &'a Request<B>, domain: &str) -> Option<Target<'a>> {
+    let (authority, absolute) = authority(req)?;
+    let host = host_of(authority);
+    Some(Target {
+        authority,
+        name: service_name(host, domain).unwrap_or(host),
+        absolute,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_strips_port_userinfo_and_dot() {
+        assert_eq!(host_of("web"), "web");
+        assert_eq!(host_of("web:8081"), "web");
+        assert_eq!(host_of("web.netsel.:80"), "web.netsel");
+        assert_eq!(host_of("u:p@web:1"), "web");
+        assert_eq!(host_of("[::1]:8081"), "[::1]");
+        assert_eq!(host_of("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn names_in_and_out_of_the_domain() {
+        assert_eq!(service_name("web", "netsel"), Some("web"));
+        assert_eq!(service_name("Web.NetSel", "netsel"), Some("Web"));
+        assert_eq!(service_name("web.netsel", "corp"), None);
+        assert_eq!(service_name("web.example.com", "netsel"), None);
+        assert_eq!(service_name("a.b.netsel", "netsel"), None);
+        assert_eq!(service_name("127.0.0.1", "netsel"), None);
+        assert_eq!(service_name("[::1]", "netsel"), None);
+        assert_eq!(service_name(".netsel", "netsel"), None);
+        assert_eq!(service_name("", "netsel"), None);
+        assert_eq!(service_name("netsel", "netsel"), Some("netsel"));
+    }
+
+    #[test]
+    fn authority_wins_over_host() {
+        let req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://api:80/x")
+            .header(HOST, "web")
+            .body(())
+            .unwrap();
+        let t = target(&req, "netsel").unwrap();
+        assert_eq!((t.name, t.absolute), ("api", false));
+        let req = Request::builder()
+            .uri("/x")
+            .header(HOST, "web.netsel:8081")
+            .body(())
+            .unwrap();
+        let t = target(&req, "netsel").unwrap();
+        assert_eq!(
+            (t.name, t.authority, t.absolute),
+            ("web", "web.netsel:8081", false)
+        );
+        let req = Request::builder()
+            .uri("http://example.com/")
+            .header(HOST, "web")
+            .body(())
+            .unwrap();
+        let t = target(&req, "netsel").unwrap();
+        assert_eq!((t.name, t.absolute), ("example.com", true));
+        let req = Request::builder().uri("/").body(()).unwrap();
+        assert!(target(&req, "netsel").is_none());
+    }
+}

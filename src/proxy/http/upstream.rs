@@ -1,0 +1,346 @@
+//! Connections to instances: a bounded pool of idle HTTP/1.1 connections per instance,
+//! one shared HTTP/2 (h2c) connection per instance, and the body types that cross the
+//! proxy. An HTTP/1.1 connection goes back to the pool only once its response body has
+//! been read to the end; anything else closes it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::proxy::balance::ActiveGuard;
+
+/// Why no connection to an instance could be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// The TCP connect did not finish in time.
+    #[error("connect timed out")]
+    Timeout,
+    /// The TCP connect failed (refused, unreachable...).
+    #[error("connect failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The HTTP handshake failed.
+    #[error("handshake failed: {0}")]
+    Handshake(#[source] hyper::Error),
+}
+
+/// A request body on its way to an instance.
+#[derive(Debug)]
+pub(crate) enum UpBody {
+    /// No body (most requests): nothing to stream, so the request can be replayed.
+    Empty,
+    /// The client's body, streamed as it arrives.
+    Stream(Incoming),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpBody::Empty => Poll::Ready(None),
+            UpBody::Stream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Empty => true,
+            UpBody::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Empty => SizeHint::with_exact(0),
+            UpBody::Stream(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Marks a request in flight on a client connection (for the idle timeout) until dropped.
+pub(crate) struct InFlight(pub(crate) Arc<super::ConnCtx>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end_request();
+    }
+}
+
+/// What a response body holds on to until the client has it all.
+pub(crate) struct Hold {
+    /// The HTTP/1.1 connection it came on, returned to the pool at the end of the body.
+    pub(crate) pooled: Option<(Arc<Pool>, SocketAddr, http1::SendRequest<UpBody>)>,
+    /// Counts the request against its instance (least connections).
+    pub(crate) _active: Option<ActiveGuard>,
+    /// Counts the request against the client connection (idle timeout).
+    pub(crate) _in_flight: InFlight,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Stream { inner: Incoming, ended: bool },
+}
+
+/// The body of a response to a client: a short local answer or an instance's body,
+/// streamed.
+pub(crate) struct ResponseBody {
+    kind: Kind,
+    hold: Option<Box<Hold>>,
+}
+
+impl ResponseBody {
+    /// A complete body.
+    pub(crate) fn full(b: impl Into<Bytes>) -> Self {
+        ResponseBody {
+            kind: Kind::Full(Some(b.into())),
+            hold: None,
+        }
+    }
+
+    /// An instance's body.
+    pub(crate) fn stream(inner: Incoming, hold: Hold) -> Self {
+        ResponseBody {
+            kind: Kind::Stream {
+                inner,
+                ended: false,
+            },
+            hold: Some(Box::new(hold)),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Kind::Stream { inner, ended } = &self.kind
+            && (*ended || inner.is_end_stream())
+            && let Some((pool, addr, tx)) = self.hold.as_mut().and_then(|h| h.pooled.take())
+        {
+            pool.put_h1(addr, tx);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream { inner, ended } => {
+                let r = Pin::new(inner).poll_frame(cx);
+                if let Poll::Ready(None) = r {
+                    *ended = true;
+                }
+                r
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Stream { inner, ended } => *ended || inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+struct IdleH1 {
+    tx: http1::SendRequest<UpBody>,
+    since: Instant,
+}
+
+/// Connection settings for the pool.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolSettings {
+    pub(crate) max_idle_per_instance: usize,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+/// Upstream connections, by instance endpoint.
+pub(crate) struct Pool {
+    h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<UpBody>>>,
+    /// One HTTP/2 connect at a time per instance, so a burst shares one connection.
+    h2_connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    settings: PoolSettings,
+}
+
+impl Pool {
+    pub(crate) fn new(settings: PoolSettings) -> Self {
+        Pool {
+            h1: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+            h2_connecting: Mutex::new(HashMap::new()),
+            settings,
+        }
+    }
+
+    /// An HTTP/1.1 connection to `addr`, ready for a request, and whether it was reused.
+    pub(crate) async fn h1(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(http1::SendRequest<UpBody>, bool), ConnectError> {
+        while let Some(mut tx) = self.take_idle(addr) {
+            if tx.ready().await.is_ok() {
+                return Ok((tx, true));
+            }
+        }
+        Ok((self.connect_h1(addr).await?, false))
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<UpBody>> {
+        let mut map = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.get_mut(&addr)?;
+        while let Some(idle) = list.pop() {
+            if !idle.tx.is_closed() && idle.since.elapsed() < self.settings.idle_timeout {
+                return Some(idle.tx);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose exchange finished.
+    pub(crate) fn put_h1(&self, addr: SocketAddr, tx: http1::SendRequest<UpBody>) {
+        if tx.is_closed() || self.settings.max_idle_per_instance == 0 {
+            return;
+        }
+        let mut map = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.entry(addr).or_default();
+        if list.len() < self.settings.max_idle_per_instance {
+            list.push(IdleH1 {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect_tcp(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        // Small requests and responses must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    /// A fresh HTTP/1.1 connection (never from the pool), able to switch protocols.
+    pub(crate) async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<UpBody>, ConnectError> {
+        let io = self.connect_tcp(addr).await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "upstream connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// The shared HTTP/2 connection to `addr` (opened if needed), and whether it was
+    /// reused.
+    pub(crate) async fn h2(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<UpBody>, bool), ConnectError> {
+        if let Some(tx) = self.shared_h2(addr) {
+            return Ok((tx, true));
+        }
+        let gate = self
+            .h2_connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr)
+            .or_default()
+            .clone();
+        let _connecting = gate.lock().await;
+        if let Some(tx) = self.shared_h2(addr) {
+            return Ok((tx, true));
+        }
+        let io = self.connect_tcp(addr).await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
+            }
+        });
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, tx.clone());
+        Ok((tx, false))
+    }
+
+    fn shared_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<UpBody>> {
+        let map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&addr).filter(|tx| !tx.is_closed()).cloned()
+    }
+
+    /// Forgets an HTTP/2 connection that failed.
+    pub(crate) fn drop_h2(&self, addr: SocketAddr) {
+        let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&addr).is_some_and(|tx| tx.is_closed()) {
+            map.remove(&addr);
+        }
+    }
+
+    /// Closes idle connections past their idle timeout, and forgets closed ones.
+    pub(crate) fn reap(&self) {
+        let timeout = self.settings.idle_timeout;
+        let mut map = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, list| {
+            list.retain(|i| !i.tx.is_closed() && i.since.elapsed() < timeout);
+            !list.is_empty()
+        });
+        drop(map);
+        let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, tx| !tx.is_closed());
+        drop(map);
+        let mut gates = self.h2_connecting.lock().unwrap_or_else(|e| e.into_inner());
+        gates.retain(|_, g| Arc::strong_count(g) > 1);
+    }
+
+    /// Idle HTTP/1.1 connections held (for tests and metrics).
+    pub(crate) fn idle_count(&self) -> usize {
+        let map = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().map(Vec::len).sum()
+    }
+}
