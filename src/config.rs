@@ -141,6 +141,55 @@ impl Default for NetworkSettings {
     }
 }
 
+/// DNS server settings (the `[dns]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSettings {
+    /// The zone NetSel is authoritative for. Default `netsel.`.
+    pub domain: String,
+    /// TTL of positive answers, in seconds. Short, because discovery data changes.
+    /// Default 5.
+    pub ttl_secs: u32,
+    /// TTL of negative answers (the SOA minimum, RFC 2308), in seconds. Default 5.
+    pub negative_ttl_secs: u32,
+    /// Also answer a bare service name (`web.`) as `web.<domain>`. Default off.
+    pub bare_names: bool,
+    /// Resolvers that names outside the zone are forwarded to, in order. Empty (the
+    /// default) refuses them: NetSel is never an open resolver unless told to be.
+    pub upstreams: Vec<SocketAddr>,
+    /// Milliseconds to wait for an upstream before trying the next. Default 2000.
+    pub forward_timeout_ms: u64,
+    /// Most forwarded queries in flight; more are answered SERVFAIL. Default 256.
+    pub max_forwards: usize,
+    /// Seconds a DNS-over-TCP connection may stay idle. Default 10.
+    pub tcp_idle_secs: u64,
+    /// Threads answering UDP; 0 means one per CPU (at most 8). Default 0.
+    pub udp_workers: usize,
+    /// Serve UDP from precomputed wire answers (rebuilt on every catalog change) instead
+    /// of hickory's generic UDP loop. Default on; off exists to measure the difference.
+    pub fast_path: bool,
+    /// Most precomputed answers each UDP worker keeps. Default 16384.
+    pub cache_entries: usize,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            domain: "netsel.".into(),
+            ttl_secs: 5,
+            negative_ttl_secs: 5,
+            bare_names: false,
+            upstreams: Vec::new(),
+            forward_timeout_ms: 2000,
+            max_forwards: 256,
+            tcp_idle_secs: 10,
+            udp_workers: 0,
+            fast_path: true,
+            cache_entries: 16_384,
+        }
+    }
+}
+
 /// Everything `netsel serve` can be told: the seed's [`NetSelConfig`] plus the rest.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -154,6 +203,8 @@ pub struct Settings {
     pub network: NetworkSettings,
     /// Registry limits.
     pub registry: RegistryLimits,
+    /// DNS server.
+    pub dns: DnsSettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -178,6 +229,7 @@ impl From<NetSelConfig> for Settings {
             data_dir: None,
             network: NetworkSettings::default(),
             registry: RegistryLimits::default(),
+            dns: DnsSettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -204,6 +256,7 @@ struct FileConfig {
     drain_secs: Option<u64>,
     network: Option<NetworkSettings>,
     registry: Option<RegistryLimits>,
+    dns: Option<DnsSettings>,
 }
 
 impl Settings {
@@ -247,6 +300,7 @@ impl Settings {
             s.drain_secs => f.drain_secs,
             s.network => f.network,
             s.registry => f.registry,
+            s.dns => f.dns,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -284,6 +338,7 @@ impl Settings {
         if self.registry.idle_timeout_secs == 0 || self.registry.frame_timeout_secs == 0 {
             return bad("registry timeouts", "must be at least 1 second");
         }
+        self.validate_dns()?;
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
             key: "network.vip_cidr",
             reason: e.to_string(),
@@ -292,6 +347,42 @@ impl Settings {
             key: "network.port_pool_start/end",
             reason: e.to_string(),
         })?;
+        Ok(())
+    }
+
+    fn validate_dns(&self) -> Result<(), ConfigError> {
+        let d = &self.dns;
+        let bad = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let domain = d.domain.strip_suffix('.').unwrap_or(&d.domain);
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if domain.is_empty() || domain.len() > 200 || !domain.split('.').all(label_ok) {
+            return bad(
+                "dns.domain",
+                format!("'{}' is not a domain name like netsel.", d.domain),
+            );
+        }
+        if d.ttl_secs > 86_400 || d.negative_ttl_secs > 86_400 {
+            return bad("dns.ttl_secs", "TTLs must be at most 86400".into());
+        }
+        if d.forward_timeout_ms == 0 || d.max_forwards == 0 {
+            return bad(
+                "dns.forward_timeout_ms/max_forwards",
+                "must be at least 1".into(),
+            );
+        }
+        if d.tcp_idle_secs == 0 {
+            return bad("dns.tcp_idle_secs", "must be at least 1".into());
+        }
+        if d.udp_workers > 64 {
+            return bad("dns.udp_workers", "at most 64".into());
+        }
+        if d.upstreams.iter().any(|u| *u == self.config.dns_addr) {
+            return bad("dns.upstreams", "may not name NetSel's own dns_addr".into());
+        }
         Ok(())
     }
 
@@ -390,6 +481,28 @@ mod tests {
             "[network]\nvip_cidr = \"127.0.0.0/40\"",
             "[registry]\nmax_connections = 0",
             "registry_addr = \"nope\"",
+        ] {
+            assert!(Settings::from_toml(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn dns_table() {
+        let s = Settings::from_toml(
+            "[dns]\ndomain = \"svc.local.\"\nttl_secs = 30\nupstreams = [\"127.0.0.1:53\"]",
+        )
+        .unwrap();
+        assert_eq!(s.dns.domain, "svc.local.");
+        assert_eq!(s.dns.ttl_secs, 30);
+        assert_eq!(s.dns.negative_ttl_secs, 5);
+        assert!(!s.dns.bare_names);
+        assert_eq!(s.dns.upstreams.len(), 1);
+        assert!(Settings::default().dns.upstreams.is_empty());
+        for text in [
+            "[dns]\ndomain = \"bad domain\"",
+            "[dns]\ndomain = \"a..b\"",
+            "[dns]\nttl_secs = 100000",
+            "[dns]\ncolour = 1",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");
         }

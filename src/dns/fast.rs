@@ -1,0 +1,232 @@
+//! The UDP fast path: a few threads receiving on one socket, each keeping the encoded
+//! answer of every distinct query it has answered at the current catalog index.
+//!
+//! A cached answer is keyed by the query's bytes after its id, with the question name
+//! lower-cased. Two queries with the same key differ only in id and in the letter case of
+//! the question, so the cached answer is copied and the id and the question's bytes are
+//! patched in (answers point at the question by compression, so their owner names follow
+//! its case too). The cache belongs to one catalog index: when the index moves, it is
+//! dropped before the next lookup, so an answer is never older than the catalog.
+//! Entries are bounded per thread; a full cache is cleared.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{DnsHandler, RawAnswer};
+use crate::config::DnsSettings;
+
+/// How often an idle worker checks for shutdown.
+const POLL: Duration = Duration::from_millis(200);
+/// Largest query cached (longer ones carry options that make them unique anyway).
+const MAX_KEY: usize = 512;
+
+/// Starts the UDP workers on `socket`; they stop soon after `shutdown`.
+pub(super) fn spawn(
+    handler: DnsHandler,
+    socket: UdpSocket,
+    settings: &DnsSettings,
+    shutdown: CancellationToken,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(POLL))?;
+    let n = match settings.udp_workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+        n => n,
+    };
+    let rt = tokio::runtime::Handle::current();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let worker = Worker {
+            handler: handler.clone(),
+            socket: socket.try_clone()?,
+            shutdown: shutdown.clone(),
+            rt: rt.clone(),
+            cache: HashMap::new(),
+            cache_index: u64::MAX,
+            max_entries: settings.cache_entries,
+        };
+        out.push(tokio::task::spawn_blocking(move || worker.run()));
+    }
+    Ok(out)
+}
+
+struct Cached {
+    bytes: Box<[u8]>,
+    qtype: Option<RecordType>,
+    rcode: ResponseCode,
+}
+
+struct Worker {
+    handler: DnsHandler,
+    socket: UdpSocket,
+    shutdown: CancellationToken,
+    rt: tokio::runtime::Handle,
+    cache: HashMap<Box<[u8]>, Cached>,
+    cache_index: u64,
+    max_entries: usize,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut buf = vec![0u8; 4096];
+        let mut key = Vec::with_capacity(MAX_KEY);
+        let mut out = Vec::with_capacity(1232);
+        while !self.shutdown.is_cancelled() {
+            let (n, src) = match self.socket.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    // e.g. ICMP port unreachable reported on a later call; never fatal.
+                    tracing::debug!(error = %e, "DNS UDP receive error");
+                    continue;
+                }
+            };
+            if src.port() == 0 {
+                continue;
+            }
+            self.answer(&buf[..n], src, &mut key, &mut out);
+        }
+    }
+
+    fn answer(&mut self, query: &[u8], src: SocketAddr, key: &mut Vec<u8>, out: &mut Vec<u8>) {
+        let index = self.handler.catalog().index();
+        if index != self.cache_index {
+            self.cache.clear();
+            self.cache_index = index;
+        }
+        let qend = cache_key(query, key);
+        if let Some(qend) = qend
+            && let Some(hit) = self.cache.get(key.as_slice())
+        {
+            out.clear();
+            out.extend_from_slice(&hit.bytes);
+            out[..2].copy_from_slice(&query[..2]);
+            out[12..qend].copy_from_slice(&query[12..qend]);
+            self.handler.metrics().record(hit.qtype, hit.rcode);
+            self.send(out, src);
+            return;
+        }
+        match self.handler.respond_raw(query, true) {
+            RawAnswer::Reply {
+                bytes,
+                qtype,
+                rcode,
+            } => {
+                self.send(&bytes, src);
+                // Cache only answers that echo the one question at the same place.
+                if let Some(qend) = qend
+                    && bytes.len() >= qend
+                    && bytes[4..6] == [0, 1]
+                {
+                    if self.cache.len() >= self.max_entries {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(
+                        key.as_slice().into(),
+                        Cached {
+                            bytes: bytes.into(),
+                            qtype,
+                            rcode,
+                        },
+                    );
+                }
+            }
+            RawAnswer::Forward => {
+                let handler = self.handler.clone();
+                let query = query.to_vec();
+                match self.socket.try_clone() {
+                    Ok(socket) => {
+                        self.rt.spawn(async move {
+                            let resp = handler.forward_raw(&query).await;
+                            let _ = socket.send_to(&resp, src);
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot forward DNS query"),
+                }
+            }
+            RawAnswer::Drop => {}
+        }
+    }
+
+    fn send(&self, bytes: &[u8], dst: SocketAddr) {
+        if let Err(e) = self.socket.send_to(bytes, dst) {
+            tracing::debug!(error = %e, %dst, "DNS UDP send failed");
+        }
+    }
+}
+
+/// Fills `key` with the query minus its id, the question name lower-cased. Returns the
+/// end offset of the question name, or `None` when the query is not cacheable: not
+/// exactly one question, a compressed or malformed name, or too long.
+pub(super) fn cache_key(query: &[u8], key: &mut Vec<u8>) -> Option<usize> {
+    key.clear();
+    if query.len() < 12 || query.len() > MAX_KEY || query[4..6] != [0, 1] {
+        return None;
+    }
+    let mut i = 12;
+    loop {
+        let len = *query.get(i)? as usize;
+        if len == 0 {
+            i += 1;
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        i += 1 + len;
+    }
+    // The question's type and class must be present.
+    if query.len() < i + 4 {
+        return None;
+    }
+    key.extend_from_slice(&query[2..]);
+    key[10..i - 2].make_ascii_lowercase();
+    Some(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ignores_id_and_case() {
+        let q1 = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03WeB\x06netsel\x00\x00\x01\x00\x01";
+        let q2 = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x06NETSEL\x00\x00\x01\x00\x01";
+        let (mut k1, mut k2) = (Vec::new(), Vec::new());
+        assert_eq!(cache_key(q1, &mut k1), Some(24));
+        assert_eq!(cache_key(q2, &mut k2), Some(24));
+        assert_eq!(k1, k2);
+        // The length bytes are not letters and stay as they are.
+        assert_eq!(&k1[10..14], b"\x03web");
+    }
+
+    #[test]
+    fn uncacheable_queries() {
+        let mut k = Vec::new();
+        for q in [
+            &b"\x12\x34"[..],
+            b"\x12\x34\x01\x00\x00\x02\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01\x00\x01",
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01",
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01",
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x09web",
+        ] {
+            assert_eq!(cache_key(q, &mut k), None, "{q:?}");
+        }
+    }
+}
