@@ -59,6 +59,8 @@ pub(super) fn spawn(
 
 struct Cached {
     bytes: Box<[u8]>,
+    /// Where the question name is repeated uncompressed (record owners), to patch too.
+    owners: Box<[usize]>,
     qtype: Option<RecordType>,
     rcode: ResponseCode,
 }
@@ -118,6 +120,9 @@ impl Worker {
             out.extend_from_slice(&hit.bytes);
             out[..2].copy_from_slice(&query[..2]);
             out[12..qend].copy_from_slice(&query[12..qend]);
+            for &at in hit.owners.iter() {
+                out[at..at + qend - 12].copy_from_slice(&query[12..qend]);
+            }
             self.handler.metrics().record(hit.qtype, hit.rcode);
             self.send(out, src);
             return;
@@ -133,6 +138,7 @@ impl Worker {
                 if let Some(qend) = qend
                     && bytes.len() >= qend
                     && bytes[4..6] == [0, 1]
+                    && let Some(owners) = owner_offsets(&bytes, qend)
                 {
                     if self.cache.len() >= self.max_entries {
                         self.cache.clear();
@@ -141,6 +147,7 @@ impl Worker {
                         key.as_slice().into(),
                         Cached {
                             bytes: bytes.into(),
+                            owners: owners.into(),
                             qtype,
                             rcode,
                         },
@@ -200,6 +207,45 @@ pub(super) fn cache_key(query: &[u8], key: &mut Vec<u8>) -> Option<usize> {
     Some(i)
 }
 
+/// The offsets of every record owner name in `resp` that repeats the question name
+/// (`resp[12..qend]`) uncompressed, case-insensitively. `None` if the response does not
+/// walk cleanly (then it is not cached).
+pub(super) fn owner_offsets(resp: &[u8], qend: usize) -> Option<Vec<usize>> {
+    let qname = resp.get(12..qend)?;
+    let count = |i: usize| Some(u16::from_be_bytes([*resp.get(i)?, *resp.get(i + 1)?]) as usize);
+    let records = count(6)? + count(8)? + count(10)?;
+    let mut owners = Vec::new();
+    let mut i = qend + 4;
+    for _ in 0..records {
+        if resp
+            .get(i..i + qname.len())
+            .is_some_and(|n| n.eq_ignore_ascii_case(qname))
+        {
+            owners.push(i);
+        }
+        // Skip the owner name: labels up to a zero byte or a pointer.
+        loop {
+            let len = *resp.get(i)? as usize;
+            if len == 0 {
+                i += 1;
+                break;
+            }
+            if len & 0xc0 == 0xc0 {
+                i += 2;
+                break;
+            }
+            if len > 63 {
+                return None;
+            }
+            i += 1 + len;
+        }
+        // Type, class, TTL, then RDLENGTH and the RDATA.
+        let rdlen = count(i + 8)?;
+        i += 10 + rdlen;
+    }
+    (i == resp.len()).then_some(owners)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +260,23 @@ mod tests {
         assert_eq!(k1, k2);
         // The length bytes are not letters and stay as they are.
         assert_eq!(&k1[10..14], b"\x03web");
+    }
+
+    #[test]
+    fn owners_that_repeat_the_question_are_found() {
+        // Question WeB.netsel A; answer owner WeB.netsel (uncompressed), then an SOA-ish
+        // record owned by the apex via a pointer.
+        let mut r = b"\x12\x34\x84\x00\x00\x01\x00\x01\x00\x01\x00\x00".to_vec();
+        r.extend_from_slice(b"\x03WeB\x06netsel\x00\x00\x01\x00\x01");
+        let owner = r.len();
+        r.extend_from_slice(b"\x03WeB\x06netsel\x00\x00\x01\x00\x01\x00\x00\x00\x05\x00\x04\x7f\x00\x00\x01");
+        r.extend_from_slice(b"\xc0\x10\x00\x06\x00\x01\x00\x00\x00\x05\x00\x01\x00");
+        assert_eq!(owner_offsets(&r, 24), Some(vec![owner]));
+        // Trailing garbage or a short record: not cacheable.
+        let mut bad = r.clone();
+        bad.push(0);
+        assert_eq!(owner_offsets(&bad, 24), None);
+        assert_eq!(owner_offsets(&r[..r.len() - 1], 24), None);
     }
 
     #[test]

@@ -372,8 +372,12 @@ pub async fn serve(
         32,
     );
     let mut workers = Vec::new();
+    // The UDP threads stop on shutdown, and also when this task is dropped without one
+    // (a runtime going away must not wait on them forever).
+    let workers_stop = shutdown.child_token();
+    let _stop_on_drop = workers_stop.clone().drop_guard();
     if settings.fast_path {
-        match fast::spawn(handler, sockets.udp, &settings, shutdown.clone()) {
+        match fast::spawn(handler, sockets.udp, &settings, workers_stop) {
             Ok(w) => workers = w,
             Err(e) => tracing::error!(error = %e, "cannot start the DNS UDP workers"),
         }
