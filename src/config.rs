@@ -357,7 +357,8 @@ impl Settings {
         let label_ok = |l: &str| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
         if domain.is_empty() || domain.len() > 200 || !domain.split('.').all(label_ok) {
             return bad(
@@ -380,7 +381,7 @@ impl Settings {
         if d.udp_workers > 64 {
             return bad("dns.udp_workers", "at most 64".into());
         }
-        if d.upstreams.iter().any(|u| *u == self.config.dns_addr) {
+        if d.upstreams.contains(&self.config.dns_addr) {
             return bad("dns.upstreams", "may not name NetSel's own dns_addr".into());
         }
         Ok(())

@@ -678,7 +678,7 @@ impl Response {
                 let _ = write!(Bytes(out), "FAILED|{}\0", one_line(reason));
             }
             (r, Framing::Line) => {
-                let _ = write!(Bytes(out), "{r}\n");
+                let _ = writeln!(Bytes(out), "{r}");
             }
             (r, Framing::Seed) => {
                 let _ = write!(Bytes(out), "{r}\0");
@@ -706,7 +706,7 @@ impl Response {
             ("HEARTBEAT_FAILED", []) => Response::HeartbeatFailed,
             ("PONG", []) => Response::Pong,
             ("OK", []) => Response::Ok,
-            ("FAILED", [reason @ ..]) => Response::Failed(reason.join("|")),
+            ("FAILED", reason) => Response::Failed(reason.join("|")),
             ("REGISTERED", [id, secret, vip, sport, ep, ttl]) => {
                 Response::Registered(RegisterReply {
                     id: id.to_string(),

@@ -24,11 +24,24 @@ async fn start(tweak: impl FnOnce(&mut Settings)) -> (NetSelServer, SocketAddr) 
 
 async fn register(server: &NetSelServer, name: &str, ep: &str) -> String {
     let reg = Registration::new(name, Endpoint::Explicit(ep.parse().unwrap()));
-    server.catalog().unwrap().register(reg).await.unwrap().id.to_string()
+    server
+        .catalog()
+        .unwrap()
+        .register(reg)
+        .await
+        .unwrap()
+        .id
+        .to_string()
 }
 
 fn vip(server: &NetSelServer, name: &str) -> IpAddr {
-    server.catalog().unwrap().snapshot().service(name).unwrap().vip
+    server
+        .catalog()
+        .unwrap()
+        .snapshot()
+        .service(name)
+        .unwrap()
+        .vip
 }
 
 fn resolver(dns: SocketAddr, tcp_only: bool) -> Resolver<TokioRuntimeProvider> {
@@ -41,7 +54,8 @@ fn resolver(dns: SocketAddr, tcp_only: bool) -> Resolver<TokioRuntimeProvider> {
     let mut tcp = ConnectionConfig::tcp();
     tcp.port = dns.port();
     conns.push(tcp);
-    let config = ResolverConfig::from_name_servers(vec![NameServerConfig::new(dns.ip(), true, conns)]);
+    let config =
+        ResolverConfig::from_name_servers(vec![NameServerConfig::new(dns.ip(), true, conns)]);
     let mut b = Resolver::builder_with_config(config, TokioRuntimeProvider::default());
     let opts = b.options_mut();
     opts.cache_size = 0;
@@ -107,7 +121,10 @@ async fn resolver_gets_a_srv_and_nxdomain_over_udp_and_tcp() {
             .collect();
         assert_eq!(ips, vec![vip(&server, "web")], "tcp_only={tcp_only}");
 
-        let srv = r.lookup("_web._tcp.netsel.", RecordType::SRV).await.unwrap();
+        let srv = r
+            .lookup("_web._tcp.netsel.", RecordType::SRV)
+            .await
+            .unwrap();
         let mut ports: Vec<u16> = srv
             .answers()
             .iter()
@@ -125,7 +142,10 @@ async fn resolver_gets_a_srv_and_nxdomain_over_udp_and_tcp() {
             .unwrap();
         assert!(matches!(&inst.answers()[0].data, RData::A(a) if a.0.to_string() == "127.0.0.1"));
 
-        let err = r.lookup("missing.netsel.", RecordType::A).await.unwrap_err();
+        let err = r
+            .lookup("missing.netsel.", RecordType::A)
+            .await
+            .unwrap_err();
         assert!(err.is_nx_domain(), "{err}");
         let soa = err.into_soa().expect("SOA in the authority section");
         assert_eq!(soa.data.minimum, 5);
@@ -182,12 +202,18 @@ async fn question_case_is_echoed_through_the_udp_cache() {
     let (server, dns) = start(|_| {}).await;
     register(&server, "web", "127.0.0.1:8000").await;
     // The second and third are answered from the first's cached bytes.
-    for (id, name) in [(1u16, "WEB.netsel."), (2, "web.NETSEL."), (3, "wEb.nEtSeL.")] {
+    for (id, name) in [
+        (1u16, "WEB.netsel."),
+        (2, "web.NETSEL."),
+        (3, "wEb.nEtSeL."),
+    ] {
         let m = udp(dns, &query(id, name, RecordType::A, Some(1232))).await;
         assert_eq!(m.metadata.id, id);
         assert_eq!(m.queries[0].name().to_ascii(), name);
         assert_eq!(m.answers[0].name.to_ascii(), name);
-        assert!(matches!(&m.answers[0].data, RData::A(a) if IpAddr::V4(a.0) == vip(&server, "web")));
+        assert!(
+            matches!(&m.answers[0].data, RData::A(a) if IpAddr::V4(a.0) == vip(&server, "web"))
+        );
     }
     server.shutdown().await;
 }
@@ -198,7 +224,11 @@ async fn answers_follow_registrations_and_deregistrations_at_once() {
     let catalog = server.catalog().unwrap();
     let q = query(1, "fresh.netsel.", RecordType::A, None);
     for round in 0..20 {
-        assert_eq!(udp(dns, &q).await.metadata.response_code, ResponseCode::NXDomain, "{round}");
+        assert_eq!(
+            udp(dns, &q).await.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{round}"
+        );
         let id = register(&server, "fresh", "127.0.0.1:8000").await;
         // The very next query sees it: no cache between the catalog and the answer.
         let m = udp(dns, &q).await;
@@ -212,7 +242,10 @@ async fn answers_follow_registrations_and_deregistrations_at_once() {
 #[tokio::test]
 async fn an_expired_lease_leaves_dns_within_milliseconds() {
     let (server, dns) = start(|_| {}).await;
-    let mut reg = Registration::new("brief", Endpoint::Explicit("127.0.0.1:8000".parse().unwrap()));
+    let mut reg = Registration::new(
+        "brief",
+        Endpoint::Explicit("127.0.0.1:8000".parse().unwrap()),
+    );
     reg.ttl = Some(Duration::from_secs(1));
     let registered = server.catalog().unwrap().register(reg).await.unwrap();
     let deadline = tokio::time::Instant::now() + registered.ttl;
@@ -224,12 +257,21 @@ async fn an_expired_lease_leaves_dns_within_milliseconds() {
         if m.metadata.response_code == ResponseCode::NXDomain {
             break tokio::time::Instant::now();
         }
-        assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(3), "never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline + Duration::from_secs(3),
+            "never expired"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    assert!(gone >= deadline - Duration::from_millis(50), "gone before its lease ran out");
+    assert!(
+        gone >= deadline - Duration::from_millis(50),
+        "gone before its lease ran out"
+    );
     let late = gone.saturating_duration_since(deadline);
-    assert!(late < Duration::from_millis(250), "gone {late:?} after the deadline");
+    assert!(
+        late < Duration::from_millis(250),
+        "gone {late:?} after the deadline"
+    );
     server.shutdown().await;
 }
 
@@ -238,13 +280,22 @@ async fn malformed_queries_do_not_stop_the_server() {
     let (server, dns) = start(|_| {}).await;
     register(&server, "web", "127.0.0.1:8000").await;
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    for junk in [&b""[..], b"\x00", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x3f"] {
+    for junk in [
+        &b""[..],
+        b"\x00",
+        b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x3f",
+    ] {
         sock.send_to(junk, dns).await.unwrap();
     }
     let m = udp(dns, &query(5, "web.netsel.", RecordType::A, None)).await;
     assert_eq!(m.answers.len(), 1);
     // A truncated question gets FORMERR.
-    let raw = udp_raw(dns, b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web").await;
+    let raw = udp_raw(
+        dns,
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web",
+    )
+    .await;
     assert_eq!(raw[3] & 0x0f, 1);
     server.shutdown().await;
 }

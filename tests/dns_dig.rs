@@ -24,7 +24,15 @@ impl Drop for Netsel {
 fn spawn_netsel() -> Netsel {
     let any = "127.0.0.1:0";
     let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
-        .args(["serve", "--registry-addr", any, "--dns-addr", any, "--api-addr", any])
+        .args([
+            "serve",
+            "--registry-addr",
+            any,
+            "--dns-addr",
+            any,
+            "--api-addr",
+            any,
+        ])
         .args(["--tcp-proxy-addr", any, "--http-proxy-addr", any])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -67,7 +75,11 @@ fn have_dig() -> bool {
 
 fn dig(dns: SocketAddr, args: &[&str]) -> String {
     let out = Command::new("dig")
-        .args([format!("@{}", dns.ip()), "-p".into(), dns.port().to_string()])
+        .args([
+            format!("@{}", dns.ip()),
+            "-p".into(),
+            dns.port().to_string(),
+        ])
         .args(["+tries=1", "+time=3"])
         .args(args)
         .output()
@@ -98,7 +110,9 @@ async fn dig_against_the_binary() {
     let dns = netsel.dns;
 
     // A over UDP, then the same over TCP.
-    let udp = tokio::task::spawn_blocking(move || dig(dns, &["web.netsel", "A"])).await.unwrap();
+    let udp = tokio::task::spawn_blocking(move || dig(dns, &["web.netsel", "A"]))
+        .await
+        .unwrap();
     assert_eq!(status(&udp), "NOERROR", "{udp}");
     assert!(udp.contains(" aa"), "AA set: {udp}");
     assert!(udp.contains(&format!("IN\tA\t{vip}")), "{udp}");
@@ -112,11 +126,19 @@ async fn dig_against_the_binary() {
         .await
         .unwrap();
     let id = web.instance_id().unwrap();
-    assert!(srv.contains(&format!("SRV\t0 3 8000 {id}.web.netsel.")), "{srv}");
-    assert!(srv.contains(&format!("{id}.web.netsel. 5\tIN\tA\t127.0.0.1")), "glue: {srv}");
+    assert!(
+        srv.contains(&format!("SRV\t0 3 8000 {id}.web.netsel.")),
+        "{srv}"
+    );
+    assert!(
+        srv.contains(&format!("{id}.web.netsel. 5\tIN\tA\t127.0.0.1")),
+        "glue: {srv}"
+    );
 
     // NXDOMAIN with the SOA; REFUSED outside the zone.
-    let nx = tokio::task::spawn_blocking(move || dig(dns, &["nope.netsel", "A"])).await.unwrap();
+    let nx = tokio::task::spawn_blocking(move || dig(dns, &["nope.netsel", "A"]))
+        .await
+        .unwrap();
     assert_eq!(status(&nx), "NXDOMAIN", "{nx}");
     assert!(nx.contains("SOA\tns.netsel. hostmaster.netsel."), "{nx}");
     let refused = tokio::task::spawn_blocking(move || dig(dns, &["example.com", "A"]))
@@ -138,6 +160,8 @@ async fn dig_against_the_binary() {
 
     // Deregistered: gone from DNS at once.
     web.deregister().await.unwrap();
-    let nx = tokio::task::spawn_blocking(move || dig(dns, &["web.netsel", "A"])).await.unwrap();
+    let nx = tokio::task::spawn_blocking(move || dig(dns, &["web.netsel", "A"]))
+        .await
+        .unwrap();
     assert_eq!(status(&nx), "NXDOMAIN", "{nx}");
 }

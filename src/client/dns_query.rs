@@ -62,7 +62,12 @@ pub async fn dns_resolve_in(
     check_rcode(&resp)?;
     let mut instances = Vec::new();
     for rr in &resp.answers {
-        let RData::Srv { weight, port, target } = &rr.data else {
+        let RData::Srv {
+            weight,
+            port,
+            target,
+        } = &rr.data
+        else {
             continue;
         };
         let Some(ip) = resp

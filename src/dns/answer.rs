@@ -57,9 +57,7 @@ impl Zone {
             .map_err(|e| err(e.to_string()))?
             .to_lowercase();
         domain.set_fqdn(true);
-        let ns = domain
-            .prepend_label("ns")
-            .map_err(|e| err(e.to_string()))?;
+        let ns = domain.prepend_label("ns").map_err(|e| err(e.to_string()))?;
         let hostmaster = domain
             .prepend_label("hostmaster")
             .map_err(|e| err(e.to_string()))?;
@@ -121,7 +119,8 @@ fn reverse_zone(cidr: IpNet) -> Name {
         }
     }
     labels.push("arpa".into());
-    let mut name = Name::from_labels(labels.iter().map(|l| l.as_bytes())).unwrap_or_else(|_| Name::root());
+    let mut name =
+        Name::from_labels(labels.iter().map(|l| l.as_bytes())).unwrap_or_else(|_| Name::root());
     name.set_fqdn(true);
     name
 }
@@ -207,12 +206,22 @@ pub fn plan(zone: &Zone, snap: &Snapshot, req: &MessageRequest) -> Plan {
     let (apex, found) = if zone.domain_lower.zone_of(name) {
         let depth = (name.num_labels() - zone.domain.num_labels()) as usize;
         let labels: Vec<&[u8]> = name.iter().take(depth).collect();
-        (&zone.domain, lookup_forward(zone, snap, &labels, qtype, &owner))
+        (
+            &zone.domain,
+            lookup_forward(zone, snap, &labels, qtype, &owner),
+        )
     } else if zone.reverse_lower.zone_of(name) {
-        (&zone.reverse, lookup_reverse(zone, snap, name, qtype, &owner))
+        (
+            &zone.reverse,
+            lookup_reverse(zone, snap, name, qtype, &owner),
+        )
     } else {
         let bare = (zone.bare_names && name.num_labels() == 1)
-            .then(|| name.iter().next().map(|l| service_found(zone, snap, l, qtype, &owner)))
+            .then(|| {
+                name.iter()
+                    .next()
+                    .map(|l| service_found(zone, snap, l, qtype, &owner))
+            })
             .flatten();
         match bare {
             Some(Found::Records(ans, add)) => {
@@ -280,10 +289,9 @@ fn lookup_forward(
             let mut answers = Vec::new();
             let mut glue = Vec::new();
             for inst in service.healthy() {
-                let Ok(target) = Name::from_ascii(format!(
-                    "{}.{}.{}",
-                    inst.id, service.name, zone.domain
-                )) else {
+                let Ok(target) =
+                    Name::from_ascii(format!("{}.{}.{}", inst.id, service.name, zone.domain))
+                else {
                     continue;
                 };
                 let weight = inst.weight.min(u16::MAX as u32) as u16;
@@ -332,9 +340,16 @@ fn service_found(
         RecordType::A | RecordType::AAAA | RecordType::ANY
             if qtype == RecordType::ANY || is_v4(service.vip) == (qtype == RecordType::A) =>
         {
-            Found::Records(vec![address(owner.clone(), zone.ttl, service.vip)], Vec::new())
+            Found::Records(
+                vec![address(owner.clone(), zone.ttl, service.vip)],
+                Vec::new(),
+            )
         }
-        RecordType::TXT => txt(owner, zone.ttl, service.healthy().flat_map(|i| i.meta.iter())),
+        RecordType::TXT => txt(
+            owner,
+            zone.ttl,
+            service.healthy().flat_map(|i| i.meta.iter()),
+        ),
         _ => Found::NoData,
     }
 }
@@ -374,7 +389,11 @@ fn lookup_reverse(
         return Found::NxDomain;
     };
     Found::Records(
-        vec![Record::from_rdata(owner.clone(), zone.ttl, RData::PTR(PTR(target)))],
+        vec![Record::from_rdata(
+            owner.clone(),
+            zone.ttl,
+            RData::PTR(PTR(target)),
+        )],
         Vec::new(),
     )
 }
@@ -413,11 +432,7 @@ fn address(owner: Name, ttl: u32, ip: IpAddr) -> Record {
 
 /// Metadata as `key=value` TXT strings: deduplicated, sorted, each at most 255 bytes,
 /// all together at most [`MAX_TXT_BYTES`].
-fn txt<'a>(
-    owner: &Name,
-    ttl: u32,
-    meta: impl Iterator<Item = (&'a String, &'a String)>,
-) -> Found {
+fn txt<'a>(owner: &Name, ttl: u32, meta: impl Iterator<Item = (&'a String, &'a String)>) -> Found {
     let strings: BTreeSet<String> = meta
         .map(|(k, v)| format!("{k}={v}"))
         .filter(|s| s.len() <= 255)
@@ -434,7 +449,11 @@ fn txt<'a>(
         return Found::NoData;
     }
     Found::Records(
-        vec![Record::from_rdata(owner.clone(), ttl, RData::TXT(TXT::new(kept)))],
+        vec![Record::from_rdata(
+            owner.clone(),
+            ttl,
+            RData::TXT(TXT::new(kept)),
+        )],
         Vec::new(),
     )
 }

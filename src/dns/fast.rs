@@ -269,7 +269,9 @@ mod tests {
         let mut r = b"\x12\x34\x84\x00\x00\x01\x00\x01\x00\x01\x00\x00".to_vec();
         r.extend_from_slice(b"\x03WeB\x06netsel\x00\x00\x01\x00\x01");
         let owner = r.len();
-        r.extend_from_slice(b"\x03WeB\x06netsel\x00\x00\x01\x00\x01\x00\x00\x00\x05\x00\x04\x7f\x00\x00\x01");
+        r.extend_from_slice(
+            b"\x03WeB\x06netsel\x00\x00\x01\x00\x01\x00\x00\x00\x05\x00\x04\x7f\x00\x00\x01",
+        );
         r.extend_from_slice(b"\xc0\x10\x00\x06\x00\x01\x00\x00\x00\x05\x00\x01\x00");
         assert_eq!(owner_offsets(&r, 24), Some(vec![owner]));
         // Trailing garbage or a short record: not cacheable.

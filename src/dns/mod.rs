@@ -23,7 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{
+    Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
 use hickory_proto::rr::RecordType;
 use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::Server;
@@ -168,7 +170,12 @@ impl DnsHandler {
         let mut bytes = vec![0u8; 12];
         bytes[..2].copy_from_slice(&raw[..2]);
         bytes[2] = 0x80 | (raw[2] & 0x79);
-        bytes[3] = 0x02 | if self.inner.zone.forwarding() { 0x80 } else { 0 };
+        bytes[3] = 0x02
+            | if self.inner.zone.forwarding() {
+                0x80
+            } else {
+                0
+            };
         self.inner.metrics.record(None, ResponseCode::ServFail);
         bytes
     }
@@ -257,11 +264,14 @@ impl RequestHandler for DnsHandler {
                 let rcode = reply.metadata.response_code;
                 self.inner.metrics.record(Some(reply.qtype), rcode);
                 let builder = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref());
-                let truncated = udp && encode(&reply, &request.queries, payload_limit(request, udp)).1;
+                let truncated =
+                    udp && encode(&reply, &request.queries, payload_limit(request, udp)).1;
                 if truncated {
                     let mut md = reply.metadata;
                     md.truncation = true;
-                    response_handle.send_response(builder.build_no_records(md)).await
+                    response_handle
+                        .send_response(builder.build_no_records(md))
+                        .await
                 } else {
                     let resp = builder.build(
                         reply.metadata,
@@ -294,7 +304,9 @@ impl RequestHandler for DnsHandler {
                         let mut md = Metadata::response_from_request(&request.metadata);
                         md.response_code = ResponseCode::ServFail;
                         md.recursion_available = true;
-                        response_handle.send_response(builder.build_no_records(md)).await
+                        response_handle
+                            .send_response(builder.build_no_records(md))
+                            .await
                     }
                 }
             }
@@ -303,7 +315,8 @@ impl RequestHandler for DnsHandler {
             Ok(info) => info,
             Err(e) => {
                 tracing::debug!(error = %e, src = %request.src(), "cannot send DNS response");
-                let mut md = Metadata::new(request.metadata.id, MessageType::Response, OpCode::Query);
+                let mut md =
+                    Metadata::new(request.metadata.id, MessageType::Response, OpCode::Query);
                 md.response_code = ResponseCode::ServFail;
                 ResponseInfo::from(Header {
                     metadata: md,
@@ -348,7 +361,11 @@ pub async fn bind(addr: SocketAddr) -> io::Result<DnsSockets> {
 
 fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
     // Large buffers absorb bursts (a load generator with many queries outstanding).
     let _ = sock.set_recv_buffer_size(4 << 20);
     let _ = sock.set_send_buffer_size(4 << 20);
@@ -366,11 +383,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut server = Server::new(handler.clone());
-    server.register_listener(
-        sockets.tcp,
-        Duration::from_secs(settings.tcp_idle_secs),
-        32,
-    );
+    server.register_listener(sockets.tcp, Duration::from_secs(settings.tcp_idle_secs), 32);
     let mut workers = Vec::new();
     // The UDP threads stop on shutdown, and also when this task is dropped without one
     // (a runtime going away must not wait on them forever).

@@ -109,7 +109,9 @@ async fn srv_per_healthy_instance_with_glue() {
     assert_eq!(r.additionals.len(), 2, "glue for each target");
     // The target names resolve to the instance address.
     let r = ask(&h, &query(&format!("{a}.api.netsel."), RecordType::A));
-    let RData::A(ip) = &r.answers[0].data else { panic!() };
+    let RData::A(ip) = &r.answers[0].data else {
+        panic!()
+    };
     assert_eq!(ip.0.to_string(), "127.0.0.1");
 }
 
@@ -122,14 +124,20 @@ async fn nxdomain_and_nodata_carry_the_soa() {
         ("web.netsel.", RecordType::MX, ResponseCode::NoError),
         ("web.netsel.", RecordType::AAAA, ResponseCode::NoError),
         ("a.b.c.netsel.", RecordType::A, ResponseCode::NXDomain),
-        ("_nope._tcp.netsel.", RecordType::SRV, ResponseCode::NXDomain),
+        (
+            "_nope._tcp.netsel.",
+            RecordType::SRV,
+            ResponseCode::NXDomain,
+        ),
     ] {
         let r = ask(&h, &query(name, qtype));
         assert_eq!(r.metadata.response_code, code, "{name} {qtype}");
         assert!(r.metadata.authoritative);
         assert!(r.answers.is_empty());
         assert_eq!(r.authorities.len(), 1, "{name}");
-        let RData::SOA(soa) = &r.authorities[0].data else { panic!() };
+        let RData::SOA(soa) = &r.authorities[0].data else {
+            panic!()
+        };
         assert_eq!(soa.minimum, 5, "SOA minimum is the negative TTL");
         assert_eq!(r.authorities[0].name.to_ascii(), "netsel.");
     }
@@ -143,7 +151,9 @@ async fn negative_ttl_is_configurable() {
     let h = handler_with(&s);
     register(&h, "web", "127.0.0.1:8000", &[]).await;
     let r = ask(&h, &query("nope.netsel.", RecordType::A));
-    let RData::SOA(soa) = &r.authorities[0].data else { panic!() };
+    let RData::SOA(soa) = &r.authorities[0].data else {
+        panic!()
+    };
     assert_eq!(soa.minimum, 42);
     assert_eq!(r.authorities[0].ttl, 42);
     let r = ask(&h, &query("web.netsel.", RecordType::A));
@@ -192,12 +202,16 @@ async fn other_domain_setting() {
 async fn ptr_for_vips() {
     let h = handler();
     register(&h, "web", "127.0.0.1:8000", &[]).await;
-    let IpAddr::V4(vip) = vip_of(&h, "web") else { panic!() };
+    let IpAddr::V4(vip) = vip_of(&h, "web") else {
+        panic!()
+    };
     let o = vip.octets();
     let name = format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0]);
     let r = ask(&h, &query(&name, RecordType::PTR));
     assert!(r.metadata.authoritative);
-    let RData::PTR(ptr) = &r.answers[0].data else { panic!() };
+    let RData::PTR(ptr) = &r.answers[0].data else {
+        panic!()
+    };
     assert_eq!(ptr.0.to_ascii(), "web.netsel.");
     // A VIP nobody holds: NXDOMAIN with the reverse zone's SOA.
     let r = ask(&h, &query("254.254.77.127.in-addr.arpa.", RecordType::PTR));
@@ -212,9 +226,17 @@ async fn ptr_for_vips() {
 async fn txt_is_metadata() {
     let h = handler();
     let id = register(&h, "web", "127.0.0.1:8000", &[("env", "prod"), ("v", "2")]).await;
-    register(&h, "web", "127.0.0.2:8000", &[("env", "prod"), ("zone", "b")]).await;
+    register(
+        &h,
+        "web",
+        "127.0.0.2:8000",
+        &[("env", "prod"), ("zone", "b")],
+    )
+    .await;
     let r = ask(&h, &query("web.netsel.", RecordType::TXT));
-    let RData::TXT(txt) = &r.answers[0].data else { panic!() };
+    let RData::TXT(txt) = &r.answers[0].data else {
+        panic!()
+    };
     let strings: Vec<String> = txt
         .txt_data
         .iter()
@@ -222,7 +244,9 @@ async fn txt_is_metadata() {
         .collect();
     assert_eq!(strings, ["env=prod", "v=2", "zone=b"]);
     let r = ask(&h, &query(&format!("{id}.web.netsel."), RecordType::TXT));
-    let RData::TXT(txt) = &r.answers[0].data else { panic!() };
+    let RData::TXT(txt) = &r.answers[0].data else {
+        panic!()
+    };
     assert_eq!(txt.txt_data.len(), 2);
 }
 
@@ -257,7 +281,9 @@ async fn big_answers_truncate_over_udp_only() {
     for i in 0..60u16 {
         register(&h, "big", &format!("127.0.1.{}:{}", i + 1, 9000 + i), &[]).await;
     }
-    let raw = query("_big._tcp.netsel.", RecordType::SRV).to_vec().unwrap();
+    let raw = query("_big._tcp.netsel.", RecordType::SRV)
+        .to_vec()
+        .unwrap();
     let udp = Message::from_vec(&ask_raw(&h, &raw, true).unwrap()).unwrap();
     assert!(udp.metadata.truncation);
     assert!(udp.answers.is_empty());
@@ -291,7 +317,12 @@ async fn malformed_queries_never_panic() {
     resp[2] |= 0x80;
     assert!(ask_raw(&h, &resp, true).is_none());
     // A header promising a question that is not there: FORMERR.
-    let bytes = ask_raw(&h, b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ab", true).unwrap();
+    let bytes = ask_raw(
+        &h,
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ab",
+        true,
+    )
+    .unwrap();
     assert_eq!(&bytes[..2], b"\x12\x34");
     assert_eq!(bytes[3] & 0x0f, 1, "FORMERR");
     // Fuzz: random bytes and every truncation of a good query.
@@ -316,7 +347,10 @@ async fn several_questions_unknown_class_opcode_any() {
     let h = handler();
     register(&h, "web", "127.0.0.1:8000", &[]).await;
     let mut m = query("web.netsel.", RecordType::A);
-    m.add_query(Query::query(Name::from_ascii("web.netsel.").unwrap(), RecordType::AAAA));
+    m.add_query(Query::query(
+        Name::from_ascii("web.netsel.").unwrap(),
+        RecordType::AAAA,
+    ));
     assert_eq!(ask(&h, &m).metadata.response_code, ResponseCode::FormErr);
 
     let mut m = Message::new(1, MessageType::Query, OpCode::Query);
@@ -353,7 +387,11 @@ async fn answers_follow_the_catalog_at_once() {
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
     h.catalog().deregister_admin(&id).await.unwrap();
     let r = ask(&h, &query("late.netsel.", RecordType::A));
-    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "no instances left");
+    assert_eq!(
+        r.metadata.response_code,
+        ResponseCode::NXDomain,
+        "no instances left"
+    );
 }
 
 #[tokio::test]
@@ -376,7 +414,9 @@ async fn ipv6_instances_get_aaaa() {
     let h = handler();
     let id = register(&h, "v6", "[::1]:8000", &[]).await;
     let r = ask(&h, &query(&format!("{id}.v6.netsel."), RecordType::AAAA));
-    let RData::AAAA(ip) = &r.answers[0].data else { panic!() };
+    let RData::AAAA(ip) = &r.answers[0].data else {
+        panic!()
+    };
     assert_eq!(ip.0, "::1".parse::<std::net::Ipv6Addr>().unwrap());
     let r = ask(&h, &query(&format!("{id}.v6.netsel."), RecordType::A));
     assert!(r.answers.is_empty());
@@ -386,7 +426,12 @@ async fn ipv6_instances_get_aaaa() {
 #[test]
 fn reverse_zones() {
     let s = settings();
-    let z = |cidr: &str| Zone::new(&s.dns, cidr.parse().unwrap()).unwrap().reverse.to_ascii();
+    let z = |cidr: &str| {
+        Zone::new(&s.dns, cidr.parse().unwrap())
+            .unwrap()
+            .reverse
+            .to_ascii()
+    };
     assert_eq!(z("127.77.0.0/16"), "77.127.in-addr.arpa.");
     assert_eq!(z("10.0.0.0/24"), "0.0.10.in-addr.arpa.");
     assert_eq!(z("10.0.0.0/20"), "0.10.in-addr.arpa.");
