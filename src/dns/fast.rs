@@ -77,36 +77,77 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
-        let mut buf = vec![0u8; 4096];
         let mut key = Vec::with_capacity(MAX_KEY);
-        let mut out = Vec::with_capacity(1232);
-        while !self.shutdown.is_cancelled() {
-            let (n, src) = match self.socket.recv_from(&mut buf) {
-                Ok(x) => x,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue;
+        #[cfg(target_os = "linux")]
+        {
+            let mut batch = super::mmsg::Batch::new();
+            let mut outs: Vec<Vec<u8>> = (0..super::mmsg::BATCH)
+                .map(|_| Vec::with_capacity(1232))
+                .collect();
+            let mut ready: Vec<usize> = Vec::with_capacity(super::mmsg::BATCH);
+            while !self.shutdown.is_cancelled() {
+                let n = match batch.recv(&self.socket) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.recv_error(e);
+                        continue;
+                    }
+                };
+                ready.clear();
+                for (i, out) in outs.iter_mut().enumerate().take(n) {
+                    let (query, src) = batch.datagram(i);
+                    let Some(src) = src.filter(|s| s.port() != 0) else {
+                        continue;
+                    };
+                    if self.answer(query, src, &mut key, out) {
+                        ready.push(i);
+                    }
                 }
-                Err(e) => {
-                    // e.g. ICMP port unreachable reported on a later call; never fatal.
-                    tracing::debug!(error = %e, "DNS UDP receive error");
-                    continue;
-                }
-            };
-            if src.port() == 0 {
-                continue;
+                let replies: Vec<(usize, &[u8])> =
+                    ready.iter().map(|&i| (i, outs[i].as_slice())).collect();
+                batch.send(&self.socket, &replies);
             }
-            self.answer(&buf[..n], src, &mut key, &mut out);
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let mut buf = vec![0u8; 4096];
+            let mut out = Vec::with_capacity(1232);
+            while !self.shutdown.is_cancelled() {
+                let (n, src) = match self.socket.recv_from(&mut buf) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.recv_error(e);
+                        continue;
+                    }
+                };
+                if src.port() != 0 && self.answer(&buf[..n], src, &mut key, &mut out) {
+                    if let Err(e) = self.socket.send_to(&out, src) {
+                        tracing::debug!(error = %e, dst = %src, "DNS UDP send failed");
+                    }
+                }
+            }
         }
     }
 
-    fn answer(&mut self, query: &[u8], src: SocketAddr, key: &mut Vec<u8>, out: &mut Vec<u8>) {
+    fn recv_error(&self, e: io::Error) {
+        // Timeouts let the loop see shutdown; anything else (e.g. an ICMP error reported
+        // on a later call) is never fatal.
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        ) {
+            tracing::debug!(error = %e, "DNS UDP receive error");
+        }
+    }
+
+    /// Puts the answer to `query` in `out`; returns whether there is one to send now.
+    fn answer(
+        &mut self,
+        query: &[u8],
+        src: SocketAddr,
+        key: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> bool {
         let index = self.handler.catalog().index();
         if index != self.cache_index {
             self.cache.clear();
@@ -124,8 +165,7 @@ impl Worker {
                 out[at..at + qend - 12].copy_from_slice(&query[12..qend]);
             }
             self.handler.metrics().record(hit.qtype, hit.rcode);
-            self.send(out, src);
-            return;
+            return true;
         }
         match self.handler.respond_raw(query, true) {
             RawAnswer::Reply {
@@ -133,7 +173,8 @@ impl Worker {
                 qtype,
                 rcode,
             } => {
-                self.send(&bytes, src);
+                out.clear();
+                out.extend_from_slice(&bytes);
                 // Cache only answers that echo the one question at the same place.
                 if let Some(qend) = qend
                     && bytes.len() >= qend
@@ -153,6 +194,7 @@ impl Worker {
                         },
                     );
                 }
+                true
             }
             RawAnswer::Forward => {
                 let handler = self.handler.clone();
@@ -166,14 +208,9 @@ impl Worker {
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot forward DNS query"),
                 }
+                false
             }
-            RawAnswer::Drop => {}
-        }
-    }
-
-    fn send(&self, bytes: &[u8], dst: SocketAddr) {
-        if let Err(e) = self.socket.send_to(bytes, dst) {
-            tracing::debug!(error = %e, %dst, "DNS UDP send failed");
+            RawAnswer::Drop => false,
         }
     }
 }

@@ -17,6 +17,8 @@ mod answer;
 mod fast;
 mod forward;
 mod metrics;
+#[cfg(target_os = "linux")]
+mod mmsg;
 
 use std::io;
 use std::net::SocketAddr;
