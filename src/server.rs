@@ -168,13 +168,10 @@ impl NetSelServer {
             })?;
         let dns_metrics = crate::dns::DnsMetrics::default();
         dns_metrics.register(&mut registry_metrics);
-        let dns_handler = crate::dns::DnsHandler::new(
-            catalog.clone(),
-            &s.dns,
-            s.network.vip_cidr,
-            dns_metrics,
-        )
-        .map_err(|e| ConfigError::Invalid {
+        let vip_cidr = s.network.vip_cidr;
+        let dns_handler =
+            crate::dns::DnsHandler::new(catalog.clone(), &s.dns, vip_cidr, dns_metrics);
+        let dns_handler = dns_handler.map_err(|e| ConfigError::Invalid {
             key: "dns.domain",
             reason: e.to_string(),
         })?;
