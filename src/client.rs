@@ -26,6 +26,9 @@
 //! heartbeats.shutdown().await?; // deregisters
 //! # Ok(()) }
 //! ```
+//!
+//! [`dns_resolve`] finds a service through NetSel's DNS server instead of the registry:
+//! its VIP (`NAME.netsel.` A/AAAA) and healthy instances (`_NAME._tcp.netsel.` SRV).
 
 pub mod http;
 pub mod watch;
@@ -48,6 +51,10 @@ use crate::protocol::{
 };
 
 pub use crate::protocol::ResolvedInstance;
+
+mod dns_query;
+/// Resolving through NetSel's DNS server instead of the registry (no DNS library needed).
+pub use dns_query::{DEFAULT_DOMAIN, DnsResolution, dns_resolve, dns_resolve_in};
 
 /// The seed's heartbeat interval.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);

@@ -185,6 +185,55 @@ impl Default for ApiSettings {
     }
 }
 
+/// DNS server settings (the `[dns]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSettings {
+    /// The zone NetSel is authoritative for. Default `netsel.`.
+    pub domain: String,
+    /// TTL of positive answers, in seconds. Short, because discovery data changes.
+    /// Default 5.
+    pub ttl_secs: u32,
+    /// TTL of negative answers (the SOA minimum, RFC 2308), in seconds. Default 5.
+    pub negative_ttl_secs: u32,
+    /// Also answer a bare service name (`web.`) as `web.<domain>`. Default off.
+    pub bare_names: bool,
+    /// Resolvers that names outside the zone are forwarded to, in order. Empty (the
+    /// default) refuses them: NetSel is never an open resolver unless told to be.
+    pub upstreams: Vec<SocketAddr>,
+    /// Milliseconds to wait for an upstream before trying the next. Default 2000.
+    pub forward_timeout_ms: u64,
+    /// Most forwarded queries in flight; more are answered SERVFAIL. Default 256.
+    pub max_forwards: usize,
+    /// Seconds a DNS-over-TCP connection may stay idle. Default 10.
+    pub tcp_idle_secs: u64,
+    /// Threads answering UDP; 0 means one per CPU (at most 8). Default 0.
+    pub udp_workers: usize,
+    /// Serve UDP from precomputed wire answers (rebuilt on every catalog change) instead
+    /// of hickory's generic UDP loop. Default on; off exists to measure the difference.
+    pub fast_path: bool,
+    /// Most precomputed answers each UDP worker keeps. Default 16384.
+    pub cache_entries: usize,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            domain: "netsel.".into(),
+            ttl_secs: 5,
+            negative_ttl_secs: 5,
+            bare_names: false,
+            upstreams: Vec::new(),
+            forward_timeout_ms: 2000,
+            max_forwards: 256,
+            tcp_idle_secs: 10,
+            udp_workers: 0,
+            fast_path: true,
+            cache_entries: 16_384,
+        }
+    }
+}
+
 /// Access control for the HTTP API (`[acl]` table). Off by default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -244,6 +293,8 @@ pub struct Settings {
     pub health: HealthSettings,
     /// HTTP proxy limits, timeouts, pooling and retries.
     pub http_proxy: HttpProxySettings,
+    /// DNS server.
+    pub dns: DnsSettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -275,6 +326,7 @@ impl From<NetSelConfig> for Settings {
             balance: BalanceSettings::default(),
             health: HealthSettings::default(),
             http_proxy: HttpProxySettings::default(),
+            dns: DnsSettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -308,6 +360,7 @@ struct FileConfig {
     balance: Option<BalanceSettings>,
     health: Option<HealthSettings>,
     http_proxy: Option<HttpProxySettings>,
+    dns: Option<DnsSettings>,
 }
 
 impl Settings {
@@ -356,6 +409,7 @@ impl Settings {
             s.balance => f.balance,
             s.health => f.health,
             s.http_proxy => f.http_proxy,
+            s.dns => f.dns,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -422,6 +476,7 @@ impl Settings {
         self.http_proxy
             .validate()
             .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
+        self.validate_dns()?;
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
             key: "network.vip_cidr",
             reason: e.to_string(),
@@ -430,6 +485,43 @@ impl Settings {
             key: "network.port_pool_start/end",
             reason: e.to_string(),
         })?;
+        Ok(())
+    }
+
+    fn validate_dns(&self) -> Result<(), ConfigError> {
+        let d = &self.dns;
+        let bad = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let domain = d.domain.strip_suffix('.').unwrap_or(&d.domain);
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if domain.is_empty() || domain.len() > 200 || !domain.split('.').all(label_ok) {
+            return bad(
+                "dns.domain",
+                format!("'{}' is not a domain name like netsel.", d.domain),
+            );
+        }
+        if d.ttl_secs > 86_400 || d.negative_ttl_secs > 86_400 {
+            return bad("dns.ttl_secs", "TTLs must be at most 86400".into());
+        }
+        if d.forward_timeout_ms == 0 || d.max_forwards == 0 {
+            return bad(
+                "dns.forward_timeout_ms/max_forwards",
+                "must be at least 1".into(),
+            );
+        }
+        if d.tcp_idle_secs == 0 {
+            return bad("dns.tcp_idle_secs", "must be at least 1".into());
+        }
+        if d.udp_workers > 64 {
+            return bad("dns.udp_workers", "at most 64".into());
+        }
+        if d.upstreams.contains(&self.config.dns_addr) {
+            return bad("dns.upstreams", "may not name NetSel's own dns_addr".into());
+        }
         Ok(())
     }
 
@@ -533,6 +625,28 @@ mod tests {
             "[http_proxy]\nmax_header_bytes = 100",
             "[http_proxy]\ndefault_service = \"no such\"",
             "registry_addr = \"nope\"",
+        ] {
+            assert!(Settings::from_toml(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn dns_table() {
+        let s = Settings::from_toml(
+            "[dns]\ndomain = \"svc.local.\"\nttl_secs = 30\nupstreams = [\"127.0.0.1:53\"]",
+        )
+        .unwrap();
+        assert_eq!(s.dns.domain, "svc.local.");
+        assert_eq!(s.dns.ttl_secs, 30);
+        assert_eq!(s.dns.negative_ttl_secs, 5);
+        assert!(!s.dns.bare_names);
+        assert_eq!(s.dns.upstreams.len(), 1);
+        assert!(Settings::default().dns.upstreams.is_empty());
+        for text in [
+            "[dns]\ndomain = \"bad domain\"",
+            "[dns]\ndomain = \"a..b\"",
+            "[dns]\nttl_secs = 100000",
+            "[dns]\ncolour = 1",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");
         }

@@ -12,6 +12,7 @@
 //! * [`network`]: the VIP pool and the port pool.
 //! * [`registry`]: the seed-compatible line protocol on port 9000 ([`protocol`] holds its
 //!   grammar).
+//! * [`dns`]: the authoritative DNS server for the NetSel domain.
 //! * [`store`]: persistence behind a trait.
 //! * [`server`]: [`NetSelServer`], which wires it all together.
 //! * [`client`]: the client library.
@@ -44,6 +45,8 @@ pub mod catalog;
 pub mod cli;
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod dns;
 #[cfg(feature = "server")]
 pub mod health;
 #[cfg(feature = "server")]

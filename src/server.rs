@@ -175,11 +175,27 @@ impl NetSelServer {
 
         // Bind every listener first: a conflict fails start-up before anything runs.
         let registry = bind_tcp("registry", s.config.registry_addr).await?;
+        let dns_sockets = crate::dns::bind(s.config.dns_addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "dns",
+                addr: s.config.dns_addr,
+                source,
+            })?;
+        let dns_metrics = crate::dns::DnsMetrics::default();
+        dns_metrics.register(&mut registry_metrics);
+        let vip_cidr = s.network.vip_cidr;
+        let dns_handler =
+            crate::dns::DnsHandler::new(catalog.clone(), &s.dns, vip_cidr, dns_metrics);
+        let dns_handler = dns_handler.map_err(|e| ConfigError::Invalid {
+            key: "dns.domain",
+            reason: e.to_string(),
+        })?;
         let api = bind_tcp("api", s.api_addr).await?;
         let mut bound = BoundAddrs {
             registry: local_addr(&registry, s.config.registry_addr),
             api: Some(local_addr(&api, s.api_addr)),
-            dns: None,
+            dns: Some(dns_sockets.local_addr().unwrap_or(s.config.dns_addr)),
             tcp_proxy: None,
             http_proxy: None,
         };
@@ -223,6 +239,12 @@ impl NetSelServer {
             shutdown.clone(),
         );
         tasks.spawn(crate::api::serve(api, api_state, shutdown.clone()));
+        tasks.spawn(crate::dns::serve(
+            dns_handler,
+            dns_sockets,
+            s.dns.clone(),
+            shutdown.clone(),
+        ));
         // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
         tasks.spawn(http_proxy.serve(http_listener, shutdown.clone()));
         tasks.close();

@@ -1,0 +1,334 @@
+//! The UDP fast path: a few threads receiving on one socket, each keeping the encoded
+//! answer of every distinct query it has answered at the current catalog index.
+//!
+//! A cached answer is keyed by the query's bytes after its id, with the question name
+//! lower-cased. Two queries with the same key differ only in id and in the letter case of
+//! the question, so the cached answer is copied and the id and the question's bytes are
+//! patched in (answers point at the question by compression, so their owner names follow
+//! its case too). The cache belongs to one catalog index: when the index moves, it is
+//! dropped before the next lookup, so an answer is never older than the catalog.
+//! Entries are bounded per thread; a full cache is cleared.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{DnsHandler, RawAnswer};
+use crate::config::DnsSettings;
+
+/// How often an idle worker checks for shutdown.
+const POLL: Duration = Duration::from_millis(200);
+/// Largest query cached (longer ones carry options that make them unique anyway).
+const MAX_KEY: usize = 512;
+
+/// Starts the UDP workers on `socket`; they stop soon after `shutdown`.
+pub(super) fn spawn(
+    handler: DnsHandler,
+    socket: UdpSocket,
+    settings: &DnsSettings,
+    shutdown: CancellationToken,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(POLL))?;
+    let n = match settings.udp_workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+        n => n,
+    };
+    let rt = tokio::runtime::Handle::current();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let worker = Worker {
+            handler: handler.clone(),
+            socket: socket.try_clone()?,
+            shutdown: shutdown.clone(),
+            rt: rt.clone(),
+            cache: HashMap::new(),
+            cache_index: u64::MAX,
+            max_entries: settings.cache_entries,
+        };
+        out.push(tokio::task::spawn_blocking(move || worker.run()));
+    }
+    Ok(out)
+}
+
+struct Cached {
+    bytes: Box<[u8]>,
+    /// Where the question name is repeated uncompressed (record owners), to patch too.
+    owners: Box<[usize]>,
+    qtype: Option<RecordType>,
+    rcode: ResponseCode,
+}
+
+struct Worker {
+    handler: DnsHandler,
+    socket: UdpSocket,
+    shutdown: CancellationToken,
+    rt: tokio::runtime::Handle,
+    cache: HashMap<Box<[u8]>, Cached>,
+    cache_index: u64,
+    max_entries: usize,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut key = Vec::with_capacity(MAX_KEY);
+        #[cfg(target_os = "linux")]
+        {
+            let mut batch = super::mmsg::Batch::new();
+            let mut outs: Vec<Vec<u8>> = (0..super::mmsg::BATCH)
+                .map(|_| Vec::with_capacity(1232))
+                .collect();
+            let mut ready: Vec<usize> = Vec::with_capacity(super::mmsg::BATCH);
+            while !self.shutdown.is_cancelled() {
+                let n = match batch.recv(&self.socket) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.recv_error(e);
+                        continue;
+                    }
+                };
+                ready.clear();
+                for (i, out) in outs.iter_mut().enumerate().take(n) {
+                    let (query, src) = batch.datagram(i);
+                    let Some(src) = src.filter(|s| s.port() != 0) else {
+                        continue;
+                    };
+                    if self.answer(query, src, &mut key, out) {
+                        ready.push(i);
+                    }
+                }
+                let replies: Vec<(usize, &[u8])> =
+                    ready.iter().map(|&i| (i, outs[i].as_slice())).collect();
+                batch.send(&self.socket, &replies);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let mut buf = vec![0u8; 4096];
+            let mut out = Vec::with_capacity(1232);
+            while !self.shutdown.is_cancelled() {
+                let (n, src) = match self.socket.recv_from(&mut buf) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.recv_error(e);
+                        continue;
+                    }
+                };
+                if src.port() != 0 && self.answer(&buf[..n], src, &mut key, &mut out) {
+                    if let Err(e) = self.socket.send_to(&out, src) {
+                        tracing::debug!(error = %e, dst = %src, "DNS UDP send failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn recv_error(&self, e: io::Error) {
+        // Timeouts let the loop see shutdown; anything else (e.g. an ICMP error reported
+        // on a later call) is never fatal.
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        ) {
+            tracing::debug!(error = %e, "DNS UDP receive error");
+        }
+    }
+
+    /// Puts the answer to `query` in `out`; returns whether there is one to send now.
+    fn answer(
+        &mut self,
+        query: &[u8],
+        src: SocketAddr,
+        key: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let index = self.handler.catalog().index();
+        if index != self.cache_index {
+            self.cache.clear();
+            self.cache_index = index;
+        }
+        let qend = cache_key(query, key);
+        if let Some(qend) = qend
+            && let Some(hit) = self.cache.get(key.as_slice())
+        {
+            out.clear();
+            out.extend_from_slice(&hit.bytes);
+            out[..2].copy_from_slice(&query[..2]);
+            out[12..qend].copy_from_slice(&query[12..qend]);
+            for &at in hit.owners.iter() {
+                out[at..at + qend - 12].copy_from_slice(&query[12..qend]);
+            }
+            self.handler.metrics().record(hit.qtype, hit.rcode);
+            return true;
+        }
+        match self.handler.respond_raw(query, true) {
+            RawAnswer::Reply {
+                bytes,
+                qtype,
+                rcode,
+            } => {
+                out.clear();
+                out.extend_from_slice(&bytes);
+                // Cache only answers that echo the one question at the same place.
+                if let Some(qend) = qend
+                    && bytes.len() >= qend
+                    && bytes[4..6] == [0, 1]
+                    && let Some(owners) = owner_offsets(&bytes, qend)
+                {
+                    if self.cache.len() >= self.max_entries {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(
+                        key.as_slice().into(),
+                        Cached {
+                            bytes: bytes.into(),
+                            owners: owners.into(),
+                            qtype,
+                            rcode,
+                        },
+                    );
+                }
+                true
+            }
+            RawAnswer::Forward => {
+                let handler = self.handler.clone();
+                let query = query.to_vec();
+                match self.socket.try_clone() {
+                    Ok(socket) => {
+                        self.rt.spawn(async move {
+                            let resp = handler.forward_raw(&query).await;
+                            let _ = socket.send_to(&resp, src);
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot forward DNS query"),
+                }
+                false
+            }
+            RawAnswer::Drop => false,
+        }
+    }
+}
+
+/// Fills `key` with the query minus its id, the question name lower-cased. Returns the
+/// end offset of the question name, or `None` when the query is not cacheable: not
+/// exactly one question, a compressed or malformed name, or too long.
+pub(super) fn cache_key(query: &[u8], key: &mut Vec<u8>) -> Option<usize> {
+    key.clear();
+    if query.len() < 12 || query.len() > MAX_KEY || query[4..6] != [0, 1] {
+        return None;
+    }
+    let mut i = 12;
+    loop {
+        let len = *query.get(i)? as usize;
+        if len == 0 {
+            i += 1;
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        i += 1 + len;
+    }
+    // The question's type and class must be present.
+    if query.len() < i + 4 {
+        return None;
+    }
+    key.extend_from_slice(&query[2..]);
+    key[10..i - 2].make_ascii_lowercase();
+    Some(i)
+}
+
+/// The offsets of every record owner name in `resp` that repeats the question name
+/// (`resp[12..qend]`) uncompressed, case-insensitively. `None` if the response does not
+/// walk cleanly (then it is not cached).
+pub(super) fn owner_offsets(resp: &[u8], qend: usize) -> Option<Vec<usize>> {
+    let qname = resp.get(12..qend)?;
+    let count = |i: usize| Some(u16::from_be_bytes([*resp.get(i)?, *resp.get(i + 1)?]) as usize);
+    let records = count(6)? + count(8)? + count(10)?;
+    let mut owners = Vec::new();
+    let mut i = qend + 4;
+    for _ in 0..records {
+        if resp
+            .get(i..i + qname.len())
+            .is_some_and(|n| n.eq_ignore_ascii_case(qname))
+        {
+            owners.push(i);
+        }
+        // Skip the owner name: labels up to a zero byte or a pointer.
+        loop {
+            let len = *resp.get(i)? as usize;
+            if len == 0 {
+                i += 1;
+                break;
+            }
+            if len & 0xc0 == 0xc0 {
+                i += 2;
+                break;
+            }
+            if len > 63 {
+                return None;
+            }
+            i += 1 + len;
+        }
+        // Type, class, TTL, then RDLENGTH and the RDATA.
+        let rdlen = count(i + 8)?;
+        i += 10 + rdlen;
+    }
+    (i == resp.len()).then_some(owners)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ignores_id_and_case() {
+        let q1 = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03WeB\x06netsel\x00\x00\x01\x00\x01";
+        let q2 = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x06NETSEL\x00\x00\x01\x00\x01";
+        let (mut k1, mut k2) = (Vec::new(), Vec::new());
+        assert_eq!(cache_key(q1, &mut k1), Some(24));
+        assert_eq!(cache_key(q2, &mut k2), Some(24));
+        assert_eq!(k1, k2);
+        // The length bytes are not letters and stay as they are.
+        assert_eq!(&k1[10..14], b"\x03web");
+    }
+
+    #[test]
+    fn owners_that_repeat_the_question_are_found() {
+        // Question WeB.netsel A; answer owner WeB.netsel (uncompressed), then an SOA-ish
+        // record owned by the apex via a pointer.
+        let mut r = b"\x12\x34\x84\x00\x00\x01\x00\x01\x00\x01\x00\x00".to_vec();
+        r.extend_from_slice(b"\x03WeB\x06netsel\x00\x00\x01\x00\x01");
+        let owner = r.len();
+        r.extend_from_slice(
+            b"\x03WeB\x06netsel\x00\x00\x01\x00\x01\x00\x00\x00\x05\x00\x04\x7f\x00\x00\x01",
+        );
+        r.extend_from_slice(b"\xc0\x10\x00\x06\x00\x01\x00\x00\x00\x05\x00\x01\x00");
+        assert_eq!(owner_offsets(&r, 24), Some(vec![owner]));
+        // Trailing garbage or a short record: not cacheable.
+        let mut bad = r.clone();
+        bad.push(0);
+        assert_eq!(owner_offsets(&bad, 24), None);
+        assert_eq!(owner_offsets(&r[..r.len() - 1], 24), None);
+    }
+
+    #[test]
+    fn uncacheable_queries() {
+        let mut k = Vec::new();
+        for q in [
+            &b"\x12\x34"[..],
+            b"\x12\x34\x01\x00\x00\x02\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01\x00\x01",
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01",
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01",
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x09web",
+        ] {
+            assert_eq!(cache_key(q, &mut k), None, "{q:?}");
+        }
+    }
+}

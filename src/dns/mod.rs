@@ -1,0 +1,415 @@
+//! The DNS server: authoritative for the NetSel domain (default `netsel.`), answering from
+//! the newest catalog snapshot.
+//!
+//! * [`DnsHandler`] is a hickory-server [`RequestHandler`]. It reads `catalog.snapshot()`
+//!   for every query and turns it into records with the pure function [`plan`]; it keeps
+//!   no cache, so an answer reflects a registration or expiry as soon as the catalog does.
+//! * TCP is served by hickory's [`Server`].
+//! * UDP is served by the fast path (`fast.rs`): a few threads on the shared socket that
+//!   keep the encoded answer per distinct query (minus its id) for the current catalog
+//!   index only, and patch the id and the question's letter case into a copy. Any catalog
+//!   change clears it, so it can never be staler than the catalog. With
+//!   `fast_path = false` hickory's UDP loop is used instead (same handler).
+//!
+//! See `docs/dns.md` for the names answered and the protocol behaviour.
+
+mod answer;
+mod fast;
+mod forward;
+mod metrics;
+#[cfg(target_os = "linux")]
+mod mmsg;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{
+    Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
+use hickory_proto::rr::RecordType;
+use hickory_proto::serialize::binary::BinEncoder;
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::{MessageRequest, MessageResponseBuilder, Queries};
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use answer::{MAX_UDP_PAYLOAD, Plan, Reply, Zone, ZoneError, plan};
+pub use forward::Forwarder;
+pub use metrics::DnsMetrics;
+
+use crate::catalog::Catalog;
+use crate::config::DnsSettings;
+
+/// Answers DNS queries from the catalog. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct DnsHandler {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    catalog: Catalog,
+    zone: Zone,
+    forwarder: Option<Forwarder>,
+    metrics: DnsMetrics,
+}
+
+/// A response ready to send, from [`DnsHandler::respond_raw`].
+#[derive(Debug)]
+pub(crate) enum RawAnswer {
+    /// Send these bytes.
+    Reply {
+        bytes: Vec<u8>,
+        qtype: Option<RecordType>,
+        rcode: ResponseCode,
+    },
+    /// Forward the query upstream.
+    Forward,
+    /// Send nothing (not a query, or too short to answer).
+    Drop,
+}
+
+impl DnsHandler {
+    /// A handler for `catalog`, with the zone from `settings` and the reverse zone of
+    /// `vip_cidr`.
+    pub fn new(
+        catalog: Catalog,
+        settings: &DnsSettings,
+        vip_cidr: IpNet,
+        metrics: DnsMetrics,
+    ) -> Result<DnsHandler, ZoneError> {
+        let zone = Zone::new(settings, vip_cidr)?;
+        let forwarder = (!settings.upstreams.is_empty()).then(|| {
+            Forwarder::new(
+                &settings.upstreams,
+                Duration::from_millis(settings.forward_timeout_ms),
+                settings.max_forwards,
+            )
+        });
+        Ok(DnsHandler {
+            inner: Arc::new(Inner {
+                catalog,
+                zone,
+                forwarder,
+                metrics,
+            }),
+        })
+    }
+
+    /// The zone it answers for.
+    pub fn zone(&self) -> &Zone {
+        &self.inner.zone
+    }
+
+    /// The metrics it records.
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.inner.metrics
+    }
+
+    /// The catalog it reads.
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    /// What to answer to a parsed query, from the newest snapshot.
+    pub fn plan(&self, req: &MessageRequest) -> Plan {
+        plan(&self.inner.zone, &self.inner.catalog.snapshot(), req)
+    }
+
+    /// Answers a raw query without hickory's server loop: the wire response, or what to
+    /// do instead. Never panics on any input.
+    pub(crate) fn respond_raw(&self, raw: &[u8], udp: bool) -> RawAnswer {
+        if raw.len() < 12 || raw[2] & 0x80 != 0 {
+            // Too short to hold a header, or a response: never answer (no reflection).
+            return RawAnswer::Drop;
+        }
+        let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+        let any: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let req = match Request::from_bytes(raw.to_vec(), any, protocol) {
+            Ok(req) => req,
+            Err(_) => return self.formerr(raw),
+        };
+        match self.plan(&req) {
+            Plan::Forward => RawAnswer::Forward,
+            Plan::Reply(reply) => {
+                let (bytes, _) = encode(&reply, &req.queries, payload_limit(&req, udp));
+                self.inner
+                    .metrics
+                    .record(Some(reply.qtype), reply.metadata.response_code);
+                RawAnswer::Reply {
+                    bytes,
+                    qtype: Some(reply.qtype),
+                    rcode: reply.metadata.response_code,
+                }
+            }
+        }
+    }
+
+    /// FORMERR for a query whose header parsed but whose body did not: the header echoed
+    /// with QR set and no sections.
+    fn formerr(&self, raw: &[u8]) -> RawAnswer {
+        let mut bytes = vec![0u8; 12];
+        bytes[..2].copy_from_slice(&raw[..2]);
+        // QR, the query's opcode and RD; RCODE 1.
+        bytes[2] = 0x80 | (raw[2] & 0x79);
+        bytes[3] = 0x01;
+        self.inner.metrics.record(None, ResponseCode::FormErr);
+        RawAnswer::Reply {
+            bytes,
+            qtype: None,
+            rcode: ResponseCode::FormErr,
+        }
+    }
+
+    /// SERVFAIL for a forwarded query no upstream answered.
+    pub(crate) fn servfail(&self, raw: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; 12];
+        bytes[..2].copy_from_slice(&raw[..2]);
+        bytes[2] = 0x80 | (raw[2] & 0x79);
+        bytes[3] = 0x02
+            | if self.inner.zone.forwarding() {
+                0x80
+            } else {
+                0
+            };
+        self.inner.metrics.record(None, ResponseCode::ServFail);
+        bytes
+    }
+
+    /// Forwards a raw query upstream (see [`Forwarder`]).
+    pub(crate) async fn forward_raw(&self, raw: &[u8]) -> Vec<u8> {
+        match &self.inner.forwarder {
+            Some(f) => match f.forward(raw).await {
+                Some(resp) => {
+                    self.inner.metrics.record(None, metrics::wire_rcode(&resp));
+                    resp
+                }
+                None => self.servfail(raw),
+            },
+            None => self.servfail(raw),
+        }
+    }
+}
+
+/// The UDP payload limit for a response: the client's EDNS size (512 without EDNS),
+/// at least 512 and at most [`MAX_UDP_PAYLOAD`]. TCP: the 64 KiB message limit.
+fn payload_limit(req: &MessageRequest, udp: bool) -> u16 {
+    if udp {
+        req.max_payload().clamp(512, MAX_UDP_PAYLOAD)
+    } else {
+        u16::MAX
+    }
+}
+
+/// Encodes `reply` within `limit` bytes. A reply that does not fit is sent as header,
+/// question and OPT with TC set (RFC 2181 §9: the client retries over TCP). Returns the
+/// bytes and whether it was truncated.
+pub(crate) fn encode(reply: &Reply, queries: &Queries, limit: u16) -> (Vec<u8>, bool) {
+    let mut buf = Vec::with_capacity(512);
+    {
+        let mut enc = BinEncoder::new(&mut buf);
+        enc.set_max_size(limit);
+        let resp = MessageResponseBuilder::new(queries, reply.edns.as_ref()).build(
+            reply.metadata,
+            reply.answers.iter(),
+            reply.authorities.iter(),
+            std::iter::empty(),
+            reply.additionals.iter(),
+        );
+        if let Ok(info) = resp.destructive_emit(&mut enc)
+            && !info.truncation
+        {
+            return (buf, false);
+        }
+    }
+    buf.clear();
+    let mut md = reply.metadata;
+    md.truncation = true;
+    let ok = {
+        let mut enc = BinEncoder::new(&mut buf);
+        enc.set_max_size(limit);
+        MessageResponseBuilder::new(queries, reply.edns.as_ref())
+            .build_no_records(md)
+            .destructive_emit(&mut enc)
+            .is_ok()
+    };
+    if !ok {
+        // Not even the question fits (it always does within 512 bytes; defensive).
+        buf.clear();
+        md.response_code = ResponseCode::ServFail;
+        let mut enc = BinEncoder::new(&mut buf);
+        let header = Header {
+            metadata: md,
+            counts: HeaderCounts::default(),
+        };
+        let _ = hickory_proto::serialize::binary::BinEncodable::emit(&header, &mut enc);
+    }
+    (buf, true)
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for DnsHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let udp = request.protocol() == Protocol::Udp;
+        let sent = match self.plan(request) {
+            Plan::Reply(reply) => {
+                let rcode = reply.metadata.response_code;
+                self.inner.metrics.record(Some(reply.qtype), rcode);
+                let builder = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref());
+                let truncated =
+                    udp && encode(&reply, &request.queries, payload_limit(request, udp)).1;
+                if truncated {
+                    let mut md = reply.metadata;
+                    md.truncation = true;
+                    response_handle
+                        .send_response(builder.build_no_records(md))
+                        .await
+                } else {
+                    let resp = builder.build(
+                        reply.metadata,
+                        reply.answers.iter(),
+                        reply.authorities.iter(),
+                        std::iter::empty(),
+                        reply.additionals.iter(),
+                    );
+                    response_handle.send_response(resp).await
+                }
+            }
+            Plan::Forward => {
+                let raw = self.forward_raw(request.as_slice()).await;
+                let upstream = Message::from_vec(&raw).ok();
+                let builder = MessageResponseBuilder::new(&request.queries, None);
+                match &upstream {
+                    Some(msg) => {
+                        let mut md = msg.metadata;
+                        md.id = request.metadata.id;
+                        let resp = builder.build(
+                            md,
+                            msg.answers.iter(),
+                            msg.authorities.iter(),
+                            std::iter::empty(),
+                            msg.additionals.iter(),
+                        );
+                        response_handle.send_response(resp).await
+                    }
+                    None => {
+                        let mut md = Metadata::response_from_request(&request.metadata);
+                        md.response_code = ResponseCode::ServFail;
+                        md.recursion_available = true;
+                        response_handle
+                            .send_response(builder.build_no_records(md))
+                            .await
+                    }
+                }
+            }
+        };
+        match sent {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, src = %request.src(), "cannot send DNS response");
+                let mut md =
+                    Metadata::new(request.metadata.id, MessageType::Response, OpCode::Query);
+                md.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(Header {
+                    metadata: md,
+                    counts: HeaderCounts::default(),
+                })
+            }
+        }
+    }
+}
+
+/// The DNS listeners: one UDP socket and one TCP listener on the same address.
+#[derive(Debug)]
+pub struct DnsSockets {
+    /// UDP, blocking mode off.
+    pub udp: std::net::UdpSocket,
+    /// TCP.
+    pub tcp: TcpListener,
+}
+
+impl DnsSockets {
+    /// The address both are bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+}
+
+/// Binds UDP and TCP on `addr`. With port 0, both get the same free port (retrying if
+/// the UDP port's TCP twin is taken).
+pub async fn bind(addr: SocketAddr) -> io::Result<DnsSockets> {
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = bind_udp(addr)?;
+        let local = udp.local_addr()?;
+        match TcpListener::bind(local).await {
+            Ok(tcp) => return Ok(DnsSockets { udp, tcp }),
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Large buffers absorb bursts (a load generator with many queries outstanding).
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.bind(&addr.into())?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Serves DNS on `sockets` until `shutdown`: TCP through hickory's [`Server`], UDP through
+/// the fast path (or hickory too, when `settings.fast_path` is off).
+pub async fn serve(
+    handler: DnsHandler,
+    sockets: DnsSockets,
+    settings: DnsSettings,
+    shutdown: CancellationToken,
+) {
+    let mut server = Server::new(handler.clone());
+    server.register_listener(sockets.tcp, Duration::from_secs(settings.tcp_idle_secs), 32);
+    let mut workers = Vec::new();
+    // The UDP threads stop on shutdown, and also when this task is dropped without one
+    // (a runtime going away must not wait on them forever).
+    let workers_stop = shutdown.child_token();
+    let _stop_on_drop = workers_stop.clone().drop_guard();
+    if settings.fast_path {
+        match fast::spawn(handler, sockets.udp, &settings, workers_stop) {
+            Ok(w) => workers = w,
+            Err(e) => tracing::error!(error = %e, "cannot start the DNS UDP workers"),
+        }
+    } else {
+        match tokio::net::UdpSocket::from_std(sockets.udp) {
+            Ok(udp) => server.register_socket(udp),
+            Err(e) => tracing::error!(error = %e, "cannot register the DNS UDP socket"),
+        }
+    }
+    shutdown.cancelled().await;
+    if let Err(e) = server.shutdown_gracefully().await {
+        tracing::debug!(error = %e, "DNS server stopped with an error");
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

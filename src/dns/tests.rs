@@ -1,0 +1,439 @@
+//! Unit tests of the handler: raw queries in, parsed responses out, no sockets.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+
+use super::*;
+use crate::catalog::{Endpoint, Registration};
+use crate::config::Settings;
+
+fn settings() -> Settings {
+    Settings::ephemeral()
+}
+
+fn handler_with(s: &Settings) -> DnsHandler {
+    let mut cs = s.catalog_settings();
+    cs.probe_vip_bind = false;
+    let catalog = Catalog::in_memory(cs).unwrap();
+    DnsHandler::new(catalog, &s.dns, s.network.vip_cidr, DnsMetrics::default()).unwrap()
+}
+
+fn handler() -> DnsHandler {
+    handler_with(&settings())
+}
+
+async fn register(h: &DnsHandler, name: &str, ep: &str, meta: &[(&str, &str)]) -> String {
+    let mut reg = Registration::new(name, Endpoint::Explicit(ep.parse().unwrap()));
+    reg.weight = Some(7);
+    for (k, v) in meta {
+        reg.meta.insert(k.to_string(), v.to_string());
+    }
+    h.catalog().register(reg).await.unwrap().id.to_string()
+}
+
+fn query(name: &str, qtype: RecordType) -> Message {
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    m
+}
+
+fn ask_raw(h: &DnsHandler, raw: &[u8], udp: bool) -> Option<Vec<u8>> {
+    match h.respond_raw(raw, udp) {
+        RawAnswer::Reply { bytes, .. } => Some(bytes),
+        RawAnswer::Forward => panic!("unexpected forward"),
+        RawAnswer::Drop => None,
+    }
+}
+
+fn ask(h: &DnsHandler, m: &Message) -> Message {
+    let bytes = ask_raw(h, &m.to_vec().unwrap(), true).expect("an answer");
+    Message::from_vec(&bytes).unwrap()
+}
+
+fn vip_of(h: &DnsHandler, name: &str) -> IpAddr {
+    h.catalog().snapshot().service(name).unwrap().vip
+}
+
+#[tokio::test]
+async fn a_record_is_the_vip_with_aa_and_no_ra() {
+    let h = handler();
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let r = ask(&h, &query("web.netsel.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.metadata.authoritative);
+    assert!(!r.metadata.recursion_available);
+    assert!(r.metadata.recursion_desired, "RD is copied");
+    assert_eq!(r.metadata.id, 0x4242);
+    assert_eq!(r.answers.len(), 1);
+    assert_eq!(r.answers[0].ttl, 5);
+    match &r.answers[0].data {
+        RData::A(a) => assert_eq!(IpAddr::V4(a.0), vip_of(&h, "web")),
+        other => panic!("{other:?}"),
+    }
+    // No OPT in the query, none in the answer.
+    assert!(r.edns.is_none());
+}
+
+#[tokio::test]
+async fn case_is_echoed() {
+    let h = handler();
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let r = ask(&h, &query("wEb.NetSel.", RecordType::A));
+    assert_eq!(r.queries[0].name().to_ascii(), "wEb.NetSel.");
+    assert_eq!(r.answers[0].name.to_ascii(), "wEb.NetSel.");
+}
+
+#[tokio::test]
+async fn srv_per_healthy_instance_with_glue() {
+    let h = handler();
+    let a = register(&h, "api", "127.0.0.1:8001", &[]).await;
+    let b = register(&h, "api", "127.0.0.2:8002", &[]).await;
+    let r = ask(&h, &query("_api._tcp.netsel.", RecordType::SRV));
+    assert_eq!(r.answers.len(), 2);
+    let mut targets = Vec::new();
+    for rec in &r.answers {
+        let RData::SRV(srv) = &rec.data else { panic!() };
+        assert_eq!(srv.weight, 7);
+        targets.push((srv.target.to_ascii(), srv.port));
+    }
+    targets.sort();
+    let mut want = vec![
+        (format!("{a}.api.netsel."), 8001),
+        (format!("{b}.api.netsel."), 8002),
+    ];
+    want.sort();
+    assert_eq!(targets, want);
+    assert_eq!(r.additionals.len(), 2, "glue for each target");
+    // The target names resolve to the instance address.
+    let r = ask(&h, &query(&format!("{a}.api.netsel."), RecordType::A));
+    let RData::A(ip) = &r.answers[0].data else {
+        panic!()
+    };
+    assert_eq!(ip.0.to_string(), "127.0.0.1");
+}
+
+#[tokio::test]
+async fn nxdomain_and_nodata_carry_the_soa() {
+    let h = handler();
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    for (name, qtype, code) in [
+        ("nope.netsel.", RecordType::A, ResponseCode::NXDomain),
+        ("web.netsel.", RecordType::MX, ResponseCode::NoError),
+        ("web.netsel.", RecordType::AAAA, ResponseCode::NoError),
+        ("a.b.c.netsel.", RecordType::A, ResponseCode::NXDomain),
+        (
+            "_nope._tcp.netsel.",
+            RecordType::SRV,
+            ResponseCode::NXDomain,
+        ),
+    ] {
+        let r = ask(&h, &query(name, qtype));
+        assert_eq!(r.metadata.response_code, code, "{name} {qtype}");
+        assert!(r.metadata.authoritative);
+        assert!(r.answers.is_empty());
+        assert_eq!(r.authorities.len(), 1, "{name}");
+        let RData::SOA(soa) = &r.authorities[0].data else {
+            panic!()
+        };
+        assert_eq!(soa.minimum, 5, "SOA minimum is the negative TTL");
+        assert_eq!(r.authorities[0].name.to_ascii(), "netsel.");
+    }
+}
+
+#[tokio::test]
+async fn negative_ttl_is_configurable() {
+    let mut s = settings();
+    s.dns.negative_ttl_secs = 42;
+    s.dns.ttl_secs = 9;
+    let h = handler_with(&s);
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let r = ask(&h, &query("nope.netsel.", RecordType::A));
+    let RData::SOA(soa) = &r.authorities[0].data else {
+        panic!()
+    };
+    assert_eq!(soa.minimum, 42);
+    assert_eq!(r.authorities[0].ttl, 42);
+    let r = ask(&h, &query("web.netsel.", RecordType::A));
+    assert_eq!(r.answers[0].ttl, 9);
+}
+
+#[tokio::test]
+async fn out_of_zone_is_refused() {
+    let h = handler();
+    let r = ask(&h, &query("example.com.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert!(!r.metadata.authoritative);
+    assert!(r.answers.is_empty());
+    // A bare name is refused too unless bare_names is on.
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let r = ask(&h, &query("web.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn bare_names_when_configured() {
+    let mut s = settings();
+    s.dns.bare_names = true;
+    let h = handler_with(&s);
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let r = ask(&h, &query("web.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(r.answers.len(), 1);
+    let r = ask(&h, &query("other.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn other_domain_setting() {
+    let mut s = settings();
+    s.dns.domain = "Svc.Example".into();
+    let h = handler_with(&s);
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let r = ask(&h, &query("web.svc.example.", RecordType::A));
+    assert_eq!(r.answers.len(), 1);
+    let r = ask(&h, &query("web.netsel.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn ptr_for_vips() {
+    let h = handler();
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let IpAddr::V4(vip) = vip_of(&h, "web") else {
+        panic!()
+    };
+    let o = vip.octets();
+    let name = format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0]);
+    let r = ask(&h, &query(&name, RecordType::PTR));
+    assert!(r.metadata.authoritative);
+    let RData::PTR(ptr) = &r.answers[0].data else {
+        panic!()
+    };
+    assert_eq!(ptr.0.to_ascii(), "web.netsel.");
+    // A VIP nobody holds: NXDOMAIN with the reverse zone's SOA.
+    let r = ask(&h, &query("254.254.77.127.in-addr.arpa.", RecordType::PTR));
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(r.authorities[0].name.to_ascii(), "77.127.in-addr.arpa.");
+    // Outside the pool: not ours.
+    let r = ask(&h, &query("1.0.0.10.in-addr.arpa.", RecordType::PTR));
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn txt_is_metadata() {
+    let h = handler();
+    let id = register(&h, "web", "127.0.0.1:8000", &[("env", "prod"), ("v", "2")]).await;
+    register(
+        &h,
+        "web",
+        "127.0.0.2:8000",
+        &[("env", "prod"), ("zone", "b")],
+    )
+    .await;
+    let r = ask(&h, &query("web.netsel.", RecordType::TXT));
+    let RData::TXT(txt) = &r.answers[0].data else {
+        panic!()
+    };
+    let strings: Vec<String> = txt
+        .txt_data
+        .iter()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    assert_eq!(strings, ["env=prod", "v=2", "zone=b"]);
+    let r = ask(&h, &query(&format!("{id}.web.netsel."), RecordType::TXT));
+    let RData::TXT(txt) = &r.answers[0].data else {
+        panic!()
+    };
+    assert_eq!(txt.txt_data.len(), 2);
+}
+
+#[tokio::test]
+async fn edns_is_echoed_and_badvers() {
+    let h = handler();
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let mut m = query("web.netsel.", RecordType::A);
+    let mut e = Edns::new();
+    e.set_max_payload(4096);
+    m.set_edns(e);
+    let r = ask(&h, &m);
+    let opt = r.edns.as_ref().expect("OPT echoed");
+    assert_eq!(opt.max_payload(), MAX_UDP_PAYLOAD);
+    assert_eq!(opt.version(), 0);
+    assert_eq!(r.answers.len(), 1);
+
+    let mut m = query("web.netsel.", RecordType::A);
+    let mut e = Edns::new();
+    e.set_version(1);
+    m.set_edns(e);
+    let r = ask(&h, &m);
+    // BADVERS and BADSIG share code 16; the parser names it BADSIG.
+    assert_eq!(u16::from(r.metadata.response_code), 16);
+    assert_eq!(r.edns.as_ref().unwrap().version(), 0);
+    assert!(r.answers.is_empty());
+}
+
+#[tokio::test]
+async fn big_answers_truncate_over_udp_only() {
+    let h = handler();
+    for i in 0..60u16 {
+        register(&h, "big", &format!("127.0.1.{}:{}", i + 1, 9000 + i), &[]).await;
+    }
+    let raw = query("_big._tcp.netsel.", RecordType::SRV)
+        .to_vec()
+        .unwrap();
+    let udp = Message::from_vec(&ask_raw(&h, &raw, true).unwrap()).unwrap();
+    assert!(udp.metadata.truncation);
+    assert!(udp.answers.is_empty());
+    let bytes = ask_raw(&h, &raw, false).unwrap();
+    let tcp = Message::from_vec(&bytes).unwrap();
+    assert!(!tcp.metadata.truncation);
+    assert_eq!(tcp.answers.len(), 60);
+    assert_eq!(tcp.additionals.len(), 60);
+
+    // The client's EDNS size is honoured: 4096 is capped at 1232, 600 is respected.
+    for (size, limit) in [(4096u16, 1232usize), (600, 600), (100, 512)] {
+        let mut m = query("_big._tcp.netsel.", RecordType::SRV);
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.set_edns(e);
+        let bytes = ask_raw(&h, &m.to_vec().unwrap(), true).unwrap();
+        assert!(bytes.len() <= limit, "{size}: {}", bytes.len());
+        let r = Message::from_vec(&bytes).unwrap();
+        assert!(r.metadata.truncation);
+        assert!(r.edns.is_some(), "OPT kept when truncated");
+    }
+}
+
+#[tokio::test]
+async fn malformed_queries_never_panic() {
+    let h = handler();
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    // Too short, or a response: no answer.
+    assert!(ask_raw(&h, b"\x01\x02\x03", true).is_none());
+    let mut resp = query("web.netsel.", RecordType::A).to_vec().unwrap();
+    resp[2] |= 0x80;
+    assert!(ask_raw(&h, &resp, true).is_none());
+    // A header promising a question that is not there: FORMERR.
+    let bytes = ask_raw(
+        &h,
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ab",
+        true,
+    )
+    .unwrap();
+    assert_eq!(&bytes[..2], b"\x12\x34");
+    assert_eq!(bytes[3] & 0x0f, 1, "FORMERR");
+    // Fuzz: random bytes and every truncation of a good query.
+    let good = query("web.netsel.", RecordType::A).to_vec().unwrap();
+    for cut in 0..good.len() {
+        let _ = h.respond_raw(&good[..cut], true);
+    }
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..5000 {
+        let len = rng.usize(0..300);
+        let mut b: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+        if b.len() > 2 && rng.bool() {
+            b[2] &= 0x7f;
+        }
+        let _ = h.respond_raw(&b, rng.bool());
+    }
+    assert!(h.metrics().count("none", "FORMERR") >= 1);
+}
+
+#[tokio::test]
+async fn several_questions_unknown_class_opcode_any() {
+    let h = handler();
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    let mut m = query("web.netsel.", RecordType::A);
+    m.add_query(Query::query(
+        Name::from_ascii("web.netsel.").unwrap(),
+        RecordType::AAAA,
+    ));
+    assert_eq!(ask(&h, &m).metadata.response_code, ResponseCode::FormErr);
+
+    let mut m = Message::new(1, MessageType::Query, OpCode::Query);
+    let mut q = Query::query(Name::from_ascii("version.bind.").unwrap(), RecordType::TXT);
+    q.set_query_class(DNSClass::CH);
+    m.add_query(q);
+    assert_eq!(ask(&h, &m).metadata.response_code, ResponseCode::Refused);
+
+    let mut m = query("web.netsel.", RecordType::A);
+    m.metadata.op_code = OpCode::Status;
+    assert_eq!(ask(&h, &m).metadata.response_code, ResponseCode::NotImp);
+
+    // ANY: a minimal answer (RFC 8482), the one address record.
+    let r = ask(&h, &query("web.netsel.", RecordType::ANY));
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(r.answers.len(), 1);
+    assert_eq!(r.answers[0].record_type(), RecordType::A);
+
+    let r = ask(&h, &query("netsel.", RecordType::SOA));
+    assert_eq!(r.answers[0].record_type(), RecordType::SOA);
+    let r = ask(&h, &query("netsel.", RecordType::NS));
+    assert_eq!(r.answers[0].record_type(), RecordType::NS);
+    let r = ask(&h, &query("netsel.", RecordType::AXFR));
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn answers_follow_the_catalog_at_once() {
+    let h = handler();
+    let r = ask(&h, &query("late.netsel.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    let id = register(&h, "late", "127.0.0.1:8000", &[]).await;
+    let r = ask(&h, &query("late.netsel.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    h.catalog().deregister_admin(&id).await.unwrap();
+    let r = ask(&h, &query("late.netsel.", RecordType::A));
+    assert_eq!(
+        r.metadata.response_code,
+        ResponseCode::NXDomain,
+        "no instances left"
+    );
+}
+
+#[tokio::test]
+async fn unhealthy_instances_are_not_answered() {
+    let h = handler();
+    let a = register(&h, "web", "127.0.0.1:8000", &[]).await;
+    register(&h, "web", "127.0.0.2:8000", &[]).await;
+    h.catalog()
+        .set_health(&a, crate::catalog::Health::Critical)
+        .await
+        .unwrap();
+    let r = ask(&h, &query("_web._tcp.netsel.", RecordType::SRV));
+    assert_eq!(r.answers.len(), 1);
+    let r = ask(&h, &query(&format!("{a}.web.netsel."), RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[tokio::test]
+async fn ipv6_instances_get_aaaa() {
+    let h = handler();
+    let id = register(&h, "v6", "[::1]:8000", &[]).await;
+    let r = ask(&h, &query(&format!("{id}.v6.netsel."), RecordType::AAAA));
+    let RData::AAAA(ip) = &r.answers[0].data else {
+        panic!()
+    };
+    assert_eq!(ip.0, "::1".parse::<std::net::Ipv6Addr>().unwrap());
+    let r = ask(&h, &query(&format!("{id}.v6.netsel."), RecordType::A));
+    assert!(r.answers.is_empty());
+    let _: SocketAddr = "[::1]:1".parse().unwrap();
+}
+
+#[test]
+fn reverse_zones() {
+    let s = settings();
+    let z = |cidr: &str| {
+        Zone::new(&s.dns, cidr.parse().unwrap())
+            .unwrap()
+            .reverse
+            .to_ascii()
+    };
+    assert_eq!(z("127.77.0.0/16"), "77.127.in-addr.arpa.");
+    assert_eq!(z("10.0.0.0/24"), "0.0.10.in-addr.arpa.");
+    assert_eq!(z("10.0.0.0/20"), "0.10.in-addr.arpa.");
+    assert_eq!(z("fd00::/8"), "d.f.ip6.arpa.");
+}
