@@ -205,7 +205,7 @@ impl NetSelServer {
         let http_proxy = crate::proxy::http::HttpProxy::new(
             s.http_proxy.clone(),
             balancer.clone(),
-            crate::proxy::http::DEFAULT_DOMAIN,
+            s.dns.domain.as_str(),
             Duration::from_secs(s.drain_secs),
         );
         http_proxy.register_metrics(&mut registry_metrics);
