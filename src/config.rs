@@ -142,6 +142,60 @@ impl Default for NetworkSettings {
     }
 }
 
+/// How the TCP proxy relays bytes between a client and an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayMode {
+    /// Zero-copy `splice(2)` through a kernel pipe on Linux; elsewhere the same as `copy`.
+    #[default]
+    Splice,
+    /// Read into a user-space buffer and write it out (`tokio::io::copy_bidirectional`).
+    Copy,
+}
+
+/// TCP proxy settings (the gateway on `tcp_proxy_addr` and the per-VIP listeners).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpProxySettings {
+    /// Seconds a relayed connection may pass no bytes either way before it is closed.
+    /// Default 300.
+    pub idle_timeout_secs: u64,
+    /// Milliseconds to wait for one instance to accept before trying another. Default 2000.
+    pub connect_timeout_ms: u64,
+    /// Instances tried per client connection before it is refused. Default 3.
+    pub connect_attempts: usize,
+    /// Most client connections relayed at once (gateway and VIP listeners together).
+    /// Default 8192.
+    pub max_connections: usize,
+    /// Longest gateway name line in bytes, line ending included. Default 256.
+    pub name_line_max: usize,
+    /// Milliseconds a gateway client has to send its name line. Default 5000.
+    pub name_timeout_ms: u64,
+    /// Listen on `VIP:service-port` for every service. Default true.
+    pub vip_listeners: bool,
+    /// Seconds relayed connections may run on after shutdown begins (never longer than
+    /// the server's `drain_secs`). Default 10.
+    pub drain_secs: u64,
+    /// How bytes are relayed. Default `splice` (zero-copy on Linux).
+    pub relay: RelayMode,
+}
+
+impl Default for TcpProxySettings {
+    fn default() -> Self {
+        TcpProxySettings {
+            idle_timeout_secs: 300,
+            connect_timeout_ms: 2000,
+            connect_attempts: 3,
+            max_connections: 8192,
+            name_line_max: 256,
+            name_timeout_ms: 5000,
+            vip_listeners: true,
+            drain_secs: 10,
+            relay: RelayMode::default(),
+        }
+    }
+}
+
 /// Everything `netsel serve` can be told: the seed's [`NetSelConfig`] plus the rest.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -157,6 +211,8 @@ pub struct Settings {
     pub registry: RegistryLimits,
     /// Load balancing and passive ejection, shared by both proxies.
     pub balance: BalanceSettings,
+    /// TCP proxy.
+    pub tcp_proxy: TcpProxySettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -182,6 +238,7 @@ impl From<NetSelConfig> for Settings {
             network: NetworkSettings::default(),
             registry: RegistryLimits::default(),
             balance: BalanceSettings::default(),
+            tcp_proxy: TcpProxySettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -209,6 +266,7 @@ struct FileConfig {
     network: Option<NetworkSettings>,
     registry: Option<RegistryLimits>,
     balance: Option<BalanceSettings>,
+    tcp_proxy: Option<TcpProxySettings>,
 }
 
 impl Settings {
@@ -253,6 +311,7 @@ impl Settings {
             s.network => f.network,
             s.registry => f.registry,
             s.balance => f.balance,
+            s.tcp_proxy => f.tcp_proxy,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -289,6 +348,19 @@ impl Settings {
         }
         if self.registry.idle_timeout_secs == 0 || self.registry.frame_timeout_secs == 0 {
             return bad("registry timeouts", "must be at least 1 second");
+        }
+        let t = &self.tcp_proxy;
+        if t.idle_timeout_secs == 0 || t.connect_timeout_ms == 0 || t.name_timeout_ms == 0 {
+            return bad("tcp_proxy timeouts", "must be greater than 0");
+        }
+        if t.connect_attempts == 0 || t.max_connections == 0 {
+            return bad(
+                "tcp_proxy.connect_attempts/max_connections",
+                "must be at least 1",
+            );
+        }
+        if !(16..=65_536).contains(&t.name_line_max) {
+            return bad("tcp_proxy.name_line_max", "must be 16..=65536");
         }
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
             key: "network.vip_cidr",
@@ -395,6 +467,10 @@ mod tests {
             "[network]\nport_pool_start = 30000\nport_pool_end = 20000",
             "[network]\nvip_cidr = \"127.0.0.0/40\"",
             "[registry]\nmax_connections = 0",
+            "[tcp_proxy]\nmax_connections = 0",
+            "[tcp_proxy]\nname_line_max = 1",
+            "[tcp_proxy]\nrelay = \"magic\"",
+            "[tcp_proxy]\nconnect_timeout_ms = 0",
             "registry_addr = \"nope\"",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");

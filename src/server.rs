@@ -18,6 +18,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::{ConfigError, NetSelConfig, Settings};
 use crate::metrics::MetricsRegistry;
 use crate::proxy::balance::Balancer;
+use crate::proxy::tcp::TcpProxy;
 use crate::store::{MemoryStore, Store};
 
 /// Why the server could not start.
@@ -82,6 +83,7 @@ struct Running {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     bound: BoundAddrs,
+    tcp_proxy: TcpProxy,
 }
 
 /// A NetSel server: registry, catalog, and (as they are added) DNS, proxies and API.
@@ -157,12 +159,12 @@ impl NetSelServer {
             .unwrap_or_else(|| Arc::new(MemoryStore));
         let catalog = Catalog::new(s.catalog_settings(), store)?;
         // One balancer for both proxies: they share policies and passive ejection.
-        let _balancer = Arc::new(Balancer::new(catalog.clone(), s.balance.clone()));
+        let balancer = Arc::new(Balancer::new(catalog.clone(), s.balance.clone()));
         let mut registry_metrics = crate::metrics::new_registry();
 
         // Bind every listener first: a conflict fails start-up before anything runs.
         let registry = bind_tcp("registry", s.config.registry_addr).await?;
-        let bound = BoundAddrs {
+        let mut bound = BoundAddrs {
             registry: local_addr(&registry, s.config.registry_addr),
             api: None,
             dns: None,
@@ -170,6 +172,17 @@ impl NetSelServer {
             http_proxy: None,
         };
         // (Each front end binds here and fills in its `bound` field.)
+        let tcp_gateway = bind_tcp("tcp proxy", s.config.tcp_proxy_addr).await?;
+        bound.tcp_proxy = Some(local_addr(&tcp_gateway, s.config.tcp_proxy_addr));
+        // Relays drain within the server's own deadline, with a margin to close the rest.
+        let tcp_drain = Duration::from_secs(s.tcp_proxy.drain_secs)
+            .min(Duration::from_millis(s.drain_secs.saturating_mul(900)));
+        let tcp_proxy = TcpProxy::new(
+            balancer.clone(),
+            s.tcp_proxy.clone(),
+            tcp_drain,
+            Some(&mut registry_metrics),
+        );
 
         let metrics = MetricsRegistry::new(std::mem::take(&mut registry_metrics));
         let shutdown = CancellationToken::new();
@@ -186,6 +199,7 @@ impl NetSelServer {
             shutdown.clone(),
         ));
         // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
+        tasks.spawn(tcp_proxy.clone().run(Some(tcp_gateway), shutdown.clone()));
         tasks.close();
         tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");
         *self.lock_running() = Some(Running {
@@ -194,6 +208,7 @@ impl NetSelServer {
             shutdown,
             tasks,
             bound,
+            tcp_proxy,
         });
         Ok(())
     }
@@ -210,6 +225,11 @@ impl NetSelServer {
     /// The catalog, once started.
     pub fn catalog(&self) -> Option<Catalog> {
         self.lock_running().as_ref().map(|r| r.catalog.clone())
+    }
+
+    /// The TCP proxy (gateway and VIP listeners), once started.
+    pub fn tcp_proxy(&self) -> Option<TcpProxy> {
+        self.lock_running().as_ref().map(|r| r.tcp_proxy.clone())
     }
 
     /// The metrics registry, once started.

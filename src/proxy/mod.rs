@@ -2,3 +2,4 @@
 //! [`balance::Balancer`] for instance selection and passive health.
 
 pub mod balance;
+pub mod tcp;
