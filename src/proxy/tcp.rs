@@ -117,7 +117,14 @@ enum Route {
     /// Read a name line first.
     Gateway,
     /// Straight to this service.
-    Vip(ServiceName),
+    Vip(Arc<VipRoute>),
+}
+
+/// A VIP listener's service, with its metric handles looked up once.
+#[derive(Debug)]
+struct VipRoute {
+    service: ServiceName,
+    metrics: ServiceMetrics,
 }
 
 /// Why no instance could be connected.
@@ -266,7 +273,7 @@ impl Shared {
                     Err(e) => return self.refuse(client, &route, e).await,
                 }
             }
-            Route::Vip(name) => (name.clone(), BytesMut::new()),
+            Route::Vip(vip) => (vip.service.clone(), BytesMut::new()),
         };
         let snapshot = self.balancer.catalog().snapshot();
         let Some(svc) = snapshot.service(name.as_str()) else {
@@ -274,7 +281,10 @@ impl Shared {
                 .refuse(client, &route, GatewayError::Unknown(name))
                 .await;
         };
-        let metrics = self.metrics.service(svc.name.as_str());
+        let metrics = match &route {
+            Route::Vip(vip) => vip.metrics.clone(),
+            Route::Gateway => self.metrics.service(svc.name.as_str()),
+        };
         let (instance, pick) = match self.connect(svc, &metrics).await {
             Ok(c) => c,
             Err(ConnectError::NoHealthyInstance) => {
@@ -437,7 +447,7 @@ async fn accept_loop(
         let permit = shared.slots.clone().try_acquire_owned().ok();
         let span = match &route {
             Route::Gateway => tracing::debug_span!("tcp_gateway", %peer),
-            Route::Vip(service) => tracing::debug_span!("tcp_vip", %peer, %service),
+            Route::Vip(vip) => tracing::debug_span!("tcp_vip", %peer, service = %vip.service),
         };
         shared.relays.spawn(
             shared

@@ -50,13 +50,7 @@ pub(super) async fn relay(
     let copy = async move {
         #[cfg(target_os = "linux")]
         if mode == RelayMode::Splice {
-            match super::splice::Pipes::new() {
-                Ok(pipes) => {
-                    return super::splice::relay(&client, &instance, &pipes, metrics, moved).await;
-                }
-                // Out of file descriptors for pipes: copy through user space instead.
-                Err(e) => tracing::debug!(error = %e, "no pipes for splice; copying"),
-            }
+            return super::splice::relay(&client, &instance, metrics, moved).await;
         }
         #[cfg(not(target_os = "linux"))]
         let _ = mode;

@@ -1,6 +1,10 @@
 //! Zero-copy relay on Linux: `splice(2)` moves bytes from one socket into a kernel pipe
 //! and from the pipe into the other socket, without copying them through user space.
 //!
+//! Each direction starts by copying through a small buffer and switches to a pipe once it
+//! has moved [`SPLICE_AFTER`] bytes: a short request/response never pays for two pipes
+//! (four descriptors and their syscalls), a bulk transfer is spliced.
+//!
 //! This is the only module of the crate with `unsafe` code: three libc calls (`pipe2`,
 //! `splice`, `fcntl`), each on file descriptors this module owns or borrows from a live
 //! `TcpStream`, each with its result checked. Readiness comes from tokio's reactor
@@ -22,6 +26,11 @@ use super::metrics::ServiceMetrics;
 
 /// Pipe capacity asked for (the kernel default is 64 KiB; more lets one splice move more).
 const PIPE_SIZE: usize = 256 * 1024;
+/// Bytes a direction copies through user space before it switches to a pipe, so short
+/// exchanges (most requests) never pay for creating one.
+const SPLICE_AFTER: u64 = 64 * 1024;
+/// The user-space buffer of that first phase.
+const COPY_BUFFER: usize = 16 * 1024;
 
 /// A pipe: the kernel buffer one direction splices through.
 struct Pipe {
@@ -48,22 +57,6 @@ impl Pipe {
     }
 }
 
-/// One pipe per direction.
-pub(super) struct Pipes {
-    to_instance: Pipe,
-    to_client: Pipe,
-}
-
-impl Pipes {
-    /// Two fresh pipes (four file descriptors).
-    pub(super) fn new() -> io::Result<Pipes> {
-        Ok(Pipes {
-            to_instance: Pipe::new()?,
-            to_client: Pipe::new()?,
-        })
-    }
-}
-
 /// Moves up to `len` bytes from `from` to `to`, never blocking.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are open for the duration of the call (borrowed from a
@@ -86,35 +79,59 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Relays both ways through `pipes` until both directions have ended (each with a
-/// half-close of the other side) or one fails.
+/// Relays both ways until both directions have ended (each with a half-close of the
+/// other side) or one fails.
 pub(super) async fn relay(
     client: &TcpStream,
     instance: &TcpStream,
-    pipes: &Pipes,
     metrics: &ServiceMetrics,
     moved: &AtomicU64,
 ) -> io::Result<()> {
     tokio::try_join!(
-        one_way(
-            client,
-            instance,
-            &pipes.to_instance,
-            &metrics.to_instance,
-            moved
-        ),
-        one_way(
-            instance,
-            client,
-            &pipes.to_client,
-            &metrics.to_client,
-            moved
-        ),
+        one_way(client, instance, &metrics.to_instance, moved),
+        one_way(instance, client, &metrics.to_client, moved),
     )?;
     Ok(())
 }
 
+/// One direction: copy through a small buffer for the first [`SPLICE_AFTER`] bytes, then
+/// splice through a pipe for the rest.
 async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &Counter,
+    moved: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut copied = 0u64;
+    let mut can_splice = true;
+    loop {
+        if can_splice && copied >= SPLICE_AFTER {
+            match Pipe::new() {
+                Ok(pipe) => {
+                    drop(buf);
+                    return splice_rest(from, to, &pipe, counter, moved).await;
+                }
+                Err(e) => {
+                    // Out of descriptors for a pipe: keep copying this direction.
+                    tracing::debug!(error = %e, "no pipe for splice; copying");
+                    can_splice = false;
+                }
+            }
+        }
+        let n = read(from, &mut buf).await?;
+        if n == 0 {
+            return half_close(to);
+        }
+        write_all(to, &buf[..n]).await?;
+        counter.inc_by(n as u64);
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        copied += n as u64;
+    }
+}
+
+/// The rest of one direction, spliced through `pipe`.
+async fn splice_rest(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
@@ -134,10 +151,7 @@ async fn one_way(
             }
         };
         if n == 0 {
-            // The sender is done: pass the half-close on. The other side may already be
-            // gone, which is fine.
-            let _ = SockRef::from(to).shutdown(Shutdown::Write);
-            return Ok(());
+            return half_close(to);
         }
         // The pipe holds data here, so "would block" can only mean the socket is full.
         let mut left = n;
@@ -155,4 +169,35 @@ async fn one_way(
         counter.inc_by(n as u64);
         moved.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// The sender is done: pass the half-close on. The other side may already be gone, which
+/// is fine.
+fn half_close(to: &TcpStream) -> io::Result<()> {
+    let _ = SockRef::from(to).shutdown(Shutdown::Write);
+    Ok(())
+}
+
+async fn read(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        from.readable().await?;
+        match from.try_read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        to.writable().await?;
+        match to.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

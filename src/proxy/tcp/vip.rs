@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{AffectedService, Route, Shared, accept_loop, bind_listener};
+use super::{AffectedService, Route, Shared, VipRoute, accept_loop, bind_listener};
 use crate::catalog::ServiceName;
 
 /// How often listeners that could not be bound are tried again.
@@ -107,7 +107,10 @@ async fn reconcile(
                 let task = tokio::spawn(accept_loop(
                     shared.clone(),
                     listener,
-                    Route::Vip(name.clone()),
+                    Route::Vip(Arc::new(VipRoute {
+                        service: name.clone(),
+                        metrics: shared.metrics.service(name.as_str()),
+                    })),
                     stop.clone(),
                 ));
                 let mut t = shared.lock_vips();
