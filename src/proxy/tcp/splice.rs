@@ -17,6 +17,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -102,7 +103,8 @@ async fn one_way(
     counter: &Counter,
     moved: &AtomicU64,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    // Never zeroed: reads fill its spare capacity directly.
+    let mut buf = BytesMut::with_capacity(COPY_BUFFER);
     let mut copied = 0u64;
     let mut can_splice = true;
     loop {
@@ -119,11 +121,12 @@ async fn one_way(
                 }
             }
         }
+        buf.clear();
         let n = read(from, &mut buf).await?;
         if n == 0 {
             return half_close(to);
         }
-        write_all(to, &buf[..n]).await?;
+        write_all(to, &buf).await?;
         counter.inc_by(n as u64);
         moved.fetch_add(n as u64, Ordering::Relaxed);
         copied += n as u64;
@@ -178,10 +181,10 @@ fn half_close(to: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-async fn read(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+async fn read(from: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
         from.readable().await?;
-        match from.try_read(buf) {
+        match from.try_read_buf(buf) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
