@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use super::metrics::ServiceMetrics;
 
 /// Pipe capacity asked for (the kernel default is 64 KiB; more lets one splice move more).
-const PIPE_SIZE: usize = 256 * 1024;
+const PIPE_SIZE: usize = 1024 * 1024;
 /// Bytes a direction copies through user space before it switches to a pipe, so short
 /// exchanges (most requests) never pay for creating one.
 const SPLICE_AFTER: u64 = 64 * 1024;
