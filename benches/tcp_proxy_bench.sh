@@ -37,6 +37,7 @@ vip_cidr = "127.78.0.0/24"
 relay = "$RELAY"
 TOML
 
+: > "$W/netsel.log"
 # Same priority as the peers (tcp_bench.sh renices itself and its children to -10).
 nice -n "${NICE:--10}" "$NETSEL" serve --config "$W/netsel.toml" > "$W/netsel.log" 2>&1 &
 NPID=$!
