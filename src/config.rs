@@ -185,6 +185,60 @@ impl Default for ApiSettings {
     }
 }
 
+/// How the TCP proxy relays bytes between a client and an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayMode {
+    /// Zero-copy `splice(2)` through a kernel pipe on Linux; elsewhere the same as `copy`.
+    #[default]
+    Splice,
+    /// Read into a user-space buffer and write it out (`tokio::io::copy_bidirectional`).
+    Copy,
+}
+
+/// TCP proxy settings (the gateway on `tcp_proxy_addr` and the per-VIP listeners).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpProxySettings {
+    /// Seconds a relayed connection may pass no bytes either way before it is closed.
+    /// Default 300.
+    pub idle_timeout_secs: u64,
+    /// Milliseconds to wait for one instance to accept before trying another. Default 2000.
+    pub connect_timeout_ms: u64,
+    /// Instances tried per client connection before it is refused. Default 3.
+    pub connect_attempts: usize,
+    /// Most client connections relayed at once (gateway and VIP listeners together).
+    /// Default 8192.
+    pub max_connections: usize,
+    /// Longest gateway name line in bytes, line ending included. Default 256.
+    pub name_line_max: usize,
+    /// Milliseconds a gateway client has to send its name line. Default 5000.
+    pub name_timeout_ms: u64,
+    /// Listen on `VIP:service-port` for every service. Default true.
+    pub vip_listeners: bool,
+    /// Seconds relayed connections may run on after shutdown begins (never longer than
+    /// the server's `drain_secs`). Default 10.
+    pub drain_secs: u64,
+    /// How bytes are relayed. Default `splice` (zero-copy on Linux).
+    pub relay: RelayMode,
+}
+
+impl Default for TcpProxySettings {
+    fn default() -> Self {
+        TcpProxySettings {
+            idle_timeout_secs: 300,
+            connect_timeout_ms: 2000,
+            connect_attempts: 3,
+            max_connections: 8192,
+            name_line_max: 256,
+            name_timeout_ms: 5000,
+            vip_listeners: true,
+            drain_secs: 10,
+            relay: RelayMode::default(),
+        }
+    }
+}
+
 /// DNS server settings (the `[dns]` table).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -295,6 +349,8 @@ pub struct Settings {
     pub http_proxy: HttpProxySettings,
     /// DNS server.
     pub dns: DnsSettings,
+    /// TCP proxy.
+    pub tcp_proxy: TcpProxySettings,
     /// Shortest lease TTL a registration may ask for, in milliseconds. Default 1000.
     pub min_ttl_ms: u64,
     /// Longest lease TTL a registration may ask for, in seconds. Default 86400.
@@ -327,6 +383,7 @@ impl From<NetSelConfig> for Settings {
             health: HealthSettings::default(),
             http_proxy: HttpProxySettings::default(),
             dns: DnsSettings::default(),
+            tcp_proxy: TcpProxySettings::default(),
             min_ttl_ms: 1000,
             max_ttl_secs: 86_400,
             max_instances: 1_000_000,
@@ -361,6 +418,7 @@ struct FileConfig {
     health: Option<HealthSettings>,
     http_proxy: Option<HttpProxySettings>,
     dns: Option<DnsSettings>,
+    tcp_proxy: Option<TcpProxySettings>,
 }
 
 impl Settings {
@@ -410,6 +468,7 @@ impl Settings {
             s.health => f.health,
             s.http_proxy => f.http_proxy,
             s.dns => f.dns,
+            s.tcp_proxy => f.tcp_proxy,
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
@@ -477,6 +536,19 @@ impl Settings {
             .validate()
             .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         self.validate_dns()?;
+        let t = &self.tcp_proxy;
+        if t.idle_timeout_secs == 0 || t.connect_timeout_ms == 0 || t.name_timeout_ms == 0 {
+            return bad("tcp_proxy timeouts", "must be greater than 0");
+        }
+        if t.connect_attempts == 0 || t.max_connections == 0 {
+            return bad(
+                "tcp_proxy.connect_attempts/max_connections",
+                "must be at least 1",
+            );
+        }
+        if !(16..=65_536).contains(&t.name_line_max) {
+            return bad("tcp_proxy.name_line_max", "must be 16..=65536");
+        }
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
             key: "network.vip_cidr",
             reason: e.to_string(),
@@ -624,6 +696,10 @@ mod tests {
             "[registry]\nmax_connections = 0",
             "[http_proxy]\nmax_header_bytes = 100",
             "[http_proxy]\ndefault_service = \"no such\"",
+            "[tcp_proxy]\nmax_connections = 0",
+            "[tcp_proxy]\nname_line_max = 1",
+            "[tcp_proxy]\nrelay = \"magic\"",
+            "[tcp_proxy]\nconnect_timeout_ms = 0",
             "registry_addr = \"nope\"",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");

@@ -20,6 +20,7 @@ use crate::metrics::MetricsRegistry;
 use crate::proxy::balance::Balancer;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{MemoryStore, Store, StoreError};
+use crate::proxy::tcp::TcpProxy;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,7 @@ struct Running {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     bound: BoundAddrs,
+    tcp_proxy: TcpProxy,
 }
 
 /// A NetSel server: registry, catalog, and (as they are added) DNS, proxies and API.
@@ -209,6 +211,17 @@ impl NetSelServer {
             Duration::from_secs(s.drain_secs),
         );
         http_proxy.register_metrics(&mut registry_metrics);
+        let tcp_gateway = bind_tcp("tcp proxy", s.config.tcp_proxy_addr).await?;
+        bound.tcp_proxy = Some(local_addr(&tcp_gateway, s.config.tcp_proxy_addr));
+        // Relays drain within the server's own deadline, with a margin to close the rest.
+        let tcp_drain = Duration::from_secs(s.tcp_proxy.drain_secs)
+            .min(Duration::from_millis(s.drain_secs.saturating_mul(900)));
+        let tcp_proxy = TcpProxy::new(
+            balancer.clone(),
+            s.tcp_proxy.clone(),
+            tcp_drain,
+            Some(&mut registry_metrics),
+        );
 
         let metrics = MetricsRegistry::new(std::mem::take(&mut registry_metrics));
         let shutdown = CancellationToken::new();
@@ -247,6 +260,7 @@ impl NetSelServer {
         ));
         // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
         tasks.spawn(http_proxy.serve(http_listener, shutdown.clone()));
+        tasks.spawn(tcp_proxy.clone().run(Some(tcp_gateway), shutdown.clone()));
         tasks.close();
         tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");
         *self.lock_running() = Some(Running {
@@ -256,6 +270,7 @@ impl NetSelServer {
             shutdown,
             tasks,
             bound,
+            tcp_proxy,
         });
         Ok(())
     }
@@ -272,6 +287,11 @@ impl NetSelServer {
     /// The catalog, once started.
     pub fn catalog(&self) -> Option<Catalog> {
         self.lock_running().as_ref().map(|r| r.catalog.clone())
+    }
+
+    /// The TCP proxy (gateway and VIP listeners), once started.
+    pub fn tcp_proxy(&self) -> Option<TcpProxy> {
+        self.lock_running().as_ref().map(|r| r.tcp_proxy.clone())
     }
 
     /// The metrics registry, once started.

@@ -1,0 +1,153 @@
+//! VIP listeners: one per service at `VIP:service-port`, following the catalog.
+//!
+//! On every catalog change (and every [`RETRY`] as a backstop) the wanted set of
+//! listeners is computed from a snapshot and compared with the open set: listeners of
+//! services that left (or moved) stop accepting — connections they relay run on — and
+//! listeners of new services are bound. An address that cannot be bound (taken by another
+//! program, not an address of this host) leaves that service *affected*: logged once,
+//! reported by [`super::TcpProxy::affected_services`] and the
+//! `netsel_tcp_proxy_vip_bind_failed` gauge, and retried. Other listeners carry on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{AffectedService, Route, Shared, VipRoute, accept_loop, bind_listener};
+use crate::catalog::ServiceName;
+
+/// How often listeners that could not be bound are tried again.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+struct Open {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Keeps the VIP listeners in step with the catalog until `shutdown`.
+pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut index = shared.balancer.catalog().watch_index();
+    let mut open: HashMap<ServiceName, Open> = HashMap::new();
+    let mut retry = tokio::time::interval(RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        index.borrow_and_update();
+        reconcile(&shared, &mut open, &shutdown).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = index.changed() => if changed.is_err() { break },
+            _ = retry.tick() => {}
+        }
+    }
+    for (_, o) in open.drain() {
+        o.stop.cancel();
+        let _ = o.task.await;
+        shared.remove_own(o.addr);
+    }
+    let mut t = shared.lock_vips();
+    t.open.clear();
+}
+
+async fn reconcile(
+    shared: &Arc<Shared>,
+    open: &mut HashMap<ServiceName, Open>,
+    shutdown: &CancellationToken,
+) {
+    let snapshot = shared.balancer.catalog().snapshot();
+    let wanted: HashMap<ServiceName, SocketAddr> = snapshot
+        .services()
+        .filter(|s| s.port != 0)
+        .map(|s| (s.name.clone(), SocketAddr::new(s.vip, s.port)))
+        .collect();
+    drop(snapshot);
+
+    // Close first, and wait for each accept loop to drop its socket, so a service that
+    // comes back on the same address can bind it again at once.
+    let stale: Vec<ServiceName> = open
+        .iter()
+        .filter(|(name, o)| wanted.get(*name) != Some(&o.addr))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in stale {
+        let Some(o) = open.remove(&name) else {
+            continue;
+        };
+        o.stop.cancel();
+        let _ = o.task.await;
+        shared.remove_own(o.addr);
+        shared.lock_vips().open.remove(&name);
+        tracing::info!(service = %name, addr = %o.addr, "VIP listener closed");
+    }
+    {
+        let mut t = shared.lock_vips();
+        let gone: Vec<ServiceName> = t
+            .affected
+            .iter()
+            .filter(|(name, a)| wanted.get(*name) != Some(&a.addr))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            t.affected.remove(&name);
+            shared.metrics.set_vip_bind_failed(name.as_str(), false);
+        }
+    }
+
+    for (name, addr) in wanted {
+        if open.contains_key(&name) {
+            continue;
+        }
+        match bind_listener(addr) {
+            Ok(listener) => {
+                let stop = shutdown.child_token();
+                shared.add_own(addr);
+                let task = tokio::spawn(accept_loop(
+                    shared.clone(),
+                    listener,
+                    Route::Vip(Arc::new(VipRoute {
+                        service: name.clone(),
+                        metrics: shared.metrics.service(name.as_str()),
+                    })),
+                    stop.clone(),
+                ));
+                let mut t = shared.lock_vips();
+                t.open.insert(name.clone(), addr);
+                if t.affected.remove(&name).is_some() {
+                    shared.metrics.set_vip_bind_failed(name.as_str(), false);
+                }
+                drop(t);
+                tracing::info!(service = %name, %addr, "VIP listener open");
+                open.insert(name, Open { addr, stop, task });
+            }
+            Err(e) => {
+                let error = e.to_string();
+                let mut t = shared.lock_vips();
+                let known = t
+                    .affected
+                    .get(&name)
+                    .is_some_and(|a| a.addr == addr && a.error == error);
+                if !known {
+                    // Logged once per address and cause; retries stay quiet.
+                    tracing::warn!(
+                        service = %name,
+                        %addr,
+                        %error,
+                        "cannot open VIP listener; service affected (retrying)"
+                    );
+                    shared.metrics.set_vip_bind_failed(name.as_str(), true);
+                    t.affected.insert(
+                        name.clone(),
+                        AffectedService {
+                            service: name,
+                            addr,
+                            error,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
