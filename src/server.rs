@@ -18,9 +18,9 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::{ConfigError, NetSelConfig, Settings};
 use crate::metrics::MetricsRegistry;
 use crate::proxy::balance::Balancer;
+use crate::proxy::tcp::TcpProxy;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{MemoryStore, Store, StoreError};
-use crate::proxy::tcp::TcpProxy;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
