@@ -21,7 +21,7 @@ use super::model::{
 use super::watch::{BlockingQuery, block};
 use super::{ApiError, ApiState, INDEX_HEADER, SECRET_HEADER};
 use crate::catalog::{Endpoint, Registration};
-use crate::protocol::{AppProtocol, ResolvedInstance, Response as LineResponse};
+use crate::protocol::{AppProtocol, Response as LineResponse};
 
 /// A JSON body of type `T`: 415 unless `application/json`, 413 past the size limit, and
 /// 400 naming the offending field.
@@ -396,20 +396,7 @@ pub(crate) async fn service(
         return Ok((headers, ApiError::NotFound(message)).into_response());
     };
     if line {
-        let r = LineResponse::Resolved {
-            name: svc.name.to_string(),
-            vip: svc.vip,
-            service_port: svc.port,
-            instances: svc
-                .healthy()
-                .map(|i| ResolvedInstance {
-                    id: i.id.to_string(),
-                    endpoint: i.endpoint,
-                    weight: i.weight,
-                    lease_remaining: Some(catalog.lease_remaining(i)),
-                })
-                .collect(),
-        };
+        let r = crate::registry::resolved(catalog, svc);
         let body = format!("{r}\n");
         return Ok((
             headers,

@@ -348,20 +348,7 @@ impl Connection {
             Request::Resolve { name } => {
                 let snap = catalog.snapshot();
                 match snap.service(&name) {
-                    Some(svc) => Response::Resolved {
-                        name: svc.name.to_string(),
-                        vip: svc.vip,
-                        service_port: svc.port,
-                        instances: svc
-                            .healthy()
-                            .map(|i| ResolvedInstance {
-                                id: i.id.to_string(),
-                                endpoint: i.endpoint,
-                                weight: i.weight,
-                                lease_remaining: Some(catalog.lease_remaining(i)),
-                            })
-                            .collect(),
-                    },
+                    Some(svc) => resolved(catalog, svc),
                     None => self.failed(CatalogError::UnknownService(name)),
                 }
             }
@@ -395,5 +382,24 @@ impl Connection {
             tracing::error!(error = %e, "registration not persisted");
         }
         Response::Failed(e.to_string())
+    }
+}
+
+/// The `RESOLVED` answer for `svc`: its VIP, port and healthy instances with their
+/// remaining leases. Shared by the line protocol and the API's `?format=line`.
+pub fn resolved(catalog: &Catalog, svc: &crate::catalog::Service) -> Response {
+    Response::Resolved {
+        name: svc.name.to_string(),
+        vip: svc.vip,
+        service_port: svc.port,
+        instances: svc
+            .healthy()
+            .map(|i| ResolvedInstance {
+                id: i.id.to_string(),
+                endpoint: i.endpoint,
+                weight: i.weight,
+                lease_remaining: Some(catalog.lease_remaining(i)),
+            })
+            .collect(),
     }
 }
