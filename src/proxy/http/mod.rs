@@ -278,6 +278,16 @@ enum Failure {
     Other,
 }
 
+impl Failure {
+    /// How a failed connect shows to the client: 504 for a timeout, else 502.
+    fn of_connect(e: &ConnectError) -> Failure {
+        match e {
+            ConnectError::Timeout => Failure::Timeout,
+            _ => Failure::Other,
+        }
+    }
+}
+
 /// The HTTP proxy. Build with [`HttpProxy::new`], register its metrics, then
 /// [`serve`](HttpProxy::serve) a bound listener.
 pub struct HttpProxy {
@@ -752,10 +762,7 @@ impl HttpProxy {
                 Ok(c) => c,
                 Err(e) => {
                     // Nothing was sent: any request may go to another instance.
-                    last = Some(match e {
-                        ConnectError::Timeout => Failure::Timeout,
-                        _ => Failure::Other,
-                    });
+                    last = Some(Failure::of_connect(&e));
                     self.connect_failed(&pick, &e, label, &mut exclude);
                     continue;
                 }
@@ -855,10 +862,7 @@ impl HttpProxy {
             let mut tx = match ctx.worker.pool.connect_h1(addr).await {
                 Ok(tx) => tx,
                 Err(e) => {
-                    last = Some(match e {
-                        ConnectError::Timeout => Failure::Timeout,
-                        _ => Failure::Other,
-                    });
+                    last = Some(Failure::of_connect(&e));
                     self.connect_failed(&pick, &e, label, &mut exclude);
                     continue;
                 }
