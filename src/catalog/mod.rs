@@ -16,7 +16,7 @@ mod metrics;
 mod model;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -296,8 +296,42 @@ struct State {
     services: imbl::OrdMap<ServiceName, Arc<Service>>,
     instances: imbl::HashMap<InstanceId, Arc<Instance>>,
     by_vip: imbl::HashMap<IpAddr, ServiceName>,
+    /// Which instance of a service a registration renews or takes over, without scanning
+    /// the service's instances (registration stays O(log n) in a service of thousands).
+    by_owner: HashMap<(ServiceName, OwnerKey), InstanceId>,
     vips: VipPool,
     ports: PortPool,
+}
+
+/// What identifies an instance within its service: the registering peer's address for a
+/// pool (seed) registration, the endpoint for an explicit one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum OwnerKey {
+    Peer(IpAddr),
+    Endpoint(SocketAddr),
+}
+
+impl OwnerKey {
+    fn of(i: &Instance) -> OwnerKey {
+        match i.owner_peer {
+            Some(peer) => OwnerKey::Peer(peer),
+            None => OwnerKey::Endpoint(i.endpoint),
+        }
+    }
+}
+
+impl State {
+    fn index_owner(&mut self, i: &Instance) {
+        self.by_owner
+            .insert((i.service.clone(), OwnerKey::of(i)), i.id.clone());
+    }
+
+    fn unindex_owner(&mut self, i: &Instance) {
+        let key = (i.service.clone(), OwnerKey::of(i));
+        if self.by_owner.get(&key) == Some(&i.id) {
+            self.by_owner.remove(&key);
+        }
+    }
 }
 
 struct Inner {
@@ -365,6 +399,7 @@ impl Catalog {
                     services: imbl::OrdMap::new(),
                     instances: imbl::HashMap::new(),
                     by_vip: imbl::HashMap::new(),
+                    by_owner: HashMap::new(),
                     vips,
                     ports,
                 }),
@@ -417,7 +452,7 @@ impl Catalog {
                     port: s.port,
                     created_index: s.created_index,
                     modify_index: s.created_index,
-                    instances: Vec::new(),
+                    instances: imbl::Vector::new(),
                 },
             );
         }
@@ -453,7 +488,7 @@ impl Catalog {
             };
             svc.modify_index = svc.modify_index.max(inst.registered_index);
             let _ = self.inner.timers.send((deadline, inst.id.clone()));
-            svc.instances.push(Arc::new(inst));
+            svc.instances.push_back(Arc::new(inst));
         }
         for (name, mut svc) in services {
             if svc.instances.is_empty() {
@@ -471,6 +506,7 @@ impl Catalog {
             svc.instances.sort_by(|a, b| a.id.cmp(&b.id));
             for i in &svc.instances {
                 st.instances.insert(i.id.clone(), i.clone());
+                st.index_owner(i);
             }
             st.by_vip.insert(svc.vip, name.clone());
             st.services.insert(name, Arc::new(svc));
@@ -636,15 +672,15 @@ impl Catalog {
                 });
             }
             // Find the instance this registration renews or takes over, if any.
-            let previous = existing_svc.as_ref().and_then(|svc| {
-                svc.instances
-                    .iter()
-                    .find(|i| match reg.endpoint {
-                        Endpoint::Pool { peer, .. } => i.owner_peer == Some(peer),
-                        Endpoint::Explicit(ep) => i.owner_peer.is_none() && i.endpoint == ep,
-                    })
-                    .cloned()
-            });
+            let owner = match reg.endpoint {
+                Endpoint::Pool { peer, .. } => OwnerKey::Peer(peer),
+                Endpoint::Explicit(ep) => OwnerKey::Endpoint(ep),
+            };
+            let previous = st
+                .by_owner
+                .get(&(name.clone(), owner))
+                .and_then(|id| st.instances.get(id))
+                .cloned();
             if let (Some(prev), Some(svc), Endpoint::Pool { .. }) =
                 (&previous, &existing_svc, reg.endpoint)
                 && prev.tags == reg.tags
@@ -737,7 +773,7 @@ impl Catalog {
                         port: reg.service_port.unwrap_or(endpoint.port()),
                         created_index: index,
                         modify_index: index,
-                        instances: Vec::new(),
+                        instances: imbl::Vector::new(),
                     };
                     ops.push(StoreOp::PutService(ServiceRecord {
                         name: name.clone(),
@@ -786,6 +822,7 @@ impl Catalog {
             ops.push(StoreOp::PutInstance(self.record(&inst)));
             ops.push(StoreOp::SetIndex(index));
             st.instances.insert(id.clone(), inst.clone());
+            st.index_owner(&inst);
             st.services.insert(name.clone(), Arc::new(svc));
             let commit = self.inner.store.apply(ops);
             self.publish(&st);
@@ -995,6 +1032,7 @@ impl Catalog {
             let Some(inst) = st.instances.remove(id) else {
                 continue;
             };
+            st.unindex_owner(&inst);
             if inst.pool_port {
                 st.ports.release(inst.endpoint.port());
             }
@@ -1009,7 +1047,9 @@ impl Catalog {
                 continue;
             };
             let mut svc = Service::clone(svc);
-            svc.instances.retain(|i| i.id != *id);
+            if let Ok(pos) = svc.instances.binary_search_by(|i| i.id.cmp(id)) {
+                svc.instances.remove(pos);
+            }
             svc.modify_index = index;
             if svc.instances.is_empty() {
                 st.services.remove(&svc.name);

@@ -86,15 +86,32 @@ impl std::borrow::Borrow<str> for ServiceName {
     }
 }
 
-/// An instance id: 16 lower-case hex digits, random.
+/// An instance id: 16 lower-case hex digits, ordered by creation time (like a UUIDv7):
+/// the top 44 bits are the Unix time in milliseconds, the low 20 bits start random. Ids
+/// made by one process strictly increase, so a new instance lands at the end of its
+/// service's id-sorted list (an append, not an insert in the middle).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct InstanceId(Arc<str>);
 
 impl InstanceId {
-    /// A fresh random id.
+    /// A fresh id, greater than every id this process made before.
     pub fn generate() -> Self {
-        InstanceId(random_hex(8).into())
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut low = [0u8; 4];
+        getrandom::fill(&mut low).expect("the operating system's random source failed");
+        let fresh = (ms << 20) | u64::from(u32::from_le_bytes(low) & 0xf_ffff);
+        let mut last = LAST.load(Ordering::Relaxed);
+        loop {
+            let next = fresh.max(last.wrapping_add(1));
+            match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return InstanceId(format!("{next:016x}").into()),
+                Err(seen) => last = seen,
+            }
+        }
     }
 
     /// The id as text.
@@ -166,9 +183,15 @@ impl fmt::Display for Secret {
 }
 
 fn random_hex(bytes: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf).expect("the operating system's random source failed");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(bytes * 2);
+    for b in buf {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// Health of an instance. Only `Passing` instances are answered by DNS or routed to.
@@ -283,8 +306,9 @@ pub struct Service {
     pub created_index: u64,
     /// Catalog index of its last change.
     pub modify_index: u64,
-    /// Instances, sorted by id.
-    pub instances: Vec<Arc<Instance>>,
+    /// Instances, sorted by id. A persistent vector: a write clones O(log n), not the
+    /// whole list, so registering into a service with thousands of instances stays cheap.
+    pub instances: imbl::Vector<Arc<Instance>>,
 }
 
 impl Service {

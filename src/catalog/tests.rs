@@ -496,3 +496,44 @@ fn catalog_property_network_invariants() {
         })
         .unwrap();
 }
+
+#[test]
+fn instance_ids_are_16_hex_digits_and_strictly_increase() {
+    let ids: Vec<InstanceId> = (0..10_000).map(|_| InstanceId::generate()).collect();
+    for id in &ids {
+        assert_eq!(id.as_str().len(), 16, "{id}");
+        assert!(
+            id.as_str()
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must increase");
+}
+
+/// The owner index (which instance a registration renews or takes over) follows every
+/// write: a deregistered endpoint registers afresh, a re-registered one is taken over.
+#[tokio::test(start_paused = true)]
+async fn owner_index_follows_register_and_deregister() {
+    let c = catalog(30);
+    let a = c.register(explicit("web", 9001)).await.unwrap();
+    let again = c.register(explicit("web", 9001)).await.unwrap();
+    assert_eq!(
+        a.id, again.id,
+        "same endpoint is taken over, not duplicated"
+    );
+    let b = c.register(explicit("web", 9002)).await.unwrap();
+    assert_ne!(a.id, b.id);
+    c.deregister(again.id.as_str(), again.secret.expose())
+        .await
+        .unwrap();
+    let fresh = c.register(explicit("web", 9001)).await.unwrap();
+    assert_ne!(fresh.id, a.id, "a deregistered instance is not resurrected");
+    let p1 = c.register(pool("seed", [127, 0, 0, 9])).await.unwrap();
+    let p2 = c.register(pool("seed", [127, 0, 0, 9])).await.unwrap();
+    assert_eq!(p1.id, p2.id, "same peer renews its pool registration");
+    assert!(p2.renewed);
+    let snap = c.snapshot();
+    assert_eq!(snap.service("web").unwrap().instances.len(), 2);
+    assert_eq!(snap.service("seed").unwrap().instances.len(), 1);
+}
