@@ -6,7 +6,8 @@
 //!    clean shutdown and after SIGKILL (crash repair).
 //!
 //! `cargo bench --bench store` (env: `BENCH_SECS`, default 5; `BENCH_INSTANCES`, default
-//! 100000; `BENCH_DIR`, where the stores live, default the system temp dir).
+//! 100000; `BENCH_DIR`, where the stores live, default the system temp dir; `BENCH_ONLY`,
+//! a comma-separated subset of `latency,hbns,reg,hb,startup`, default all).
 
 #![allow(clippy::print_stdout)]
 
@@ -72,14 +73,10 @@ async fn server(store: Option<Arc<EmbeddedStore>>) -> NetSelServer {
 
 /// Opens a fresh durable store in `dir`, or none for the in-memory runs.
 fn store_in(dir: Option<&Path>) -> Option<Arc<EmbeddedStore>> {
-    let options = EmbeddedOptions {
-        max_linger: Duration::from_micros(env_num("BENCH_LINGER_US", 0)),
-        ..EmbeddedOptions::default()
-    };
-    dir.map(|d| Arc::new(EmbeddedStore::open_with(d, options).unwrap()))
+    dir.map(|d| Arc::new(EmbeddedStore::open_with(d, EmbeddedOptions::default()).unwrap()))
 }
 
-/// "commits=.. batches/commit=.. us/commit=.." for a durable run.
+/// "log_syncs=.. batches/sync=.. us/sync=.. checkpoints=.." for a durable run.
 fn describe(store: &Option<Arc<EmbeddedStore>>) -> String {
     match store {
         None => "memory".into(),
@@ -87,10 +84,12 @@ fn describe(store: &Option<Arc<EmbeddedStore>>) -> String {
             let st = s.stats();
             s.close();
             format!(
-                "commits={} batches/commit={:.1} us/commit={:.0} renewals_written={}",
+                "log_syncs={} batches/sync={:.1} us/sync={:.0} checkpoints={} us/checkpoint={:.0} renewals_written={}",
                 st.commits,
                 st.batches as f64 / st.commits.max(1) as f64,
                 st.commit_micros as f64 / st.commits.max(1) as f64,
+                st.checkpoints,
+                st.checkpoint_micros as f64 / st.checkpoints.max(1) as f64,
                 st.renewals
             )
         }
@@ -113,7 +112,7 @@ async fn registrations(data_dir: Option<&Path>, secs: u64) -> (f64, String) {
             let mut k: u32 = 0;
             while !stop.load(Ordering::Relaxed) {
                 k += 1;
-                let ip = IpAddr::from([10, c as u8, (k >> 16) as u8, (k >> 8) as u8]);
+                let ip = IpAddr::from([127, 100 + c as u8, (k >> 16) as u8, (k >> 8) as u8]);
                 let req = Request::Register {
                     name: format!("svc-{}", k % 64),
                     endpoint: Some(SocketAddr::new(ip, 1000 + (k & 0xff) as u16)),
@@ -158,7 +157,7 @@ async fn heartbeats(data_dir: Option<&Path>, secs: u64) -> (f64, String) {
     for k in 0..1000u32 {
         let req = Request::Register {
             name: format!("hb-{}", k % 50),
-            endpoint: Some(SocketAddr::from(([10, 9, (k >> 8) as u8, k as u8], 80))),
+            endpoint: Some(SocketAddr::from(([127, 9, (k >> 8) as u8, k as u8], 80))),
             options: RegisterOptions::default(),
         }
         .encode();
@@ -234,7 +233,7 @@ async fn fill(dir: &Path, n: u64) -> Duration {
             ops.push(StoreOp::PutInstance(InstanceRecord {
                 id: InstanceId::from(format!("{:016x}", s * 100 + i).as_str()),
                 service: name.clone(),
-                endpoint: SocketAddr::from(([10, (s >> 8) as u8, s as u8, i as u8], 8080)),
+                endpoint: SocketAddr::from(([127, 200 + (s >> 8) as u8, s as u8, i as u8], 8080)),
                 tags: vec!["v1".into()],
                 meta: BTreeMap::from([("zone".to_string(), "a".to_string())]),
                 weight: 1,
@@ -278,7 +277,7 @@ async fn commit_latency(dir: &Path, n: u32) -> f64 {
         let rec = InstanceRecord {
             id: InstanceId::from(format!("{i:016x}").as_str()),
             service: name.clone(),
-            endpoint: SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 8080)),
+            endpoint: SocketAddr::from(([127, 1, (i >> 8) as u8, i as u8], 8080)),
             tags: vec![],
             meta: BTreeMap::new(),
             weight: 1,
@@ -355,7 +354,7 @@ async fn heartbeat_ns(dir: &Path) -> (f64, f64) {
     for (k, srv) in [&mem, &dur].into_iter().enumerate() {
         let cat = srv.catalog().unwrap();
         for i in 0..1000u32 {
-            let ep = SocketAddr::from(([10, 8, (i >> 8) as u8, i as u8], 80));
+            let ep = SocketAddr::from(([127, 8, (i >> 8) as u8, i as u8], 80));
             let r = cat
                 .register(Registration::new(
                     format!("hb{}", i % 50),
@@ -403,17 +402,21 @@ async fn main() {
         "store dir: {} ({secs} s per run, {runs} runs alternating, {CLIENTS} clients)",
         fs_dir.path().display()
     );
-    let lat = commit_latency(&fs_dir.path().join("lat"), 300).await;
-    println!("RESULT netsel store_commit_latency_us one_write_per_commit={lat:.0}");
-
-    let (m, d) = heartbeat_ns(&fs_dir.path().join("hbns")).await;
-    println!(
-        "RESULT netsel catalog_heartbeat_ns_per_op memory={m:.0} durable={d:.0} (interleaved, median of 15 x 200k)"
-    );
-
-    if std::env::var("BENCH_SKIP_RATES").is_err() {
-        let (mut reg_d, mut reg_m, mut hb_d, mut hb_m) = (vec![], vec![], vec![], vec![]);
-        for r in 0..runs {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
+    if wanted("latency") {
+        let lat = commit_latency(&fs_dir.path().join("lat"), 300).await;
+        println!("RESULT netsel store_commit_latency_us one_write_per_commit={lat:.0}");
+    }
+    if wanted("hbns") {
+        let (m, d) = heartbeat_ns(&fs_dir.path().join("hbns")).await;
+        println!(
+            "RESULT netsel catalog_heartbeat_ns_per_op memory={m:.0} durable={d:.0} (interleaved, median of 15 x 200k)"
+        );
+    }
+    let (mut reg_d, mut reg_m, mut hb_d, mut hb_m) = (vec![], vec![], vec![], vec![]);
+    for r in 0..runs {
+        if wanted("reg") {
             let d = fs_dir.path().join(format!("reg{r}"));
             let (rate, how) = registrations(Some(&d), secs).await;
             println!("  run {r}: registrations/s durable={rate:.0} ({how})");
@@ -421,6 +424,8 @@ async fn main() {
             let (rate, _) = registrations(None, secs).await;
             println!("  run {r}: registrations/s memory={rate:.0}");
             reg_m.push(rate);
+        }
+        if wanted("hb") {
             let d = fs_dir.path().join(format!("hb{r}"));
             let (rate, how) = heartbeats(Some(&d), secs).await;
             println!("  run {r}: heartbeats/s durable={rate:.0} ({how})");
@@ -429,15 +434,22 @@ async fn main() {
             println!("  run {r}: heartbeats/s memory={rate:.0}");
             hb_m.push(rate);
         }
+    }
+    if wanted("reg") {
         let (rd, rm) = (median(&mut reg_d), median(&mut reg_m));
-        let (hd, hm) = (median(&mut hb_d), median(&mut hb_m));
         println!(
             "RESULT netsel registrations_per_s_median durable={rd:.0} memory={rm:.0} clients={CLIENTS}"
         );
+    }
+    if wanted("hb") {
+        let (hd, hm) = (median(&mut hb_d), median(&mut hb_m));
         println!(
             "RESULT netsel heartbeats_per_s_median durable={hd:.0} memory={hm:.0} ratio={:.2} clients={CLIENTS}",
             hd / hm
         );
+    }
+    if !wanted("startup") {
+        return;
     }
 
     let d = fs_dir.path().join("startup");
