@@ -1,21 +1,26 @@
-//! The durable embedded store: one redb file in the data dir.
+//! The durable embedded store: a write-ahead log in front of one redb file in the data dir.
 //!
-//! * **Group commit.** [`Store::apply`] only queues the batch on a channel and returns a
-//!   [`Commit`]; a dedicated writer thread drains everything queued, writes it in one redb
-//!   write transaction with [`Durability::Immediate`] (fsync before `commit` returns), then
-//!   completes every waiting [`Commit`]. Concurrent registrations therefore share one fsync,
-//!   and the catalog's lock is never held across disk I/O.
+//! * **Acknowledged means in the log.** [`Store::apply`] queues the batch for the log
+//!   writer thread, which takes everything queued, appends it to the write-ahead log
+//!   ([`super::wal`]: two preallocated files, CRC-framed records) and `fdatasync`s once
+//!   before completing every waiting [`Commit`]. Concurrent registrations share one small
+//!   sequential write and one flush, and the catalog's lock is never held across disk I/O.
+//! * **Checkpoints.** A second thread applies the logged batches to redb in one write
+//!   transaction with [`Durability::Immediate`] at least once per `renew_flush` (1 s by
+//!   default) and whenever the log needs a file back, recording the last applied record
+//!   (`wal_seq`). At open, records newer than `wal_seq` are replayed into redb first, so a
+//!   crash between a log write and its checkpoint loses nothing.
 //! * **Lease renewals** are coalesced in memory (latest deadline per instance) and written
-//!   at most once per `renew_flush` (1 s by default), in the next transaction, so the write
-//!   rate stays bounded whatever the heartbeat rate. After a crash at most `renew_flush` of
-//!   renewals is lost; the catalog gives every restored instance at least
-//!   `restart_grace` (= `max_heartbeat_age`) anyway.
+//!   with the checkpoint, so the write rate stays bounded whatever the heartbeat rate.
+//!   After a crash at most `renew_flush` of renewals is lost; the catalog gives every
+//!   restored instance at least `restart_grace` (= `max_heartbeat_age`) anyway.
 //! * **Tables:** `services` (name → JSON [`ServiceRecord`]), `instances` (id → JSON
 //!   [`InstanceRecord`]), `leases` (id → newest persisted deadline, Unix ms), `holds`
-//!   (VIP → JSON [`VipHold`]), `meta` (`format_version`, `index`).
+//!   (VIP → JSON [`VipHold`]), `meta` (`format_version`, `index`, `wal_seq`).
 //! * **Safety at open:** redb's file lock refuses a second process; a file that is not
-//!   redb, a redb file of another program, or an unknown `format_version` is refused with
-//!   a clear [`StoreError`]. Nothing is ever rewritten or truncated to "fix" a bad file.
+//!   redb, a redb file of another program, an unknown `format_version`, or a log with a
+//!   gap is refused with a clear [`StoreError`]. Nothing is ever rewritten or truncated to
+//!   "fix" a bad file. Version 1 stores (no log) are upgraded in place.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
@@ -35,13 +40,16 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
+use super::wal::{self, Wal};
 use super::{
     Commit, InstanceRecord, Persisted, ServiceRecord, Store, StoreError, StoreOp, VipHold,
 };
 use crate::catalog::InstanceId;
 
-/// The on-disk format this build reads and writes.
-pub const FORMAT_VERSION: u64 = 1;
+/// The on-disk format this build reads and writes (2: redb plus the write-ahead log).
+pub const FORMAT_VERSION: u64 = 2;
+/// The oldest format this build opens (and upgrades in place).
+const OLDEST_READABLE: u64 = 1;
 /// The store's file name inside the data dir.
 pub const STORE_FILE: &str = "netsel.redb";
 /// How often coalesced lease renewals are written, by default.
@@ -54,36 +62,29 @@ const HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("holds");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const KEY_VERSION: &str = "format_version";
 const KEY_INDEX: &str = "index";
+const KEY_WAL_SEQ: &str = "wal_seq";
 
-/// Most queued messages one transaction takes, so a burst cannot make one commit huge.
-const MAX_MESSAGES_PER_TXN: usize = 8192;
+/// Most queued messages one log write takes, so a burst cannot make one write huge.
+const MAX_MESSAGES_PER_SYNC: usize = 8192;
+/// Logged batches waiting for a checkpoint, at most (then one runs early).
+const MAX_PENDING_BATCHES: usize = 100_000;
 const RENEW_SHARDS: usize = 16;
-/// A lingering commit waits at most this long for the next write to arrive...
-const LINGER_GAP: Duration = Duration::from_micros(100);
-
-/// ...and at most about one commit time in all, never more than the configured maximum.
-fn max_linger(commit_ema: Duration, cap: Duration) -> Duration {
-    commit_ema.min(cap)
-}
 
 /// Tuning of an [`EmbeddedStore`].
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
-    /// How often coalesced lease renewals are written (default 1 s).
+    /// How often logged writes and coalesced lease renewals are checkpointed into redb
+    /// (default 1 s).
     pub renew_flush: Duration,
-    /// Longest a commit waits for more concurrent writes to join it (the wait is also
-    /// capped at about one commit time). Default zero: never wait. Waiting makes commits
-    /// fuller (fewer fsyncs) but leaves the disk idle meanwhile; without it, writers that
-    /// arrive during a commit form the next one, so CPU work and fsync overlap, which
-    /// measured as fast or faster (BENCHMARKS.md).
-    pub max_linger: Duration,
+    /// Size of each of the two write-ahead log files (default 16 MiB).
+    pub wal_file_bytes: u64,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
             renew_flush: DEFAULT_RENEW_FLUSH,
-            max_linger: Duration::ZERO,
+            wal_file_bytes: wal::DEFAULT_WAL_FILE_BYTES,
         }
     }
 }
@@ -92,10 +93,46 @@ type Reply = oneshot::Sender<Result<(), String>>;
 
 enum Msg {
     Apply(Vec<StoreOp>, Reply),
-    /// Write pending renewals now and answer when durable.
+    /// Checkpoint now (with pending renewals) and answer when durable.
     Flush(Reply),
     Load(mpsc::Sender<Result<Persisted, StoreError>>),
     Close(mpsc::Sender<()>),
+}
+
+/// What the log writer tells the checkpointer, in log order.
+enum CpMsg {
+    /// Batches now durable in the log, the last of them in record `seq`.
+    Logged(u64, Vec<Vec<StoreOp>>),
+    /// Batches too large for a log record: commit them straight into redb.
+    Direct(Vec<Vec<StoreOp>>, mpsc::Sender<Result<(), String>>),
+    /// Checkpoint everything logged so far, then answer.
+    Checkpoint(mpsc::Sender<Result<(), String>>),
+    Flush(Reply),
+    Load(mpsc::Sender<Result<Persisted, StoreError>>),
+    Close(mpsc::Sender<()>),
+}
+
+/// The two threads' shared view: how far redb has caught up, and whether a checkpoint
+/// failed (then no further write is acknowledged).
+#[derive(Default)]
+struct Progress {
+    failed: Mutex<Option<String>>,
+}
+
+impl Progress {
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, why: &str) {
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(why.to_string());
+        }
+    }
 }
 
 /// Latest renewal per instance, sharded so heartbeats on many threads rarely contend.
@@ -103,8 +140,9 @@ struct Renewals {
     shards: Vec<Mutex<HashMap<InstanceId, u64, BuildHasherDefault<IdHasher>>>>,
 }
 
-/// A cheap multiply-rotate hash (FxHash). Instance ids are random, chosen by the server,
-/// so SipHash's protection against chosen keys buys nothing on this per-heartbeat path.
+/// A cheap multiply-rotate hash (FxHash). Instance ids are chosen by the server, never by
+/// a client, so SipHash's protection against chosen keys buys nothing on this per-heartbeat
+/// path.
 #[derive(Default)]
 struct IdHasher(u64);
 
@@ -191,38 +229,55 @@ impl EmbeddedStore {
             })?;
         let path = dir.join(STORE_FILE);
         let shown = path.display().to_string();
-        let (db, persisted) = guarded(&shown, || {
+        let (db, persisted, checkpointed) = guarded(&shown, || {
             let db = open_db(&path)?;
             if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             {
                 tracing::warn!(path = %shown, error = %e, "cannot make the store file private");
             }
             init_or_check(&db, &shown)?;
+            let checkpointed = recover(&db, dir, &shown)?;
             let persisted = read_all(&db, &shown)?;
-            Ok((db, persisted))
+            Ok((db, persisted, checkpointed))
+        })?;
+        let log = Wal::open(dir, options.wal_file_bytes.max(4096), checkpointed).map_err(|e| {
+            StoreError::Io(format!(
+                "cannot create the write-ahead log in {}: {e}",
+                dir.display()
+            ))
         })?;
         let (tx, rx) = mpsc::channel();
+        let (cp_tx, cp_rx) = mpsc::channel();
         let renewals = Arc::new(Renewals::new());
         let stats = Arc::new(StoreStats::default());
+        let progress = Arc::new(Progress::default());
+        let spawn_err =
+            |e: std::io::Error| StoreError::Io(format!("cannot start a store thread: {e}"));
+        let checkpointer = std::thread::Builder::new()
+            .name("netsel-checkpoint".into())
+            .spawn({
+                let (renewals, shown, stats, progress) = (
+                    renewals.clone(),
+                    shown.clone(),
+                    stats.clone(),
+                    progress.clone(),
+                );
+                let flush = options.renew_flush;
+                move || checkpoint_loop(db, cp_rx, renewals, flush, shown, stats, progress)
+            })
+            .map_err(spawn_err)?;
         let writer = std::thread::Builder::new()
             .name("netsel-store".into())
             .spawn({
-                let renewals = renewals.clone();
-                let shown = shown.clone();
-                let stats = stats.clone();
+                let (shown, stats) = (shown.clone(), stats.clone());
                 move || {
-                    writer_loop(
-                        db,
-                        rx,
-                        renewals,
-                        options.renew_flush,
-                        options.max_linger,
-                        shown,
-                        stats,
-                    )
+                    log_loop(log, checkpointed, rx, cp_tx, shown, stats, progress);
+                    if checkpointer.join().is_err() {
+                        tracing::error!("store checkpoint thread panicked");
+                    }
                 }
             })
-            .map_err(|e| StoreError::Io(format!("cannot start the store writer thread: {e}")))?;
+            .map_err(spawn_err)?;
         tracing::info!(path = %shown, services = persisted.services.len(),
             instances = persisted.instances.len(), index = persisted.index, "store opened");
         Ok(EmbeddedStore {
@@ -236,8 +291,9 @@ impl EmbeddedStore {
     }
 
     /// Reads a store that no process has open (for tools and tests), without keeping it
-    /// open. Like [`open`](Self::open) it refuses a bad or foreign file; unlike it, it
-    /// never creates anything: a missing store is an error.
+    /// open. Like [`open`](Self::open) it refuses a bad or foreign file and first replays
+    /// the write-ahead log into redb; unlike it, it never creates a store: a missing one is
+    /// an error.
     pub fn read(dir: impl AsRef<Path>) -> Result<Persisted, StoreError> {
         let path = dir.as_ref().join(STORE_FILE);
         let shown = path.display().to_string();
@@ -247,6 +303,7 @@ impl EmbeddedStore {
         guarded(&shown, || {
             let db = open_db(&path)?;
             init_or_check(&db, &shown)?;
+            recover(&db, dir.as_ref(), &shown)?;
             read_all(&db, &shown)
         })
     }
@@ -340,6 +397,21 @@ fn init_or_check(db: &Database, shown: &str) -> Result<(), StoreError> {
                 .map(|v| v.value());
             match version {
                 Some(FORMAT_VERSION) => Ok(()),
+                Some(old) if (OLDEST_READABLE..FORMAT_VERSION).contains(&old) => {
+                    drop(meta);
+                    drop(rtx);
+                    // Version 1 had no log: the redb file is complete; mark it as ours now.
+                    let wtx = db.begin_write().map_err(|e| db_err(shown, e))?;
+                    {
+                        let mut meta = wtx.open_table(META).map_err(|e| db_err(shown, e))?;
+                        meta.insert(KEY_VERSION, FORMAT_VERSION)
+                            .map_err(|e| db_err(shown, e))?;
+                    }
+                    wtx.commit().map_err(|e| db_err(shown, e))?;
+                    tracing::info!(path = %shown, from = old, to = FORMAT_VERSION,
+                        "upgraded the store format");
+                    Ok(())
+                }
                 Some(found) => Err(StoreError::UnsupportedVersion {
                     path: shown.to_string(),
                     found,
@@ -377,6 +449,30 @@ fn init_or_check(db: &Database, shown: &str) -> Result<(), StoreError> {
             "{shown} is not a NetSel store: {e}"
         ))),
     }
+}
+
+/// Replays the log records that redb does not have yet (a crash after their
+/// acknowledgement, before their checkpoint) and returns the newest record now in redb.
+fn recover(db: &Database, dir: &Path, shown: &str) -> Result<u64, StoreError> {
+    let rtx = db.begin_read().map_err(|e| db_err(shown, e))?;
+    let meta = rtx.open_table(META).map_err(|e| db_err(shown, e))?;
+    let checkpointed = meta
+        .get(KEY_WAL_SEQ)
+        .map_err(|e| db_err(shown, e))?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    drop(meta);
+    drop(rtx);
+    let records = wal::replay(dir, checkpointed)
+        .map_err(|why| StoreError::Corrupt(format!("{}: {why}", dir.display())))?;
+    let Some(&(last, _)) = records.last() else {
+        return Ok(checkpointed);
+    };
+    let batches: Vec<Vec<StoreOp>> = records.into_iter().flat_map(|(_, b)| b).collect();
+    write_txn(db, &batches, &[], Some(last)).map_err(|e| db_err(shown, e))?;
+    tracing::info!(path = %shown, records = last - checkpointed, batches = batches.len(),
+        "replayed the write-ahead log");
+    Ok(last)
 }
 
 fn read_all(db: &Database, shown: &str) -> Result<Persisted, StoreError> {
@@ -433,11 +529,13 @@ fn hold_key(ip: &IpAddr) -> String {
     ip.to_string()
 }
 
-/// Writes one transaction: every batch in order, then the renewals. Durable on `Ok`.
+/// Writes one transaction: every batch in order, then the renewals, and the newest log
+/// record it includes. Durable on `Ok`.
 fn write_txn(
     db: &Database,
     batches: &[Vec<StoreOp>],
     renewals: &[(InstanceId, u64)],
+    wal_seq: Option<u64>,
 ) -> Result<(), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let mut wtx = db.begin_write().map_err(|x| e(&x))?;
@@ -483,6 +581,9 @@ fn write_txn(
         if let Some(i) = index {
             meta.insert(KEY_INDEX, i).map_err(|x| e(&x))?;
         }
+        if let Some(seq) = wal_seq {
+            meta.insert(KEY_WAL_SEQ, seq).map_err(|x| e(&x))?;
+        }
         for (id, deadline) in renewals {
             // A renewal that raced with a deregistration must not bring the lease back.
             if instances.get(id.as_str()).map_err(|x| e(&x))?.is_some() {
@@ -493,37 +594,51 @@ fn write_txn(
     wtx.commit().map_err(|x| e(&x))
 }
 
-/// Counters of the writer thread, for benchmarks and metrics.
+/// Counters of the store's threads, for benchmarks and metrics.
 #[derive(Debug, Default)]
 pub struct StoreStats {
     commits: AtomicU64,
     batches: AtomicU64,
     renewals: AtomicU64,
     commit_micros: AtomicU64,
+    checkpoints: AtomicU64,
+    checkpoint_micros: AtomicU64,
 }
 
 /// A copy of [`StoreStats`] at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
-    /// Write transactions committed (each one fsync).
+    /// Acknowledgement points: log writes, each ending in one `fdatasync`.
     pub commits: u64,
-    /// Catalog batches written (one per acknowledged write).
+    /// Catalog batches logged (one per acknowledged write).
     pub batches: u64,
-    /// Lease renewals written.
+    /// Lease renewals written to redb.
     pub renewals: u64,
-    /// Total time spent in write transactions, microseconds.
+    /// Total time spent writing and syncing the log, microseconds.
     pub commit_micros: u64,
+    /// Checkpoints: redb write transactions.
+    pub checkpoints: u64,
+    /// Total time spent in checkpoints, microseconds.
+    pub checkpoint_micros: u64,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl StoreStats {
-    fn record(&self, batches: usize, renewals: usize, took: Duration) {
+    fn logged(&self, batches: usize, took: Duration) {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.batches.fetch_add(batches as u64, Ordering::Relaxed);
+        self.commit_micros
+            .fetch_add(micros(took), Ordering::Relaxed);
+    }
+
+    fn checkpointed(&self, renewals: usize, took: Duration) {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.renewals.fetch_add(renewals as u64, Ordering::Relaxed);
-        self.commit_micros.fetch_add(
-            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.checkpoint_micros
+            .fetch_add(micros(took), Ordering::Relaxed);
     }
 
     /// The counters now.
@@ -533,126 +648,266 @@ impl StoreStats {
             batches: self.batches.load(Ordering::Relaxed),
             renewals: self.renewals.load(Ordering::Relaxed),
             commit_micros: self.commit_micros.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            checkpoint_micros: self.checkpoint_micros.load(Ordering::Relaxed),
         }
     }
 }
 
-fn writer_loop(
-    db: Database,
+/// One framed log record: its bytes, its sequence number, and the index just past the
+/// last batch it carries.
+struct Framed {
+    bytes: Vec<u8>,
+    seq: u64,
+    end: usize,
+}
+
+/// Frames `batches` as log records numbered from `next_seq`, each payload at most
+/// [`wal::MAX_RECORD_PAYLOAD`] unless one batch alone is larger.
+fn frame(batches: &[Vec<StoreOp>], mut next_seq: u64) -> Result<Vec<Framed>, String> {
+    let mut records = Vec::new();
+    let mut payload = Vec::with_capacity(4096);
+    let seal = |payload: &mut Vec<u8>, seq: u64, end: usize| {
+        payload.push(b']');
+        let mut bytes = Vec::with_capacity(wal::HEADER + payload.len());
+        wal::encode(seq, payload, &mut bytes);
+        payload.clear();
+        Framed { bytes, seq, end }
+    };
+    for (i, batch) in batches.iter().enumerate() {
+        let item = json(batch)?;
+        if !payload.is_empty() && payload.len() + item.len() + 2 > wal::MAX_RECORD_PAYLOAD {
+            records.push(seal(&mut payload, next_seq, i));
+            next_seq += 1;
+        }
+        payload.push(if payload.is_empty() { b'[' } else { b',' });
+        payload.extend_from_slice(&item);
+    }
+    if !payload.is_empty() {
+        records.push(seal(&mut payload, next_seq, batches.len()));
+    }
+    Ok(records)
+}
+
+/// Sends the checkpointer a request and waits for its answer.
+fn ask(
+    cp: &mpsc::Sender<CpMsg>,
+    make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> CpMsg,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel();
+    let gone = || "the store's checkpoint thread stopped".to_string();
+    cp.send(make(tx)).map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
+
+/// The log writer: every queued write goes into the log, one `fdatasync` per round, and
+/// is acknowledged; the checkpointer gets the batches once they are durable.
+fn log_loop(
+    mut log: Wal,
+    checkpointed: u64,
     rx: mpsc::Receiver<Msg>,
-    renewals: Arc<Renewals>,
-    renew_flush: Duration,
-    linger_cap: Duration,
+    cp: mpsc::Sender<CpMsg>,
     shown: String,
     stats: Arc<StoreStats>,
+    progress: Arc<Progress>,
 ) {
-    let mut last_renew = Instant::now();
-    let mut commit_ema = Duration::ZERO;
-    let mut failed: Option<String> = None;
-    let mut last_batches = 0usize;
+    let mut last_seq = checkpointed;
     let mut batches: Vec<Vec<StoreOp>> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
+    let mut after: Vec<CpMsg> = Vec::new();
     loop {
-        let wait = renew_flush.saturating_sub(last_renew.elapsed());
-        let mut flush_now = false;
-        let mut loads = Vec::new();
-        let mut close = None;
-        let mut disconnected = false;
-        let mut handle = |m: Msg, batches: &mut Vec<Vec<StoreOp>>, replies: &mut Vec<Reply>| match m
-        {
+        let mut stopping = false;
+        let mut handle = |m: Msg, stopping: &mut bool| match m {
             Msg::Apply(ops, reply) => {
                 batches.push(ops);
                 replies.push(reply);
             }
-            Msg::Flush(reply) => {
-                flush_now = true;
-                replies.push(reply);
+            Msg::Flush(reply) => after.push(CpMsg::Flush(reply)),
+            Msg::Load(reply) => after.push(CpMsg::Load(reply)),
+            Msg::Close(done) => {
+                after.push(CpMsg::Close(done));
+                *stopping = true;
             }
-            Msg::Load(reply) => loads.push(reply),
-            Msg::Close(done) => close = Some(done),
         };
-        match rx.recv_timeout(wait) {
-            Ok(m) => handle(m, &mut batches, &mut replies),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => disconnected = true,
+        match rx.recv() {
+            Ok(m) => handle(m, &mut stopping),
+            Err(_) => stopping = true,
         }
-        // Group commit: take everything already queued into this transaction. With
-        // `max_linger` set and writes arriving concurrently (the last commit carried several
-        // batches), linger while more keep coming, a bounded moment, so the writers answered
-        // by the last commit join this one. A lone writer never waits.
-        let linger_until = (last_batches > 1 && !linger_cap.is_zero())
-            .then(|| Instant::now() + max_linger(commit_ema, linger_cap));
+        // Group commit: everything already queued shares this round's one fsync.
         let mut taken = 1;
-        while taken < MAX_MESSAGES_PER_TXN {
-            let m = match rx.try_recv() {
-                Ok(m) => m,
-                Err(mpsc::TryRecvError::Empty) => {
-                    let Some(until) = linger_until else { break };
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() || batches.is_empty() {
-                        break;
-                    }
-                    match rx.recv_timeout(left.min(LINGER_GAP)) {
-                        Ok(m) => m,
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => {
-                            disconnected = true;
-                            break;
-                        }
-                    }
-                }
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    disconnected = true;
-                    break;
-                }
-            };
-            handle(m, &mut batches, &mut replies);
+        while taken < MAX_MESSAGES_PER_SYNC && !stopping {
+            match rx.try_recv() {
+                Ok(m) => handle(m, &mut stopping),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => stopping = true,
+            }
             taken += 1;
         }
-        let stopping = close.is_some() || disconnected;
-        let renew = if flush_now || stopping || last_renew.elapsed() >= renew_flush {
-            last_renew = Instant::now();
-            renewals.take()
-        } else {
-            Vec::new()
-        };
-        if !batches.is_empty() || !renew.is_empty() || !replies.is_empty() {
-            let result = if let Some(why) = &failed {
-                // Fail-stop: nothing is written after a failed commit, so no acknowledged
-                // write can depend on one that was lost.
-                Err(format!("an earlier commit failed ({why}); restart netsel"))
-            } else if batches.is_empty() && renew.is_empty() {
-                Ok(())
-            } else {
-                let started = Instant::now();
-                let r = write_txn(&db, &batches, &renew);
-                let took = started.elapsed();
-                stats.record(batches.len(), renew.len(), took);
-                commit_ema = (commit_ema * 7 + took) / 8;
-                last_batches = batches.len();
-                r
+        if !batches.is_empty() {
+            let started = Instant::now();
+            let count = batches.len();
+            let result = match progress.failure() {
+                // Fail-stop: nothing is acknowledged after a failed write or checkpoint, so
+                // no acknowledged write can depend on one that was lost.
+                Some(why) => Err(format!(
+                    "an earlier store write failed ({why}); restart netsel"
+                )),
+                None => write_log(&mut log, std::mem::take(&mut batches), &mut last_seq, &cp),
             };
-            if let (Err(e), None) = (&result, &failed) {
-                tracing::error!(path = %shown, error = %e, batches = batches.len(),
-                    "store commit failed; the waiting writes are not acknowledged, and the \
+            batches.clear();
+            stats.logged(count, started.elapsed());
+            if let Err(e) = &result
+                && progress.failure().is_none()
+            {
+                tracing::error!(path = %shown, error = %e, batches = count,
+                    "store write failed; the waiting writes are not acknowledged, and the \
                      store refuses every later write until netsel restarts");
-                failed = Some(e.clone());
+                progress.fail(e);
             }
             for reply in replies.drain(..) {
                 let _ = reply.send(result.clone());
             }
-            batches.clear();
         }
-        for reply in loads {
-            let _ = reply.send(read_all(&db, &shown));
+        for m in after.drain(..) {
+            let _ = cp.send(m);
         }
         if stopping {
-            drop(db);
-            tracing::info!(path = %shown, "store closed");
-            if let Some(done) = close {
-                let _ = done.send(());
-            }
             return;
+        }
+    }
+}
+
+/// Logs `batches`, syncs, and hands them to the checkpointer. Batches too large for a
+/// log record are committed straight into redb instead.
+fn write_log(
+    log: &mut Wal,
+    batches: Vec<Vec<StoreOp>>,
+    last_seq: &mut u64,
+    cp: &mpsc::Sender<CpMsg>,
+) -> Result<(), String> {
+    let records = frame(&batches, *last_seq + 1)?;
+    if records.iter().any(|r| !log.can_hold(r.bytes.len())) {
+        return ask(cp, |tx| CpMsg::Direct(batches, tx));
+    }
+    let mut batches = batches.into_iter();
+    let (mut handed, mut written) = (0usize, 0usize);
+    let sync = |log: &Wal| log.sync().map_err(|e| format!("cannot sync the log: {e}"));
+    for rec in records {
+        if !log.fits(rec.bytes.len()) {
+            // The other file is reused only once redb holds every record in it, including
+            // the ones this round already wrote (synced and handed over first).
+            if written > handed {
+                sync(log)?;
+                let done = batches.by_ref().take(written - handed).collect();
+                let _ = cp.send(CpMsg::Logged(*last_seq, done));
+                handed = written;
+            }
+            ask(cp, CpMsg::Checkpoint)?;
+            log.switch();
+        }
+        log.append(&rec.bytes, rec.seq)
+            .map_err(|e| format!("cannot write the log: {e}"))?;
+        *last_seq = rec.seq;
+        written = rec.end;
+    }
+    sync(log)?;
+    let _ = cp.send(CpMsg::Logged(*last_seq, batches.collect()));
+    Ok(())
+}
+
+/// The checkpointer: applies logged batches (and renewals) to redb, durably, at least once
+/// per `renew_flush`, and answers loads, flushes and close.
+fn checkpoint_loop(
+    db: Database,
+    rx: mpsc::Receiver<CpMsg>,
+    renewals: Arc<Renewals>,
+    renew_flush: Duration,
+    shown: String,
+    stats: Arc<StoreStats>,
+    progress: Arc<Progress>,
+) {
+    let mut pending: Vec<Vec<StoreOp>> = Vec::new();
+    let mut pending_seq: Option<u64> = None;
+    let mut last = Instant::now();
+    let checkpoint = |pending: &mut Vec<Vec<StoreOp>>,
+                      pending_seq: &mut Option<u64>,
+                      with_renewals: bool|
+     -> Result<(), String> {
+        if let Some(why) = progress.failure() {
+            return Err(format!(
+                "an earlier store write failed ({why}); restart netsel"
+            ));
+        }
+        let renew = if with_renewals {
+            renewals.take()
+        } else {
+            Vec::new()
+        };
+        if pending.is_empty() && renew.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = write_txn(&db, pending, &renew, *pending_seq);
+        stats.checkpointed(renew.len(), started.elapsed());
+        match &result {
+            Ok(()) => {
+                pending.clear();
+                *pending_seq = None;
+            }
+            Err(e) => {
+                tracing::error!(path = %shown, error = %e,
+                    "store checkpoint failed; the store refuses every later write until \
+                     netsel restarts (acknowledged writes are safe in the log)");
+                progress.fail(e);
+            }
+        }
+        result
+    };
+    loop {
+        let wait = renew_flush.saturating_sub(last.elapsed());
+        let msg = match rx.recv_timeout(wait) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = checkpoint(&mut pending, &mut pending_seq, true);
+                return;
+            }
+        };
+        match msg {
+            None => {
+                last = Instant::now();
+                let _ = checkpoint(&mut pending, &mut pending_seq, true);
+            }
+            Some(CpMsg::Logged(seq, batches)) => {
+                pending.extend(batches);
+                pending_seq = Some(seq);
+                if pending.len() >= MAX_PENDING_BATCHES {
+                    let _ = checkpoint(&mut pending, &mut pending_seq, false);
+                }
+            }
+            Some(CpMsg::Direct(batches, reply)) => {
+                pending.extend(batches);
+                let _ = reply.send(checkpoint(&mut pending, &mut pending_seq, false));
+            }
+            Some(CpMsg::Checkpoint(reply)) => {
+                let _ = reply.send(checkpoint(&mut pending, &mut pending_seq, false));
+            }
+            Some(CpMsg::Flush(reply)) => {
+                last = Instant::now();
+                let _ = reply.send(checkpoint(&mut pending, &mut pending_seq, true));
+            }
+            Some(CpMsg::Load(reply)) => {
+                let r = checkpoint(&mut pending, &mut pending_seq, false)
+                    .map_err(StoreError::Io)
+                    .and_then(|()| read_all(&db, &shown));
+                let _ = reply.send(r);
+            }
+            Some(CpMsg::Close(done)) => {
+                let _ = checkpoint(&mut pending, &mut pending_seq, true);
+                tracing::info!(path = %shown, "store closed");
+                let _ = done.send(());
+                return;
+            }
         }
     }
 }

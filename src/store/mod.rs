@@ -9,6 +9,7 @@
 //! [`embedded::EmbeddedStore`] is the durable store (redb), used by `netsel serve`.
 
 pub mod embedded;
+pub mod wal;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -112,7 +113,7 @@ pub struct VipHold {
 }
 
 /// One change, in catalog order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoreOp {
     /// Create or replace a service.
     PutService(ServiceRecord),
