@@ -299,6 +299,8 @@ struct State {
     /// Which instance of a service a registration renews or takes over, without scanning
     /// the service's instances (registration stays O(log n) in a service of thousands).
     by_owner: HashMap<(ServiceName, OwnerKey), InstanceId>,
+    /// Bumped whenever a service appears or disappears.
+    services_epoch: u64,
     vips: VipPool,
     ports: PortPool,
 }
@@ -341,6 +343,7 @@ struct Inner {
     snapshot: ArcSwap<Snapshot>,
     events: broadcast::Sender<Change>,
     index_tx: watch::Sender<u64>,
+    services_tx: watch::Sender<u64>,
     store: Arc<dyn Store>,
     timers: mpsc::UnboundedSender<(u64, InstanceId)>,
     timer_rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, InstanceId)>>>,
@@ -390,6 +393,7 @@ impl Catalog {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (timers, timer_rx) = mpsc::unbounded_channel();
         let (index_tx, _) = watch::channel(persisted.index);
+        let (services_tx, _) = watch::channel(0);
         let catalog = Catalog {
             inner: Arc::new(Inner {
                 settings,
@@ -400,12 +404,14 @@ impl Catalog {
                     instances: imbl::HashMap::new(),
                     by_vip: imbl::HashMap::new(),
                     by_owner: HashMap::new(),
+                    services_epoch: 0,
                     vips,
                     ports,
                 }),
                 snapshot: ArcSwap::from_pointee(Snapshot::default()),
                 events,
                 index_tx,
+                services_tx,
                 store,
                 timers,
                 timer_rx: Mutex::new(Some(timer_rx)),
@@ -510,6 +516,7 @@ impl Catalog {
             }
             st.by_vip.insert(svc.vip, name.clone());
             st.services.insert(name, Arc::new(svc));
+            st.services_epoch += 1;
         }
         if !fixups.is_empty() {
             fixups.push(StoreOp::SetIndex(st.index));
@@ -534,6 +541,12 @@ impl Catalog {
             by_vip: st.by_vip.clone(),
         }));
         self.inner.index_tx.send_replace(st.index);
+        let epoch = st.services_epoch;
+        self.inner.services_tx.send_if_modified(|seen| {
+            let changed = *seen != epoch;
+            *seen = epoch;
+            changed
+        });
     }
 
     /// Registers the catalog's metrics (registrations, heartbeats, expiries,
@@ -560,6 +573,13 @@ impl Catalog {
     /// A receiver that sees every new catalog index; cheap "something changed" signal.
     pub fn watch_index(&self) -> watch::Receiver<u64> {
         self.inner.index_tx.subscribe()
+    }
+
+    /// A receiver that changes only when a service appears or disappears (a service keeps
+    /// its VIP and port for life), for front ends whose state is per service, not per
+    /// instance: they need not wake for every registration.
+    pub fn watch_services(&self) -> watch::Receiver<u64> {
+        self.inner.services_tx.subscribe()
     }
 
     /// Waits until the index passes `index` or `timeout` elapses; returns the index then.
@@ -782,6 +802,7 @@ impl Catalog {
                         created_index: index,
                     }));
                     changes.push(ChangeKind::ServiceCreated);
+                    st.services_epoch += 1;
                     st.by_vip.insert(vip, name.clone());
                     svc
                 }
@@ -1053,6 +1074,7 @@ impl Catalog {
             svc.modify_index = index;
             if svc.instances.is_empty() {
                 st.services.remove(&svc.name);
+                st.services_epoch += 1;
                 st.by_vip.remove(&svc.vip);
                 if let Some(until) = st.vips.release(svc.vip, now) {
                     ops.push(StoreOp::PutHold(VipHold {

@@ -537,3 +537,30 @@ async fn owner_index_follows_register_and_deregister() {
     assert_eq!(snap.service("web").unwrap().instances.len(), 2);
     assert_eq!(snap.service("seed").unwrap().instances.len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn watch_services_changes_only_when_a_service_comes_or_goes() {
+    let c = catalog(30);
+    let mut rx = c.watch_services();
+    rx.borrow_and_update();
+    let a = c.register(explicit("web", 9001)).await.unwrap();
+    assert!(rx.has_changed().unwrap(), "a new service");
+    rx.borrow_and_update();
+    let b = c.register(explicit("web", 9002)).await.unwrap();
+    c.heartbeat(a.id.as_str(), a.secret.expose()).unwrap();
+    assert!(
+        !rx.has_changed().unwrap(),
+        "another instance is not a new service"
+    );
+    c.deregister(b.id.as_str(), b.secret.expose())
+        .await
+        .unwrap();
+    assert!(
+        !rx.has_changed().unwrap(),
+        "the service still has an instance"
+    );
+    c.deregister(a.id.as_str(), a.secret.expose())
+        .await
+        .unwrap();
+    assert!(rx.has_changed().unwrap(), "the service is gone");
+}

@@ -30,7 +30,9 @@ struct Open {
 
 /// Keeps the VIP listeners in step with the catalog until `shutdown`.
 pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut index = shared.balancer.catalog().watch_index();
+    // Listeners are per service (VIP and port are fixed for a service's life), so only a
+    // service appearing or disappearing matters, not every registration.
+    let mut index = shared.balancer.catalog().watch_services();
     let mut open: HashMap<ServiceName, Open> = HashMap::new();
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
