@@ -18,6 +18,7 @@
 //! * Limits: header size and count (431), header read, idle and request timeouts, a
 //!   connection cap, HTTP/2 stream and reset limits, and 400 for ambiguous framing.
 
+mod fast;
 mod framing;
 mod headers;
 mod metrics;
@@ -201,6 +202,12 @@ impl ConnCtx {
         let now = self.born.elapsed().as_millis() as u64;
         self.last_end_ms.store(now, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Counts the connection as idle from now.
+    fn touch(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        self.last_end_ms.store(now, Ordering::Relaxed);
     }
 
     /// When the connection will have been idle for `idle`, if nothing happens first.
@@ -542,6 +549,21 @@ impl HttpProxy {
                 async move { Ok::<_, Infallible>(proxy.handle(req, ctx).await) }
             })
         };
+        let mut stream = stream;
+        let next = tokio::select! {
+            n = fast::serve(&self, &mut stream, &ctx, &shutdown) => n,
+            _ = self.hard_stop.cancelled() => fast::Next::Close,
+        };
+        let pre = match next {
+            fast::Next::Close => {
+                self.metrics.open_connections.dec();
+                return;
+            }
+            fast::Next::Fallback(pre) => pre,
+        };
+        // hyper serves the rest of the connection, from the request the fast path left.
+        ctx.touch();
+        let stream = fast::Rewind::new(pre, stream);
         let io = framing::Guarded::new(stream, self.settings.max_header_bytes);
         let conn = self
             .builder
@@ -624,36 +646,11 @@ impl HttpProxy {
                 ),
             );
         }
-        let snap = self.balancer.catalog().snapshot();
         let target = route::target(&req, &self.domain);
-        let found = match &target {
-            Some(t) => snap.service(t.name),
-            None => None,
+        let svc = match self.lookup(target.as_ref()) {
+            Ok(svc) => svc,
+            Err(resp) => return (none, resp),
         };
-        let svc = match found {
-            Some(svc) => svc.clone(),
-            None => {
-                let fallback = match (&self.settings.default_service, &target) {
-                    (Some(d), None) => snap.service(d),
-                    (Some(d), Some(t)) if !t.absolute => snap.service(d),
-                    _ => None,
-                };
-                match (fallback, &target) {
-                    (Some(svc), _) => svc.clone(),
-                    (None, Some(t)) => {
-                        let body = format!("no service named '{}'\n", t.name);
-                        return (none, local(StatusCode::NOT_FOUND, body));
-                    }
-                    (None, None) => {
-                        return (
-                            none,
-                            local(StatusCode::BAD_REQUEST, "request names no host\n"),
-                        );
-                    }
-                }
-            }
-        };
-        drop(snap);
         let m = ctx
             .worker
             .metrics(&self.metrics, ServiceLabel(Some(svc.name.clone())));
@@ -682,6 +679,30 @@ impl HttpProxy {
             local(StatusCode::GATEWAY_TIMEOUT, body)
         });
         (Labelled::Known(m), resp)
+    }
+
+    /// The service `target` names (or the default service): the 404 or 400 otherwise.
+    fn lookup(
+        &self,
+        target: Option<&route::Target>,
+    ) -> Result<Arc<Service>, Response<ResponseBody>> {
+        let snap = self.balancer.catalog().snapshot();
+        if let Some(svc) = target.and_then(|t| snap.service(t.name)) {
+            return Ok(svc.clone());
+        }
+        let fallback = match (&self.settings.default_service, target) {
+            (Some(d), None) => snap.service(d),
+            (Some(d), Some(t)) if !t.absolute => snap.service(d),
+            _ => None,
+        };
+        match (fallback, target) {
+            (Some(svc), _) => Ok(svc.clone()),
+            (None, Some(t)) => {
+                let body = format!("no service named '{}'\n", t.name);
+                Err(local(StatusCode::NOT_FOUND, body))
+            }
+            (None, None) => Err(local(StatusCode::BAD_REQUEST, "request names no host\n")),
+        }
     }
 
     /// Builds the request for one attempt on `instance`.
@@ -976,16 +997,22 @@ fn respond(
 }
 
 fn failed(svc: &Service, last: Option<Failure>) -> Response<ResponseBody> {
+    let (status, body) = failure_answer(svc, last);
+    local(status, body)
+}
+
+/// The status and body for a request no attempt could serve.
+fn failure_answer(svc: &Service, last: Option<Failure>) -> (StatusCode, String) {
     match last {
-        Some(Failure::Timeout) => local(
+        Some(Failure::Timeout) => (
             StatusCode::GATEWAY_TIMEOUT,
             format!("no instance of '{}' answered in time\n", svc.name),
         ),
-        Some(Failure::Other) => local(
+        Some(Failure::Other) => (
             StatusCode::BAD_GATEWAY,
             format!("no instance of '{}' could take the request\n", svc.name),
         ),
-        None => local(
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("service '{}' has no healthy instance\n", svc.name),
         ),

@@ -169,6 +169,12 @@ impl Body for ResponseBody {
     }
 }
 
+/// An idle raw HTTP/1.1 connection (the fast path's).
+struct IdleRaw {
+    stream: TcpStream,
+    since: Instant,
+}
+
 struct IdleH1 {
     tx: http1::SendRequest<UpBody>,
     since: Instant,
@@ -185,6 +191,8 @@ pub(crate) struct PoolSettings {
 /// Upstream connections, by instance endpoint.
 pub(crate) struct Pool {
     h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
+    /// Idle connections of the HTTP/1.1 fast path: plain sockets between exchanges.
+    raw: Mutex<HashMap<SocketAddr, Vec<IdleRaw>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<UpBody>>>,
     /// One HTTP/2 connect at a time per instance, so a burst shares one connection.
     h2_connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
@@ -195,6 +203,7 @@ impl Pool {
     pub(crate) fn new(settings: PoolSettings) -> Self {
         Pool {
             h1: Mutex::new(HashMap::new()),
+            raw: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
             h2_connecting: Mutex::new(HashMap::new()),
             settings,
@@ -241,12 +250,53 @@ impl Pool {
     }
 
     async fn connect_tcp(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ConnectError> {
+        Ok(TokioIo::new(self.connect_raw(addr).await?))
+    }
+
+    /// A fresh TCP connection to `addr`.
+    pub(crate) async fn connect_raw(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
         let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
         // Small requests and responses must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
+    }
+
+    /// An idle fast-path connection to `addr` that still looks open (the most recently
+    /// used first: it is the least likely to have been closed by the instance).
+    pub(crate) fn take_raw(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.get_mut(&addr)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() >= self.settings.idle_timeout {
+                list.clear(); // older ones are older still
+                break;
+            }
+            // Cheap: tokio answers WouldBlock without a syscall unless the socket was
+            // reported readable, which for an idle connection means closed (or garbage).
+            let mut probe = [0u8; 1];
+            match idle.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(idle.stream),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// Returns a fast-path connection whose exchange ended cleanly.
+    pub(crate) fn put_raw(&self, addr: SocketAddr, stream: TcpStream) {
+        if self.settings.max_idle_per_instance == 0 {
+            return;
+        }
+        let mut map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.entry(addr).or_default();
+        if list.len() < self.settings.max_idle_per_instance {
+            list.push(IdleRaw {
+                stream,
+                since: Instant::now(),
+            });
+        }
     }
 
     /// A fresh HTTP/1.1 connection (never from the pool), able to switch protocols.
@@ -331,6 +381,12 @@ impl Pool {
             !list.is_empty()
         });
         drop(map);
+        let mut map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, list| {
+            list.retain(|i| i.since.elapsed() < timeout);
+            !list.is_empty()
+        });
+        drop(map);
         let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, tx| !tx.is_closed());
         drop(map);
@@ -341,6 +397,9 @@ impl Pool {
     /// Idle HTTP/1.1 connections held (for tests and metrics).
     pub(crate) fn idle_count(&self) -> usize {
         let map = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().map(Vec::len).sum()
+        let h1: usize = map.values().map(Vec::len).sum();
+        drop(map);
+        let map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        h1 + map.values().map(Vec::len).sum::<usize>()
     }
 }
