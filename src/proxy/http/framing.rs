@@ -495,6 +495,32 @@ mod tests {
     }
 
     #[test]
+    fn chunked_body_ends_where_it_ends() {
+        let body = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1";
+        let end = body.len() - b"GET / HTTP/1.1".len();
+        for step in [1, 2, 3, 7, body.len()] {
+            let mut c = ChunkedBody::new();
+            let mut at = None;
+            for (n, piece) in body.chunks(step).enumerate() {
+                match c.feed(piece) {
+                    ChunkStep::More => {}
+                    ChunkStep::End(k) => {
+                        at = Some(n * step + k);
+                        break;
+                    }
+                    ChunkStep::Bad => panic!("step {step}: bad"),
+                }
+            }
+            assert_eq!(at, Some(end), "step {step}");
+        }
+        let mut c = ChunkedBody::new();
+        assert_eq!(c.feed(b"0\r\n\r\nrest"), ChunkStep::End(5));
+        for bad in [&b"\r\n"[..], b"x\r\n", b"5\rX\n", b"2\r\nabX", b"-1\r\n"] {
+            assert_eq!(ChunkedBody::new().feed(bad), ChunkStep::Bad, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn http2_and_upgrades_pass_through() {
         let mut s = H2_PREFACE.to_vec();
         s.extend_from_slice(b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n");

@@ -562,6 +562,7 @@ impl HttpProxy {
             fast::Next::Fallback(pre) => pre,
         };
         // hyper serves the rest of the connection, from the request the fast path left.
+        self.metrics.hyper_connections.inc();
         ctx.touch();
         let stream = fast::Rewind::new(pre, stream);
         let io = framing::Guarded::new(stream, self.settings.max_header_bytes);
