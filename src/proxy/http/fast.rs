@@ -33,9 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::framing::{ChunkStep, ChunkedBody};
 use super::metrics::{ServiceLabel, ServiceMetrics};
-use super::upstream::Pool;
-use super::{ConnCtx, Failure, HttpProxy, failure_answer, headers, ms, route};
-use crate::catalog::{InstanceId, Service};
+use super::{ConnCtx, Failure, HttpProxy, Worker, failure_answer, headers, ms, route};
+use crate::catalog::{InstanceId, Service, ServiceName};
 use crate::protocol::AppProtocol;
 
 /// Room made in a buffer before a read.
@@ -99,6 +98,8 @@ struct Bufs {
     up: BytesMut,
     /// The response head for the client, with the first body bytes.
     resp: Vec<u8>,
+    /// The last service's metric handles (a connection mostly talks to one service).
+    metrics: Option<(ServiceName, Arc<ServiceMetrics>)>,
 }
 
 fn eq(a: &[u8], b: &[u8]) -> bool {
@@ -124,8 +125,11 @@ pub(super) async fn serve(
     let wait = ms(s.header_read_timeout_ms.min(s.idle_timeout_ms));
     let mut buf = BytesMut::with_capacity(4096);
     let mut bufs = Bufs::default();
+    // One timer and one shutdown watch for the connection's life, not one per request.
     let timer = tokio::time::sleep(wait);
     tokio::pin!(timer);
+    let stopping = shutdown.cancelled();
+    tokio::pin!(stopping);
     loop {
         timer.as_mut().reset(Instant::now() + wait);
         let head = loop {
@@ -149,7 +153,7 @@ pub(super) async fn serve(
                     tracing::debug!("http proxy: no complete request head in time, closing");
                     return Next::Close;
                 }
-                _ = shutdown.cancelled(), if buf.is_empty() => return Next::Close,
+                _ = &mut stopping, if buf.is_empty() => return Next::Close,
             }
         };
         // The body bytes already read, and what is left to pump.
@@ -177,7 +181,15 @@ pub(super) async fn serve(
             }
         };
         let keep = exchange(
-            proxy, client, &mut buf, &mut bufs, ctx, &head, avail, pump, shutdown,
+            proxy,
+            client,
+            &mut buf,
+            &mut bufs,
+            ctx,
+            &head,
+            avail,
+            pump,
+            timer.as_mut(),
         )
         .await;
         if !keep {
@@ -350,15 +362,22 @@ async fn exchange(
     head: &Head,
     avail: usize,
     mut pump: Pump,
-    shutdown: &CancellationToken,
+    mut timer: Pin<&mut tokio::time::Sleep>,
 ) -> bool {
     let start = Instant::now();
     proxy.budget.deposit();
     let svc = &head.svc;
-    let m = ctx
-        .worker
-        .metrics(&proxy.metrics, ServiceLabel(Some(svc.name.clone())));
+    let m = match &bufs.metrics {
+        Some((name, m)) if *name == svc.name => m.clone(),
+        _ => {
+            let label = ServiceLabel(Some(svc.name.clone()));
+            let m = ctx.worker.metrics(&proxy.metrics, label);
+            bufs.metrics = Some((svc.name.clone(), m.clone()));
+            m
+        }
+    };
     let deadline = start + ms(proxy.settings.request_timeout_ms);
+    timer.as_mut().reset(deadline);
     let body_end = head.len + avail;
     let replayable = matches!(pump, Pump::Done);
     let base = bufs.req.len();
@@ -378,7 +397,7 @@ async fn exchange(
         let pooled = if stale > 0 {
             None
         } else {
-            ctx.worker.pool.take_raw(addr)
+            ctx.worker.pool.take_raw(addr, start)
         };
         let reused = pooled.is_some();
         let up = match pooled {
@@ -420,14 +439,13 @@ async fn exchange(
             buf,
             bufs,
             up,
-            &ctx.worker.pool,
+            &ctx.worker,
             addr,
             &mut pump,
             head,
-            deadline,
+            timer.as_mut(),
             start,
             &m,
-            shutdown,
         )
         .await;
         match r {
@@ -473,7 +491,7 @@ async fn exchange(
     let (status, body) = failure_answer(svc, last);
     m.request(status.as_u16(), start.elapsed());
     // An unread body rest keeps the connection from being reused.
-    let keep = replayable && !head.close && !shutdown.is_cancelled();
+    let keep = replayable && !head.close && !ctx.worker.draining();
     if !consumed {
         buf.advance(body_end);
     }
@@ -522,14 +540,13 @@ async fn attempt(
     buf: &mut BytesMut,
     bufs: &mut Bufs,
     mut up: TcpStream,
-    pool: &Pool,
+    worker: &Worker,
     addr: std::net::SocketAddr,
     pump: &mut Pump,
     head: &Head,
-    deadline: Instant,
+    mut deadline: Pin<&mut tokio::time::Sleep>,
     start: Instant,
     m: &ServiceMetrics,
-    shutdown: &CancellationToken,
 ) -> Result<bool, AttemptError> {
     let max_head = proxy.settings.max_header_bytes;
     bufs.up.clear();
@@ -566,7 +583,7 @@ async fn attempt(
                             Err(PumpError::Upstream) => {}
                         }
                     }
-                    _ = tokio::time::sleep_until(deadline) => return Err(AttemptError::Timeout),
+                    _ = &mut deadline => return Err(AttemptError::Timeout),
                 }
             }
         };
@@ -576,7 +593,7 @@ async fn attempt(
         let early = !pumped;
         let keep_client = !head.close
             && !matches!(resp.body, RespBody::Close)
-            && !shutdown.is_cancelled()
+            && !worker.draining()
             && !early
             && body_complete;
         if !keep_client {
@@ -629,7 +646,7 @@ async fn attempt(
         (ok && keep_client, reusable)
     };
     if reusable {
-        pool.put_raw(addr, up);
+        worker.pool.put_raw(addr, up, start);
     }
     Ok(keep_client)
 }

@@ -227,9 +227,15 @@ struct Worker {
     tasks: TaskTracker,
     /// Metric handles by service, for this thread.
     metrics: std::sync::Mutex<std::collections::HashMap<ServiceLabel, Arc<ServiceMetrics>>>,
+    /// Set once the worker stops accepting: connections close after their request.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     fn metrics(&self, all: &ProxyMetrics, service: ServiceLabel) -> Arc<ServiceMetrics> {
         let mut cache = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = cache.get(&service) {
@@ -414,6 +420,7 @@ impl HttpProxy {
                 })),
                 tasks: TaskTracker::new(),
                 metrics: Default::default(),
+                draining: Default::default(),
             });
             self.pools
                 .lock()
@@ -510,6 +517,7 @@ impl HttpProxy {
             }
         }
         drop(listener);
+        worker.draining.store(true, Ordering::Relaxed);
         reaper.abort();
         worker.tasks.close();
         if tokio::time::timeout(self.drain, worker.tasks.wait())

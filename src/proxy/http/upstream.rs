@@ -265,11 +265,12 @@ impl Pool {
 
     /// An idle fast-path connection to `addr` that still looks open (the most recently
     /// used first: it is the least likely to have been closed by the instance).
-    pub(crate) fn take_raw(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// `now` is the caller's clock reading (saves reading it again).
+    pub(crate) fn take_raw(&self, addr: SocketAddr, now: Instant) -> Option<TcpStream> {
         let mut map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
         let list = map.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
-            if idle.since.elapsed() >= self.settings.idle_timeout {
+            if now.saturating_duration_since(idle.since) >= self.settings.idle_timeout {
                 list.clear(); // older ones are older still
                 break;
             }
@@ -284,18 +285,16 @@ impl Pool {
         None
     }
 
-    /// Returns a fast-path connection whose exchange ended cleanly.
-    pub(crate) fn put_raw(&self, addr: SocketAddr, stream: TcpStream) {
+    /// Returns a fast-path connection whose exchange ended cleanly; it counts as idle
+    /// since `since`.
+    pub(crate) fn put_raw(&self, addr: SocketAddr, stream: TcpStream, since: Instant) {
         if self.settings.max_idle_per_instance == 0 {
             return;
         }
         let mut map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
         let list = map.entry(addr).or_default();
         if list.len() < self.settings.max_idle_per_instance {
-            list.push(IdleRaw {
-                stream,
-                since: Instant::now(),
-            });
+            list.push(IdleRaw { stream, since });
         }
     }
 
