@@ -132,8 +132,13 @@ pub(super) async fn serve(
     tokio::pin!(stopping);
     loop {
         timer.as_mut().reset(Instant::now() + wait);
+        // Bytes already looked at for the end of the head: a head sent a byte at a time
+        // is parsed once it can be complete, not once per byte (no quadratic work).
+        let mut scanned: usize = 0;
         let head = loop {
-            if !buf.is_empty() {
+            let fresh = scanned == 0 || may_end_head(&buf[scanned.saturating_sub(3)..]);
+            scanned = buf.len();
+            if !buf.is_empty() && (fresh || buf.len() >= s.max_header_bytes) {
                 match parse(proxy, ctx, &buf, &mut bufs) {
                     Parsed::Fast(h) => break h,
                     Parsed::Fallback => return Next::Fallback(buf),
@@ -196,6 +201,11 @@ pub(super) async fn serve(
             return Next::Close;
         }
     }
+}
+
+/// Whether `bytes` contain a blank line (`\n\n` or `\n\r\n`): the end of a head.
+fn may_end_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// Parses the head at the start of `buf`; for a fast-path request, writes the upstream
