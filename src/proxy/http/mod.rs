@@ -17,6 +17,12 @@
 //!   idempotent method is also retried after a reset, within a retry budget.
 //! * Limits: header size and count (431), header read, idle and request timeouts, a
 //!   connection cap, HTTP/2 stream and reset limits, and 400 for ambiguous framing.
+//!
+//! Two paths serve clients. Every connection starts on the HTTP/1.1 fast path
+//! (`fast.rs`): plain keep-alive requests proxied by the connection's own task over raw
+//! pooled sockets. Anything it does not take (HTTP/2, upgrades, ambiguous framing, errors
+//! the proxy answers itself...) hands the connection to the general hyper path below,
+//! with the bytes already read replayed, so every refusal comes from one place.
 
 mod fast;
 mod framing;
@@ -658,7 +664,7 @@ impl HttpProxy {
         let target = route::target(&req, &self.domain);
         let svc = match self.lookup(target.as_ref()) {
             Ok(svc) => svc,
-            Err(resp) => return (none, resp),
+            Err((status, body)) => return (none, local(status, body)),
         };
         let m = ctx
             .worker
@@ -690,11 +696,9 @@ impl HttpProxy {
         (Labelled::Known(m), resp)
     }
 
-    /// The service `target` names (or the default service): the 404 or 400 otherwise.
-    fn lookup(
-        &self,
-        target: Option<&route::Target>,
-    ) -> Result<Arc<Service>, Response<ResponseBody>> {
+    /// The service `target` names (or the default service): the 404 or 400 answer
+    /// otherwise.
+    fn lookup(&self, target: Option<&route::Target>) -> Result<Arc<Service>, (StatusCode, String)> {
         let snap = self.balancer.catalog().snapshot();
         if let Some(svc) = target.and_then(|t| snap.service(t.name)) {
             return Ok(svc.clone());
@@ -708,9 +712,12 @@ impl HttpProxy {
             (Some(svc), _) => Ok(svc.clone()),
             (None, Some(t)) => {
                 let body = format!("no service named '{}'\n", t.name);
-                Err(local(StatusCode::NOT_FOUND, body))
+                Err((StatusCode::NOT_FOUND, body))
             }
-            (None, None) => Err(local(StatusCode::BAD_REQUEST, "request names no host\n")),
+            (None, None) => Err((
+                StatusCode::BAD_REQUEST,
+                "request names no host\n".to_string(),
+            )),
         }
     }
 
