@@ -577,3 +577,60 @@ async fn refusals_after_fast_requests_come_from_the_hyper_path() {
     }
     assert_eq!(hyper_connections(&p), cases.len() as u64);
 }
+
+#[tokio::test]
+async fn h2_clients_reach_http1_instances_over_raw_connections() {
+    let p = start_with(|s| s.http_proxy.workers = 1).await;
+    let be = RawBackend::start().await;
+    let _w = p.register("web", be.addr, AppProtocol::Http1).await;
+    let mut tx = h2(p.http).await;
+    let get2 = |path: &'static str, method: &'static str| req2(method, "web", path, empty());
+    let (status, headers, body) =
+        read(tx.send_request(get2("/chunked", "GET")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "hello, world"));
+    assert_eq!(headers["x-kind"], "chunked");
+    assert!(!headers.contains_key("transfer-encoding"));
+    let head = be.last_head().to_ascii_lowercase();
+    assert!(head.starts_with("get /chunked http/1.1\r\n"), "{head}");
+    assert!(head.contains("host: web\r\n"), "{head}");
+    assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
+    let (status, headers, body) = read(tx.send_request(get2("/head", "HEAD")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+    assert_eq!(headers["content-length"], "1000");
+    let (status, _, body) = read(tx.send_request(get2("/304", "GET")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::NOT_MODIFIED, ""));
+    let (status, _, body) = read(tx.send_request(get2("/head", "GET")).await.unwrap()).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 1000));
+    // Sequential requests so far shared one upstream connection.
+    assert_eq!(be.accepts.load(Ordering::SeqCst), 1);
+    // Close-delimited: forwarded to the end; that connection is not pooled.
+    let (status, _, body) = read(tx.send_request(get2("/close", "GET")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "until-close"));
+    // Stale pooled connections are retried on fresh ones.
+    for _ in 0..4 {
+        let (status, _, body) = read(tx.send_request(get2("/once", "GET")).await.unwrap()).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "once"));
+    }
+    // Many streams at once.
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let mut tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            read(
+                tx.send_request(req2("GET", "web", "/", empty()))
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        let (status, _, body) = t.await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    }
+    let m = p.metrics();
+    assert!(
+        m.contains(r#"netsel_http_proxy_requests_total{service="web",class="5xx"} 0"#),
+        "{m}"
+    );
+}

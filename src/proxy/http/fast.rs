@@ -107,7 +107,7 @@ fn eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A `Content-Length` value: digits only (no sign, no list, no spaces inside).
-fn parse_length(v: &[u8]) -> Option<u64> {
+pub(super) fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -350,7 +350,7 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
 
 /// Why an attempt failed before anything reached the client.
 #[derive(Debug)]
-enum AttemptError {
+pub(super) enum AttemptError {
     /// The instance closed or reset before any response byte (or the write failed).
     NoResponse,
     /// The request timeout passed first.
@@ -525,7 +525,7 @@ async fn exchange(
 
 /// A response body's framing.
 #[derive(Debug, Clone, Copy)]
-enum RespBody {
+pub(super) enum RespBody {
     None,
     Fixed(u64),
     Chunked(ChunkedBody),
@@ -778,14 +778,12 @@ async fn read_response_head(
     }
 }
 
-/// The client's response head: status line and end-to-end headers, with the framing
-/// header this proxy sends. Returns the body's framing and whether the instance keeps
-/// the connection alive.
-fn rewrite_response(
-    resp: &httparse::Response<'_, '_>,
-    out: &mut Vec<u8>,
+/// How an instance's response is framed, whether the instance keeps the connection
+/// alive after it, and the header names its `Connection` header lists.
+pub(super) fn response_framing<'h>(
+    resp: &httparse::Response<'_, 'h>,
     is_head: bool,
-) -> Result<(RespBody, bool), AttemptError> {
+) -> Result<(RespBody, bool, Vec<&'h [u8]>), AttemptError> {
     let status = resp.code.unwrap_or(0);
     let mut connection: Vec<&[u8]> = Vec::new();
     let mut close = false;
@@ -821,6 +819,19 @@ fn rewrite_response(
         }
     };
     let keep_alive = resp.version == Some(1) && !close;
+    Ok((body, keep_alive, connection))
+}
+
+/// The client's response head: status line and end-to-end headers, with the framing
+/// header this proxy sends. Returns the body's framing and whether the instance keeps
+/// the connection alive.
+fn rewrite_response(
+    resp: &httparse::Response<'_, '_>,
+    out: &mut Vec<u8>,
+    is_head: bool,
+) -> Result<(RespBody, bool), AttemptError> {
+    let status = resp.code.unwrap_or(0);
+    let (body, keep_alive, connection) = response_framing(resp, is_head)?;
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa3(status).as_slice());

@@ -136,6 +136,15 @@ impl ChunkedBody {
         ChunkStep::More
     }
 
+    /// Chunk data bytes left in the current chunk, when the next byte is chunk data
+    /// (so a decoder can pass data on and feed only the framing byte by byte).
+    pub(crate) fn data_left(&self) -> Option<u64> {
+        match self.0 {
+            Chunk::Data(n) => Some(n),
+            _ => None,
+        }
+    }
+
     fn end(&mut self, n: usize) -> ChunkStep {
         self.0 = Chunk::SizeStart;
         ChunkStep::End(n)

@@ -24,6 +24,7 @@
 //! the proxy answers itself...) hands the connection to the general hyper path below,
 //! with the bytes already read replayed, so every refusal comes from one place.
 
+mod bridge;
 mod fast;
 mod framing;
 mod headers;
@@ -764,10 +765,15 @@ impl HttpProxy {
         authority: Option<HeaderValue>,
         in_flight: InFlight,
     ) -> Response<ResponseBody> {
+        let h2_client = req.version() == Version::HTTP_2;
         let (parts, body) = req.into_parts();
         let mut parts = Parts::new(parts, authority);
         headers::strip_hop_by_hop(&mut parts.headers, false);
         headers::add_forwarded(&mut parts.headers, &ctx.client_ip, parts.authority.as_ref());
+        if h2_client && body.is_end_stream() && bridge::fits(svc) {
+            // Bodiless HTTP/2 requests to HTTP/1.1 instances: raw sockets, no hand-offs.
+            return bridge::forward(self, &parts, svc, label, ctx, in_flight).await;
+        }
         let mut body = Some(if body.is_end_stream() {
             UpBody::Empty
         } else {

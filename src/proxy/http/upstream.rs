@@ -90,9 +90,17 @@ pub(crate) struct Hold {
     pub(crate) _in_flight: InFlight,
 }
 
+/// The error type of response bodies (hyper's, or an instance's socket's).
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 enum Kind {
     Full(Option<Bytes>),
-    Stream { inner: Incoming, ended: bool },
+    Stream {
+        inner: Incoming,
+        ended: bool,
+    },
+    /// Read straight from a raw pooled socket (HTTP/2 clients, bodiless requests).
+    Raw(Box<super::bridge::RawBody>),
 }
 
 /// The body of a response to a client: a short local answer or an instance's body,
@@ -108,6 +116,14 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full(Some(b.into())),
             hold: None,
+        }
+    }
+
+    /// An instance's body read from a raw socket.
+    pub(crate) fn raw(raw: super::bridge::RawBody, hold: Hold) -> Self {
+        ResponseBody {
+            kind: Kind::Raw(Box::new(raw)),
+            hold: Some(Box::new(hold)),
         }
     }
 
@@ -136,12 +152,12 @@ impl Drop for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Stream { inner, ended } => {
@@ -149,8 +165,9 @@ impl Body for ResponseBody {
                 if let Poll::Ready(None) = r {
                     *ended = true;
                 }
-                r
+                r.map(|o| o.map(|r| r.map_err(Into::into)))
             }
+            Kind::Raw(raw) => raw.poll_frame(cx),
         }
     }
 
@@ -158,6 +175,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Stream { inner, ended } => *ended || inner.is_end_stream(),
+            Kind::Raw(raw) => raw.is_end_stream(),
         }
     }
 
@@ -165,6 +183,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Stream { inner, .. } => inner.size_hint(),
+            Kind::Raw(raw) => raw.size_hint(),
         }
     }
 }
