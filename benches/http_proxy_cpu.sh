@@ -4,6 +4,8 @@
 #
 #   bash benches/http_proxy_cpu.sh NEW_BIN [OLD_BIN]
 #   ROUNDS=4 SECS=4 bash benches/http_proxy_cpu.sh target/release/netsel /tmp/netsel-before
+#   H2=1 ...   also h2load over h2c (`h2load -D SECS -c 64 -m 10 -t 2`) against haproxy
+#              (`proto h2` frontend on :18183, the script's config) and the NetSel builds
 #
 # Ports: backend 127.0.0.1:18180, nginx proxy :18181, NetSel proxies :19181 (old) and
 # :19182 (new) with registries on :19180 / :19190. For each round and target: one
@@ -17,7 +19,7 @@ W=$(mktemp -d /tmp/netsel-http-cpu.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
-for p in 18180 18181 19180 19181 19182 19190; do
+for p in 18180 18181 18183 19180 19181 19182 19190; do
   if ss -Hltn "sport = :$p" | grep -q .; then echo "port $p busy" >&2; exit 1; fi
 done
 
@@ -74,6 +76,43 @@ PID[nginx]=$(pgrep -P "$NGINX_MASTER" | head -1); URL[nginx]=http://127.0.0.1:18
 for t in "${TARGETS[@]}"; do curl -fsS --max-time 5 "${URL[$t]}" | grep -q 'backend ok'; done
 
 tick=$(getconf CLK_TCK)
+cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+if [[ ${H2:-0} == 1 ]]; then
+  mkdir -p "$W/haproxy"
+  cat > "$W/haproxy/haproxy.cfg" <<C
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend fe_h2c
+    bind 127.0.0.1:18183 proto h2
+    default_backend be
+backend be
+    http-reuse always
+    server s1 127.0.0.1:18180
+C
+  haproxy -db -f "$W/haproxy/haproxy.cfg" > "$W/haproxy/out.log" 2>&1 & PIDS+=($!); PID[haproxy]=$!
+  URL[haproxy]=http://127.0.0.1:18183/
+  for _ in $(seq 50); do ss -Hltn "sport = :18183" | grep -q . && break; sleep 0.1; done
+  H2T=(haproxy "${TARGETS[@]:1}")
+  for r in $(seq "$ROUNDS"); do
+    for t in "${H2T[@]}"; do
+      a=$(cpu "${PID[$t]}")
+      out=$(h2load -D "$SECS" -c 64 -m 10 -t 2 "${URL[$t]}" 2>&1)
+      b=$(cpu "${PID[$t]}")
+      reqs=$(awk '/^requests:/{print $8}' <<<"$out")
+      rps=$(awk '/^finished in/{print $4}' <<<"$out")
+      failed=$(awk '/^requests:/{print $10}' <<<"$out")
+      awk -v r="$r" -v n="$t" -v a="$a" -v b="$b" -v t="$tick" -v q="$reqs" -v rps="$rps" -v f="$failed" \
+        'BEGIN{printf "RESULT h2c-cpu round=%s target=%s rps=%s failed=%s cpu_us_per_req=%.2f\n", r, n, rps, f, (b-a)/t*1e6/q}'
+    done
+  done
+fi
 for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     a=$(awk '{print $14+$15}' "/proc/${PID[$t]}/stat")
