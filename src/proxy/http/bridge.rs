@@ -67,7 +67,7 @@ pub(super) async fn forward(
     let idempotent = parts.method.is_idempotent();
     let pool = &ctx.worker.pool;
     let now = Instant::now();
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(4096);
     let mut exclude: Vec<InstanceId> = Vec::new();
     let mut retries_left = proxy.settings.max_retries;
     let mut stale = 0u32;
@@ -210,7 +210,9 @@ async fn exchange(
                 _ => return Err(AttemptError::BadResponse),
             }
         }
-        buf.reserve(16 * 1024);
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
         match tokio::io::AsyncReadExt::read_buf(up, buf).await {
             Ok(0) | Err(_) if buf.is_empty() => return Err(AttemptError::NoResponse),
             Ok(0) | Err(_) => return Err(AttemptError::BadResponse),
@@ -319,7 +321,9 @@ impl RawBody {
             let Some(stream) = &self.stream else {
                 return Poll::Ready(None);
             };
-            self.buf.reserve(16 * 1024);
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(16 * 1024);
+            }
             match stream.try_read_buf(&mut self.buf) {
                 Ok(0) => {
                     let close_delimited = matches!(self.body, RespBody::Close);
