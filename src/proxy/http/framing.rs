@@ -28,10 +28,14 @@ const LINE_KEEP: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
+    /// At the start of a chunk-size line: a hex digit must come.
+    SizeStart,
     /// In a chunk-size line: the size so far.
     Size(u64),
     /// In chunk extensions, up to the end of the line.
     Ext(u64),
+    /// After the CR that ends a chunk-size line: LF.
+    SizeLf(u64),
     /// Chunk data left.
     Data(u64),
     /// After chunk data: CR.
@@ -46,6 +50,111 @@ enum Chunk {
     TrailerEnd,
 }
 
+/// Follows a chunked body (RFC 9112 §7.1) byte by byte, to find where it ends. Used by
+/// the guard below and by the fast path, which passes chunked bodies through verbatim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChunkedBody(Chunk);
+
+/// What [`ChunkedBody::feed`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChunkStep {
+    /// Every byte belongs to the body, which goes on.
+    More,
+    /// The body ended after this many of the bytes.
+    End(usize),
+    /// The chunking is malformed.
+    Bad,
+}
+
+impl ChunkedBody {
+    /// At the start of a chunked body.
+    pub(crate) fn new() -> Self {
+        ChunkedBody(Chunk::SizeStart)
+    }
+
+    /// Follows the next bytes of the body.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> ChunkStep {
+        let mut i = 0;
+        while i < bytes.len() {
+            if let Chunk::Data(left) = &mut self.0 {
+                let take = (*left).min((bytes.len() - i) as u64);
+                *left -= take;
+                i += take as usize;
+                if *left == 0 {
+                    self.0 = Chunk::DataCr;
+                }
+                continue;
+            }
+            let b = bytes[i];
+            i += 1;
+            let next = match self.0 {
+                Chunk::SizeStart => hex(b).map(Chunk::Size),
+                Chunk::Size(n) => match b {
+                    _ if hex(b).is_some() && n < 1 << 56 => {
+                        Some(Chunk::Size(n * 16 + hex(b).unwrap_or(0)))
+                    }
+                    b';' | b' ' | b'\t' => Some(Chunk::Ext(n)),
+                    b'\r' => Some(Chunk::SizeLf(n)),
+                    b'\n' => Some(end_size_line(n)),
+                    _ => None,
+                },
+                Chunk::Ext(n) => match b {
+                    b'\r' => Some(Chunk::SizeLf(n)),
+                    b'\n' => Some(end_size_line(n)),
+                    _ => Some(Chunk::Ext(n)),
+                },
+                Chunk::SizeLf(n) => (b == b'\n').then(|| end_size_line(n)),
+                Chunk::Data(_) => None, // handled above
+                Chunk::DataCr => match b {
+                    b'\r' => Some(Chunk::DataLf),
+                    b'\n' => Some(Chunk::SizeStart),
+                    _ => None,
+                },
+                Chunk::DataLf => (b == b'\n').then_some(Chunk::SizeStart),
+                Chunk::TrailerLineStart => match b {
+                    b'\r' => Some(Chunk::TrailerEnd),
+                    b'\n' => return self.end(i),
+                    _ => Some(Chunk::TrailerLine),
+                },
+                Chunk::TrailerLine => Some(if b == b'\n' {
+                    Chunk::TrailerLineStart
+                } else {
+                    Chunk::TrailerLine
+                }),
+                Chunk::TrailerEnd => {
+                    if b == b'\n' {
+                        return self.end(i);
+                    }
+                    None
+                }
+            };
+            match next {
+                Some(c) => self.0 = c,
+                None => return ChunkStep::Bad,
+            }
+        }
+        ChunkStep::More
+    }
+
+    /// Chunk data bytes left in the current chunk, when the next byte is chunk data
+    /// (so a decoder can pass data on and feed only the framing byte by byte).
+    pub(crate) fn data_left(&self) -> Option<u64> {
+        match self.0 {
+            Chunk::Data(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    fn end(&mut self, n: usize) -> ChunkStep {
+        self.0 = Chunk::SizeStart;
+        ChunkStep::End(n)
+    }
+}
+
+fn hex(b: u8) -> Option<u64> {
+    (b as char).to_digit(16).map(u64::from)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// Before the first bytes: HTTP/2 preface or not (bytes matched so far).
@@ -55,7 +164,7 @@ enum State {
     /// In a body of known length.
     Fixed(u64),
     /// In a chunked body.
-    Chunked(Chunk),
+    Chunked(ChunkedBody),
     /// Not looking any more (HTTP/2, upgrades, or something hyper will reject anyway).
     Pass,
     /// A refused head was replaced: the connection reads as ended.
@@ -201,74 +310,18 @@ impl Scanner {
                         self.state = State::Head;
                     }
                 }
-                State::Chunked(c) => {
-                    let b = bytes[i];
-                    if let Chunk::Data(left) = c {
-                        let take = (*left).min((bytes.len() - i) as u64);
-                        *left -= take;
-                        i += take as usize;
-                        if *left == 0 {
-                            *c = Chunk::DataCr;
-                        }
-                        continue;
+                State::Chunked(c) => match c.feed(&bytes[i..]) {
+                    ChunkStep::More => i = bytes.len(),
+                    ChunkStep::End(n) => {
+                        i += n;
+                        self.state = State::Head;
                     }
-                    i += 1;
-                    let next = match *c {
-                        Chunk::Size(n) => match b {
-                            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if n < 1 << 56 => {
-                                let d = (b as char).to_digit(16).unwrap_or(0) as u64;
-                                Some(Chunk::Size(n * 16 + d))
-                            }
-                            b';' | b' ' | b'\t' | b'\r' => Some(Chunk::Ext(n)),
-                            b'\n' => Some(end_size_line(n)),
-                            _ => None,
-                        },
-                        Chunk::Ext(n) => Some(if b == b'\n' {
-                            end_size_line(n)
-                        } else {
-                            Chunk::Ext(n)
-                        }),
-                        Chunk::Data(_) => unreachable!("handled above"),
-                        Chunk::DataCr => match b {
-                            b'\r' => Some(Chunk::DataLf),
-                            b'\n' => Some(Chunk::Size(0)),
-                            _ => None,
-                        },
-                        Chunk::DataLf => (b == b'\n').then_some(Chunk::Size(0)),
-                        Chunk::TrailerLineStart => match b {
-                            b'\r' => Some(Chunk::TrailerEnd),
-                            b'\n' => {
-                                self.end_message();
-                                continue;
-                            }
-                            _ => Some(Chunk::TrailerLine),
-                        },
-                        Chunk::TrailerLine => Some(if b == b'\n' {
-                            Chunk::TrailerLineStart
-                        } else {
-                            Chunk::TrailerLine
-                        }),
-                        Chunk::TrailerEnd => {
-                            if b == b'\n' {
-                                self.end_message();
-                                continue;
-                            }
-                            None
-                        }
-                    };
-                    match next {
-                        Some(c) => self.state = State::Chunked(c),
-                        // Malformed chunking: hyper rejects it and closes the connection.
-                        None => self.state = State::Pass,
-                    }
-                }
+                    // Malformed chunking: hyper rejects it and closes the connection.
+                    ChunkStep::Bad => self.state = State::Pass,
+                },
             }
         }
         Verdict::Pass
-    }
-
-    fn end_message(&mut self) {
-        self.state = State::Head;
     }
 
     /// One byte of a head; `true` when it ends a refused head.
@@ -306,7 +359,7 @@ impl Scanner {
         self.state = if h.switches {
             State::Pass
         } else if h.encodings > 0 {
-            State::Chunked(Chunk::Size(0))
+            State::Chunked(ChunkedBody::new())
         } else {
             match h.length {
                 Some(n) if n > 0 => State::Fixed(n),
@@ -448,6 +501,32 @@ mod tests {
         assert_eq!(scan_all(&s, 3), None);
         s.extend_from_slice(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n");
         assert_eq!(scan_all(&s, 3), Some(s.len() - 1));
+    }
+
+    #[test]
+    fn chunked_body_ends_where_it_ends() {
+        let body = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1";
+        let end = body.len() - b"GET / HTTP/1.1".len();
+        for step in [1, 2, 3, 7, body.len()] {
+            let mut c = ChunkedBody::new();
+            let mut at = None;
+            for (n, piece) in body.chunks(step).enumerate() {
+                match c.feed(piece) {
+                    ChunkStep::More => {}
+                    ChunkStep::End(k) => {
+                        at = Some(n * step + k);
+                        break;
+                    }
+                    ChunkStep::Bad => panic!("step {step}: bad"),
+                }
+            }
+            assert_eq!(at, Some(end), "step {step}");
+        }
+        let mut c = ChunkedBody::new();
+        assert_eq!(c.feed(b"0\r\n\r\nrest"), ChunkStep::End(5));
+        for bad in [&b"\r\n"[..], b"x\r\n", b"5\rX\n", b"2\r\nabX", b"-1\r\n"] {
+            assert_eq!(ChunkedBody::new().feed(bad), ChunkStep::Bad, "{bad:?}");
+        }
     }
 
     #[test]

@@ -10,8 +10,16 @@ use hyper::{Request, Version};
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Hop-by-hop headers removed whatever `Connection` says (besides `Connection` itself,
+/// `TE` and `Upgrade`, which have rules of their own).
+static HOP_BY_HOP: [HeaderName; 6] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TRAILER,
+    TRANSFER_ENCODING,
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
+];
 
 /// Why a request's framing is refused (answered 400, nothing forwarded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -77,13 +85,10 @@ fn connection_has(h: &HeaderMap, token: &str) -> bool {
 /// upgrade` are kept so the next hop can switch protocols too.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     if h.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
+        let named: Vec<HeaderName> =
+            connection_tokens(h.get_all(CONNECTION).iter().map(HeaderValue::as_bytes))
+                .filter_map(|t| HeaderName::from_bytes(t).ok())
+                .collect();
         for name in named {
             if !(upgrade && name == UPGRADE) {
                 h.remove(&name);
@@ -91,13 +96,11 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         }
         h.remove(CONNECTION);
     }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &TRAILER, &TRANSFER_ENCODING] {
+    for name in &HOP_BY_HOP {
         h.remove(name);
     }
-    h.remove(PROXY_AUTHORIZATION);
-    h.remove(PROXY_AUTHENTICATE);
     if let Some(te) = h.get(TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+        && !te_survives(te.as_bytes())
     {
         h.remove(TE);
     }
@@ -106,6 +109,46 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     } else {
         h.remove(UPGRADE);
     }
+}
+
+fn te_survives(value: &[u8]) -> bool {
+    value.eq_ignore_ascii_case(b"trailers")
+}
+
+/// The tokens of `Connection` header values (the header names they make hop-by-hop).
+pub(crate) fn connection_tokens<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// [`strip_hop_by_hop`] (without upgrade) for one header of a raw HTTP/1 head: whether
+/// `name: value` is dropped, given the head's `Connection` tokens.
+pub(crate) fn is_hop_by_hop_raw(name: &str, value: &[u8], connection: &[&[u8]]) -> bool {
+    let n = name.as_bytes();
+    if n.eq_ignore_ascii_case(b"connection") || n.eq_ignore_ascii_case(b"upgrade") {
+        return true;
+    }
+    if n.eq_ignore_ascii_case(b"te") {
+        return !te_survives(value) || connection.iter().any(|t| t.eq_ignore_ascii_case(n));
+    }
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(n))
+        || connection.iter().any(|t| t.eq_ignore_ascii_case(n))
+}
+
+/// The `X-Forwarded-For` value: `prev` (what the client sent, if anything) with the
+/// client's address appended.
+pub(crate) fn forwarded_for(prev: Option<&[u8]>, client_ip: &[u8], out: &mut Vec<u8>) {
+    if let Some(prev) = prev {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client_ip);
 }
 
 /// Adds `X-Forwarded-For` (appended to any the client sent), `X-Forwarded-Proto` and
@@ -118,9 +161,7 @@ pub(crate) fn add_forwarded(
     let xff = match h.get(&X_FORWARDED_FOR) {
         Some(prev) => {
             let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(client_ip.as_bytes());
+            forwarded_for(Some(prev.as_bytes()), client_ip.as_bytes(), &mut v);
             HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
         }
         None => client_ip.clone(),

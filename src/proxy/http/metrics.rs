@@ -71,6 +71,8 @@ pub(crate) struct ProxyMetrics {
     upstream: Family<UpstreamLabels, Counter>,
     retries: Family<ServiceOnly, Counter>,
     pub(crate) open_connections: Gauge<i64, AtomicI64>,
+    /// Client connections handed from the HTTP/1.1 fast path to hyper.
+    pub(crate) hyper_connections: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -81,6 +83,7 @@ impl Default for ProxyMetrics {
             upstream: Family::default(),
             retries: Family::default(),
             open_connections: Gauge::default(),
+            hyper_connections: Counter::default(),
         }
     }
 }
@@ -172,6 +175,12 @@ impl ProxyMetrics {
             "http_proxy_open_connections",
             "Client connections open on the HTTP proxy",
             self.open_connections.clone(),
+        );
+        registry.register(
+            "http_proxy_hyper_connections",
+            "Client connections served by the general (hyper) path instead of the HTTP/1.1 \
+             fast path: HTTP/2, upgrades, and requests the fast path does not take",
+            self.hyper_connections.clone(),
         );
     }
 }

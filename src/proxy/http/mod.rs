@@ -17,7 +17,15 @@
 //!   idempotent method is also retried after a reset, within a retry budget.
 //! * Limits: header size and count (431), header read, idle and request timeouts, a
 //!   connection cap, HTTP/2 stream and reset limits, and 400 for ambiguous framing.
+//!
+//! Two paths serve clients. Every connection starts on the HTTP/1.1 fast path
+//! (`fast.rs`): plain keep-alive requests proxied by the connection's own task over raw
+//! pooled sockets. Anything it does not take (HTTP/2, upgrades, ambiguous framing, errors
+//! the proxy answers itself...) hands the connection to the general hyper path below,
+//! with the bytes already read replayed, so every refusal comes from one place.
 
+mod bridge;
+mod fast;
 mod framing;
 mod headers;
 mod metrics;
@@ -203,6 +211,12 @@ impl ConnCtx {
         self.in_flight.fetch_sub(1, Ordering::Release);
     }
 
+    /// Counts the connection as idle from now.
+    fn touch(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        self.last_end_ms.store(now, Ordering::Relaxed);
+    }
+
     /// When the connection will have been idle for `idle`, if nothing happens first.
     fn idle_deadline(&self, idle: Duration) -> Instant {
         if self.in_flight.load(Ordering::Acquire) > 0 {
@@ -220,9 +234,15 @@ struct Worker {
     tasks: TaskTracker,
     /// Metric handles by service, for this thread.
     metrics: std::sync::Mutex<std::collections::HashMap<ServiceLabel, Arc<ServiceMetrics>>>,
+    /// Set once the worker stops accepting: connections close after their request.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     fn metrics(&self, all: &ProxyMetrics, service: ServiceLabel) -> Arc<ServiceMetrics> {
         let mut cache = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = cache.get(&service) {
@@ -407,6 +427,7 @@ impl HttpProxy {
                 })),
                 tasks: TaskTracker::new(),
                 metrics: Default::default(),
+                draining: Default::default(),
             });
             self.pools
                 .lock()
@@ -503,6 +524,7 @@ impl HttpProxy {
             }
         }
         drop(listener);
+        worker.draining.store(true, Ordering::Relaxed);
         reaper.abort();
         worker.tasks.close();
         if tokio::time::timeout(self.drain, worker.tasks.wait())
@@ -542,6 +564,22 @@ impl HttpProxy {
                 async move { Ok::<_, Infallible>(proxy.handle(req, ctx).await) }
             })
         };
+        let mut stream = stream;
+        let next = tokio::select! {
+            n = fast::serve(&self, &mut stream, &ctx, &shutdown) => n,
+            _ = self.hard_stop.cancelled() => fast::Next::Close,
+        };
+        let pre = match next {
+            fast::Next::Close => {
+                self.metrics.open_connections.dec();
+                return;
+            }
+            fast::Next::Fallback(pre) => pre,
+        };
+        // hyper serves the rest of the connection, from the request the fast path left.
+        self.metrics.hyper_connections.inc();
+        ctx.touch();
+        let stream = fast::Rewind::new(pre, stream);
         let io = framing::Guarded::new(stream, self.settings.max_header_bytes);
         let conn = self
             .builder
@@ -624,36 +662,11 @@ impl HttpProxy {
                 ),
             );
         }
-        let snap = self.balancer.catalog().snapshot();
         let target = route::target(&req, &self.domain);
-        let found = match &target {
-            Some(t) => snap.service(t.name),
-            None => None,
+        let svc = match self.lookup(target.as_ref()) {
+            Ok(svc) => svc,
+            Err((status, body)) => return (none, local(status, body)),
         };
-        let svc = match found {
-            Some(svc) => svc.clone(),
-            None => {
-                let fallback = match (&self.settings.default_service, &target) {
-                    (Some(d), None) => snap.service(d),
-                    (Some(d), Some(t)) if !t.absolute => snap.service(d),
-                    _ => None,
-                };
-                match (fallback, &target) {
-                    (Some(svc), _) => svc.clone(),
-                    (None, Some(t)) => {
-                        let body = format!("no service named '{}'\n", t.name);
-                        return (none, local(StatusCode::NOT_FOUND, body));
-                    }
-                    (None, None) => {
-                        return (
-                            none,
-                            local(StatusCode::BAD_REQUEST, "request names no host\n"),
-                        );
-                    }
-                }
-            }
-        };
-        drop(snap);
         let m = ctx
             .worker
             .metrics(&self.metrics, ServiceLabel(Some(svc.name.clone())));
@@ -682,6 +695,31 @@ impl HttpProxy {
             local(StatusCode::GATEWAY_TIMEOUT, body)
         });
         (Labelled::Known(m), resp)
+    }
+
+    /// The service `target` names (or the default service): the 404 or 400 answer
+    /// otherwise.
+    fn lookup(&self, target: Option<&route::Target>) -> Result<Arc<Service>, (StatusCode, String)> {
+        let snap = self.balancer.catalog().snapshot();
+        if let Some(svc) = target.and_then(|t| snap.service(t.name)) {
+            return Ok(svc.clone());
+        }
+        let fallback = match (&self.settings.default_service, target) {
+            (Some(d), None) => snap.service(d),
+            (Some(d), Some(t)) if !t.absolute => snap.service(d),
+            _ => None,
+        };
+        match (fallback, target) {
+            (Some(svc), _) => Ok(svc.clone()),
+            (None, Some(t)) => {
+                let body = format!("no service named '{}'\n", t.name);
+                Err((StatusCode::NOT_FOUND, body))
+            }
+            (None, None) => Err((
+                StatusCode::BAD_REQUEST,
+                "request names no host\n".to_string(),
+            )),
+        }
     }
 
     /// Builds the request for one attempt on `instance`.
@@ -727,10 +765,15 @@ impl HttpProxy {
         authority: Option<HeaderValue>,
         in_flight: InFlight,
     ) -> Response<ResponseBody> {
+        let h2_client = req.version() == Version::HTTP_2;
         let (parts, body) = req.into_parts();
         let mut parts = Parts::new(parts, authority);
         headers::strip_hop_by_hop(&mut parts.headers, false);
         headers::add_forwarded(&mut parts.headers, &ctx.client_ip, parts.authority.as_ref());
+        if h2_client && body.is_end_stream() && bridge::fits(svc) {
+            // Bodiless HTTP/2 requests to HTTP/1.1 instances: raw sockets, no hand-offs.
+            return bridge::forward(self, &parts, svc, label, ctx, in_flight).await;
+        }
         let mut body = Some(if body.is_end_stream() {
             UpBody::Empty
         } else {
@@ -976,16 +1019,22 @@ fn respond(
 }
 
 fn failed(svc: &Service, last: Option<Failure>) -> Response<ResponseBody> {
+    let (status, body) = failure_answer(svc, last);
+    local(status, body)
+}
+
+/// The status and body for a request no attempt could serve.
+fn failure_answer(svc: &Service, last: Option<Failure>) -> (StatusCode, String) {
     match last {
-        Some(Failure::Timeout) => local(
+        Some(Failure::Timeout) => (
             StatusCode::GATEWAY_TIMEOUT,
             format!("no instance of '{}' answered in time\n", svc.name),
         ),
-        Some(Failure::Other) => local(
+        Some(Failure::Other) => (
             StatusCode::BAD_GATEWAY,
             format!("no instance of '{}' could take the request\n", svc.name),
         ),
-        None => local(
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("service '{}' has no healthy instance\n", svc.name),
         ),

@@ -68,12 +68,17 @@ pub(crate) fn service_name<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
 /// The target of `req`, given the catalog domain (`netsel`, without dots at either end).
 pub(crate) fn target<'a, B>(req: &'a Request<B>, domain: &str) -> Option<Target<'a>> {
     let (authority, absolute) = authority(req)?;
+    Some(target_of(authority, absolute, domain))
+}
+
+/// The target named by `authority` (from a request or a raw HTTP/1 `Host` header).
+pub(crate) fn target_of<'a>(authority: &'a str, absolute: bool, domain: &str) -> Target<'a> {
     let host = host_of(authority);
-    Some(Target {
+    Target {
         authority,
         name: service_name(host, domain).unwrap_or(host),
         absolute,
-    })
+    }
 }
 
 #[cfg(test)]

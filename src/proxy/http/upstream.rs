@@ -90,9 +90,17 @@ pub(crate) struct Hold {
     pub(crate) _in_flight: InFlight,
 }
 
+/// The error type of response bodies (hyper's, or an instance's socket's).
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 enum Kind {
     Full(Option<Bytes>),
-    Stream { inner: Incoming, ended: bool },
+    Stream {
+        inner: Incoming,
+        ended: bool,
+    },
+    /// Read straight from a raw pooled socket (HTTP/2 clients, bodiless requests).
+    Raw(Box<super::bridge::RawBody>),
 }
 
 /// The body of a response to a client: a short local answer or an instance's body,
@@ -108,6 +116,14 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full(Some(b.into())),
             hold: None,
+        }
+    }
+
+    /// An instance's body read from a raw socket.
+    pub(crate) fn raw(raw: super::bridge::RawBody, hold: Hold) -> Self {
+        ResponseBody {
+            kind: Kind::Raw(Box::new(raw)),
+            hold: Some(Box::new(hold)),
         }
     }
 
@@ -136,12 +152,12 @@ impl Drop for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Stream { inner, ended } => {
@@ -149,8 +165,9 @@ impl Body for ResponseBody {
                 if let Poll::Ready(None) = r {
                     *ended = true;
                 }
-                r
+                r.map(|o| o.map(|r| r.map_err(Into::into)))
             }
+            Kind::Raw(raw) => raw.poll_frame(cx),
         }
     }
 
@@ -158,6 +175,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Stream { inner, ended } => *ended || inner.is_end_stream(),
+            Kind::Raw(raw) => raw.is_end_stream(),
         }
     }
 
@@ -165,8 +183,15 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Stream { inner, .. } => inner.size_hint(),
+            Kind::Raw(raw) => raw.size_hint(),
         }
     }
+}
+
+/// An idle raw HTTP/1.1 connection (the fast path's).
+struct IdleRaw {
+    stream: TcpStream,
+    since: Instant,
 }
 
 struct IdleH1 {
@@ -185,6 +210,8 @@ pub(crate) struct PoolSettings {
 /// Upstream connections, by instance endpoint.
 pub(crate) struct Pool {
     h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
+    /// Idle connections of the HTTP/1.1 fast path: plain sockets between exchanges.
+    raw: Mutex<HashMap<SocketAddr, Vec<IdleRaw>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<UpBody>>>,
     /// One HTTP/2 connect at a time per instance, so a burst shares one connection.
     h2_connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
@@ -195,6 +222,7 @@ impl Pool {
     pub(crate) fn new(settings: PoolSettings) -> Self {
         Pool {
             h1: Mutex::new(HashMap::new()),
+            raw: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
             h2_connecting: Mutex::new(HashMap::new()),
             settings,
@@ -241,12 +269,52 @@ impl Pool {
     }
 
     async fn connect_tcp(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ConnectError> {
+        Ok(TokioIo::new(self.connect_raw(addr).await?))
+    }
+
+    /// A fresh TCP connection to `addr`.
+    pub(crate) async fn connect_raw(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
         let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
         // Small requests and responses must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
+    }
+
+    /// An idle fast-path connection to `addr` that still looks open (the most recently
+    /// used first: it is the least likely to have been closed by the instance).
+    /// `now` is the caller's clock reading (saves reading it again).
+    pub(crate) fn take_raw(&self, addr: SocketAddr, now: Instant) -> Option<TcpStream> {
+        let mut map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.get_mut(&addr)?;
+        while let Some(idle) = list.pop() {
+            if now.saturating_duration_since(idle.since) >= self.settings.idle_timeout {
+                list.clear(); // older ones are older still
+                break;
+            }
+            // Cheap: tokio answers WouldBlock without a syscall unless the socket was
+            // reported readable, which for an idle connection means closed (or garbage).
+            let mut probe = [0u8; 1];
+            match idle.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(idle.stream),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// Returns a fast-path connection whose exchange ended cleanly; it counts as idle
+    /// since `since`.
+    pub(crate) fn put_raw(&self, addr: SocketAddr, stream: TcpStream, since: Instant) {
+        if self.settings.max_idle_per_instance == 0 {
+            return;
+        }
+        let mut map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.entry(addr).or_default();
+        if list.len() < self.settings.max_idle_per_instance {
+            list.push(IdleRaw { stream, since });
+        }
     }
 
     /// A fresh HTTP/1.1 connection (never from the pool), able to switch protocols.
@@ -331,6 +399,12 @@ impl Pool {
             !list.is_empty()
         });
         drop(map);
+        let mut map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, list| {
+            list.retain(|i| i.since.elapsed() < timeout);
+            !list.is_empty()
+        });
+        drop(map);
         let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, tx| !tx.is_closed());
         drop(map);
@@ -341,6 +415,9 @@ impl Pool {
     /// Idle HTTP/1.1 connections held (for tests and metrics).
     pub(crate) fn idle_count(&self) -> usize {
         let map = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().map(Vec::len).sum()
+        let h1: usize = map.values().map(Vec::len).sum();
+        drop(map);
+        let map = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        h1 + map.values().map(Vec::len).sum::<usize>()
     }
 }

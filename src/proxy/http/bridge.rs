@@ -1,0 +1,350 @@
+//! HTTP/2 (h2c) client requests without a body, to HTTP/1.1 instances, over the fast
+//! path's raw pooled sockets: the request is written and the response head read in the
+//! stream's own task, and the response body is read straight from the socket by the
+//! body hyper polls — no hyper client connection task, no hand-offs between tasks.
+//! Requests with a body, and services with h2c instances, keep the hyper client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Frame, SizeHint};
+use hyper::header::{HOST, HeaderName, HeaderValue};
+use hyper::{Response, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::fast::{AttemptError, RespBody, response_framing};
+use super::framing::ChunkStep;
+use super::metrics::ServiceMetrics;
+use super::upstream::{BoxError, Hold, InFlight, Pool, ResponseBody};
+use super::{ConnCtx, Failure, HttpProxy, Parts, failed, headers};
+use crate::catalog::{InstanceId, Service};
+use crate::protocol::AppProtocol;
+
+/// Header slots for an instance's response head.
+const RESPONSE_HEADERS: usize = 128;
+/// Fresh-connection retries after pooled connections turned out closed.
+const MAX_STALE: u32 = 4;
+
+/// Whether [`forward`] can take a request to `svc`: no h2c instance to speak to.
+pub(super) fn fits(svc: &Service) -> bool {
+    !svc.instances
+        .iter()
+        .any(|i| i.protocol == AppProtocol::Http2)
+}
+
+/// Forwards a bodiless request (head already rewritten in `parts`) to an HTTP/1.1
+/// instance of `svc`, with the same retries as the other paths.
+pub(super) async fn forward(
+    proxy: &HttpProxy,
+    parts: &Parts,
+    svc: &Arc<Service>,
+    label: &ServiceMetrics,
+    ctx: &ConnCtx,
+    in_flight: InFlight,
+) -> Response<ResponseBody> {
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(parts.path.as_str().as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in parts.headers.iter() {
+        if name == HOST {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"host: ");
+    let base = head.len();
+    let is_head = parts.method == hyper::Method::HEAD;
+    let idempotent = parts.method.is_idempotent();
+    let pool = &ctx.worker.pool;
+    let now = Instant::now();
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut exclude: Vec<InstanceId> = Vec::new();
+    let mut retries_left = proxy.settings.max_retries;
+    let mut stale = 0u32;
+    let mut last: Option<Failure> = None;
+    while let Some(pick) = proxy.balancer.pick(svc, &exclude) {
+        let addr = pick.instance.endpoint;
+        if pick.instance.protocol == AppProtocol::Http2 {
+            exclude.push(pick.instance.id.clone());
+            continue;
+        }
+        let active = pick.start();
+        let pooled = if stale > 0 {
+            None
+        } else {
+            pool.take_raw(addr, now)
+        };
+        let reused = pooled.is_some();
+        let mut up = match pooled {
+            Some(up) => up,
+            None => match pool.connect_raw(addr).await {
+                Ok(up) => up,
+                Err(e) => {
+                    last = Some(Failure::of_connect(&e));
+                    proxy.connect_failed(&pick, &e, label, &mut exclude);
+                    continue;
+                }
+            },
+        };
+        label.upstream(reused);
+        head.truncate(base);
+        match (&parts.authority, proxy.settings.preserve_host) {
+            (Some(a), true) => head.extend_from_slice(a.as_bytes()),
+            _ => head.extend_from_slice(addr.to_string().as_bytes()),
+        }
+        head.extend_from_slice(b"\r\n\r\n");
+        buf.clear();
+        let r = exchange(
+            &mut up,
+            &head,
+            &mut buf,
+            is_head,
+            proxy.settings.max_header_bytes,
+        )
+        .await;
+        match r {
+            Ok(resp) => {
+                proxy.balancer.report_success(&pick);
+                let hold = Hold {
+                    pooled: None,
+                    _active: Some(active),
+                    _in_flight: in_flight,
+                };
+                let (status, headers, body, keep_alive) = resp;
+                let raw = RawBody {
+                    stream: Some(up),
+                    buf,
+                    body,
+                    keep_alive,
+                    done: false,
+                    pool: pool.clone(),
+                    addr,
+                };
+                let mut r = Response::new(ResponseBody::raw(raw, hold));
+                *r.status_mut() = status;
+                *r.headers_mut() = headers;
+                return r;
+            }
+            Err(e) => {
+                tracing::debug!(service = %svc.name, %addr, error = ?e, reused, "upstream exchange failed");
+                if reused && matches!(e, AttemptError::NoResponse) && stale < MAX_STALE {
+                    stale += 1;
+                    continue;
+                }
+                if !reused {
+                    proxy.balancer.report_failure(&pick);
+                }
+                last = Some(Failure::Other);
+                if idempotent && retries_left > 0 && proxy.budget.withdraw() {
+                    retries_left -= 1;
+                    exclude.push(pick.instance.id.clone());
+                    label.retry();
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+    failed(svc, last)
+}
+
+type Head = (StatusCode, hyper::HeaderMap, RespBody, bool);
+
+/// Writes the request and reads the response head; the bytes after it stay in `buf`.
+async fn exchange(
+    up: &mut TcpStream,
+    req: &[u8],
+    buf: &mut BytesMut,
+    is_head: bool,
+    max_head: usize,
+) -> Result<Head, AttemptError> {
+    if up.write_all(req).await.is_err() {
+        return Err(AttemptError::NoResponse);
+    }
+    loop {
+        if !buf.is_empty() {
+            let mut slots = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
+            let mut resp = httparse::Response::new(&mut slots);
+            match resp.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let code = resp.code.unwrap_or(0);
+                    if code == 101 {
+                        return Err(AttemptError::BadResponse);
+                    }
+                    if (100..200).contains(&code) {
+                        buf.advance(len);
+                        continue;
+                    }
+                    let status =
+                        StatusCode::from_u16(code).map_err(|_| AttemptError::BadResponse)?;
+                    let (body, keep_alive, connection) = response_framing(&resp, is_head)?;
+                    let mut map = hyper::HeaderMap::with_capacity(resp.headers.len());
+                    for h in resp.headers.iter() {
+                        let framing = h.name.eq_ignore_ascii_case("content-length");
+                        if (framing && !matches!(body, RespBody::Fixed(_) | RespBody::None))
+                            || headers::is_hop_by_hop_raw(h.name, h.value, &connection)
+                        {
+                            continue;
+                        }
+                        if let (Ok(n), Ok(v)) = (
+                            HeaderName::from_bytes(h.name.as_bytes()),
+                            HeaderValue::from_bytes(h.value),
+                        ) {
+                            map.append(n, v);
+                        }
+                    }
+                    buf.advance(len);
+                    return Ok((status, map, body, keep_alive));
+                }
+                Ok(httparse::Status::Partial) if buf.len() < max_head => {}
+                _ => return Err(AttemptError::BadResponse),
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        match tokio::io::AsyncReadExt::read_buf(up, buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => return Err(AttemptError::NoResponse),
+            Ok(0) | Err(_) => return Err(AttemptError::BadResponse),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A response body read straight from the instance's socket; the connection goes back
+/// to the pool when the body ended cleanly.
+pub(crate) struct RawBody {
+    stream: Option<TcpStream>,
+    /// Bytes read and not yet passed on.
+    buf: BytesMut,
+    body: RespBody,
+    keep_alive: bool,
+    done: bool,
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+}
+
+impl Drop for RawBody {
+    fn drop(&mut self) {
+        // hyper never polls a body that says it has ended (HEAD, 204, 304, length 0).
+        if !self.done && matches!(self.body, RespBody::None | RespBody::Fixed(0)) {
+            self.finish(true);
+        }
+    }
+}
+
+impl RawBody {
+    fn finish(&mut self, clean: bool) {
+        self.done = true;
+        if let Some(s) = self.stream.take()
+            && clean
+            && self.keep_alive
+            && self.buf.is_empty()
+        {
+            self.pool.put_raw(self.addr, s, Instant::now());
+        }
+    }
+
+    pub(crate) fn is_end_stream(&self) -> bool {
+        self.done || matches!(self.body, RespBody::None | RespBody::Fixed(0))
+    }
+
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        match self.body {
+            RespBody::None => SizeHint::with_exact(0),
+            RespBody::Fixed(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match &mut self.body {
+                RespBody::None | RespBody::Fixed(0) => {
+                    self.finish(true);
+                    return Poll::Ready(None);
+                }
+                RespBody::Fixed(left) if !self.buf.is_empty() => {
+                    let take = (*left).min(self.buf.len() as u64);
+                    *left -= take;
+                    let data = self.buf.split_to(take as usize).freeze();
+                    if *left == 0 {
+                        self.finish(true);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                RespBody::Chunked(t) if !self.buf.is_empty() => {
+                    if let Some(left) = t.data_left() {
+                        let take = left.min(self.buf.len() as u64) as usize;
+                        t.feed(&self.buf[..take]);
+                        let data = self.buf.split_to(take).freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    // Framing bytes, one at a time up to the next data.
+                    match t.feed(&self.buf[..1]) {
+                        ChunkStep::More => self.buf.advance(1),
+                        ChunkStep::End(_) => {
+                            self.buf.advance(1);
+                            self.finish(true);
+                            return Poll::Ready(None);
+                        }
+                        ChunkStep::Bad => {
+                            self.finish(false);
+                            return Poll::Ready(Some(Err("malformed chunked response".into())));
+                        }
+                    }
+                    continue;
+                }
+                RespBody::Close if !self.buf.is_empty() => {
+                    let data = self.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                _ => {}
+            }
+            // More bytes are needed.
+            let Some(stream) = &self.stream else {
+                return Poll::Ready(None);
+            };
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(16 * 1024);
+            }
+            match stream.try_read_buf(&mut self.buf) {
+                Ok(0) => {
+                    let close_delimited = matches!(self.body, RespBody::Close);
+                    self.finish(false);
+                    if close_delimited {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err("instance closed inside a response body".into())));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = std::task::ready!(stream.poll_read_ready(cx)) {
+                        self.finish(false);
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                }
+                Err(e) => {
+                    self.finish(false);
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+}

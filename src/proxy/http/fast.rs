@@ -1,0 +1,965 @@
+//! The HTTP/1.1 fast path: plain keep-alive requests proxied by the client connection's
+//! own task, over raw pooled sockets to the instances, without hyper.
+//!
+//! Each accepted connection starts here. Request heads are parsed with `httparse` (the
+//! parser hyper itself uses). Only the plain, unambiguous case is served: an HTTP/1.1
+//! origin-form request with one `Host`, at most one valid `Content-Length` or exactly
+//! `Transfer-Encoding: chunked` (not both), no `Upgrade` or `Expect`, not `CONNECT`,
+//! within the header limits, for a known service with a healthy HTTP/1.1 instance.
+//! Anything else (the HTTP/2 preface, upgrades, ambiguous framing, oversized heads, parse
+//! errors, unknown services...) hands the connection, for the rest of its life, to the
+//! hyper server in `mod.rs`, with the bytes already read replayed first ([`Rewind`]).
+//! Every error status and every tunnel thus still comes from the one hyper path.
+//!
+//! An exchange: the rewritten head (and the body bytes already read) goes out in one
+//! write on a pooled connection; the rest of a request body is pumped while the response
+//! head is awaited and forwarded (so a streaming echo cannot deadlock); the response head
+//! is rewritten and sent with the first body bytes in one write, and the body follows by
+//! its framing (chunked bodies pass through verbatim, followed by [`ChunkedBody`]). The
+//! upstream connection returns to the pool only when both messages ended cleanly and
+//! both sides allow keep-alive.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::framing::{ChunkStep, ChunkedBody};
+use super::metrics::{ServiceLabel, ServiceMetrics};
+use super::{ConnCtx, Failure, HttpProxy, Worker, failure_answer, headers, ms, route};
+use crate::catalog::{InstanceId, Service, ServiceName};
+use crate::protocol::AppProtocol;
+
+/// Room made in a buffer before a read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Header slots for an instance's response head.
+const RESPONSE_HEADERS: usize = 128;
+/// Fresh-connection retries after pooled connections turned out closed.
+const MAX_STALE: u32 = 4;
+
+/// How the fast path left a connection.
+pub(super) enum Next {
+    /// Done with: close it.
+    Close,
+    /// To be served by hyper from here on, starting with these bytes (already read).
+    Fallback(BytesMut),
+}
+
+/// A request body's framing.
+#[derive(Debug, Clone, Copy)]
+enum ReqBody {
+    None,
+    Fixed(u64),
+    Chunked,
+}
+
+/// What is left of a request body to pass to the instance.
+#[derive(Debug)]
+enum Pump {
+    Done,
+    Fixed(u64),
+    Chunked(ChunkedBody),
+}
+
+/// What the fast path took from a request head.
+struct Head {
+    /// Bytes of the head in the client buffer.
+    len: usize,
+    body: ReqBody,
+    idempotent: bool,
+    is_head: bool,
+    /// The client sent `Connection: close`.
+    close: bool,
+    svc: Arc<Service>,
+}
+
+enum Parsed {
+    Partial,
+    Fallback,
+    Fast(Head),
+}
+
+/// Buffers reused across the requests of one connection.
+#[derive(Default)]
+struct Bufs {
+    /// The upstream request: head up to `Host` (fixed for every attempt), then `Host`,
+    /// the blank line and the body bytes already read.
+    req: Vec<u8>,
+    /// The client's authority (forwarded as `Host` unless `preserve_host = false`).
+    host: Vec<u8>,
+    /// Bytes read from the instance.
+    up: BytesMut,
+    /// The response head for the client, with the first body bytes.
+    resp: Vec<u8>,
+    /// The last service's metric handles (a connection mostly talks to one service).
+    metrics: Option<(ServiceName, Arc<ServiceMetrics>)>,
+}
+
+fn eq(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// A `Content-Length` value: digits only (no sign, no list, no spaces inside).
+pub(super) fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Serves the connection's requests while they fit the fast path.
+pub(super) async fn serve(
+    proxy: &HttpProxy,
+    client: &mut TcpStream,
+    ctx: &ConnCtx,
+    shutdown: &CancellationToken,
+) -> Next {
+    let s = &proxy.settings;
+    let wait = ms(s.header_read_timeout_ms.min(s.idle_timeout_ms));
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut bufs = Bufs::default();
+    // One timer and one shutdown watch for the connection's life, not one per request.
+    let timer = tokio::time::sleep(wait);
+    tokio::pin!(timer);
+    let stopping = shutdown.cancelled();
+    tokio::pin!(stopping);
+    loop {
+        timer.as_mut().reset(Instant::now() + wait);
+        // Bytes already looked at for the end of the head: a head sent a byte at a time
+        // is parsed once it can be complete, not once per byte (no quadratic work).
+        let mut scanned: usize = 0;
+        let head = loop {
+            let fresh = scanned == 0 || may_end_head(&buf[scanned.saturating_sub(3)..]);
+            scanned = buf.len();
+            if !buf.is_empty() && (fresh || buf.len() >= s.max_header_bytes) {
+                match parse(proxy, ctx, &buf, &mut bufs) {
+                    Parsed::Fast(h) => break h,
+                    Parsed::Fallback => return Next::Fallback(buf),
+                    Parsed::Partial => {}
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                r = client.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => return Next::Close,
+                    Ok(_) => {}
+                },
+                _ = &mut timer => {
+                    tracing::debug!("http proxy: no complete request head in time, closing");
+                    return Next::Close;
+                }
+                _ = &mut stopping, if buf.is_empty() => return Next::Close,
+            }
+        };
+        // The body bytes already read, and what is left to pump.
+        let in_buf = buf.len() - head.len;
+        let (avail, pump) = match head.body {
+            ReqBody::None => (0, Pump::Done),
+            ReqBody::Fixed(n) => {
+                let a = (in_buf as u64).min(n);
+                let left = n - a;
+                let pump = if left == 0 {
+                    Pump::Done
+                } else {
+                    Pump::Fixed(left)
+                };
+                (a as usize, pump)
+            }
+            ReqBody::Chunked => {
+                let mut t = ChunkedBody::new();
+                match t.feed(&buf[head.len..]) {
+                    ChunkStep::End(k) => (k, Pump::Done),
+                    ChunkStep::More => (in_buf, Pump::Chunked(t)),
+                    // hyper answers this one.
+                    ChunkStep::Bad => return Next::Fallback(buf),
+                }
+            }
+        };
+        let keep = exchange(
+            proxy,
+            client,
+            &mut buf,
+            &mut bufs,
+            ctx,
+            &head,
+            avail,
+            pump,
+            timer.as_mut(),
+        )
+        .await;
+        if !keep {
+            return Next::Close;
+        }
+    }
+}
+
+/// Whether `bytes` contain a blank line (`\n\n` or `\n\r\n`): the end of a head.
+fn may_end_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// Parses the head at the start of `buf`; for a fast-path request, writes the upstream
+/// head (up to `Host`) into `bufs.req`.
+fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parsed {
+    let s = &proxy.settings;
+    let mut stack = [httparse::EMPTY_HEADER; 128];
+    let mut heap;
+    let slots: &mut [httparse::Header] = if s.max_headers <= stack.len() {
+        &mut stack[..s.max_headers]
+    } else {
+        heap = vec![httparse::EMPTY_HEADER; s.max_headers];
+        &mut heap
+    };
+    let mut req = httparse::Request::new(slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < s.max_header_bytes => {
+            return Parsed::Partial;
+        }
+        // Too large, too many headers, malformed: hyper answers.
+        _ => return Parsed::Fallback,
+    };
+    if len > s.max_header_bytes {
+        return Parsed::Fallback;
+    }
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Fallback;
+    };
+    if method == "CONNECT" || !path.starts_with('/') {
+        return Parsed::Fallback;
+    }
+    let (mut host, mut hosts) = (None, 0);
+    let (mut length, mut lengths) = (None, 0);
+    let (mut chunked, mut encodings) = (false, 0);
+    let mut close = false;
+    let mut connection: Vec<&[u8]> = Vec::new();
+    for h in req.headers.iter() {
+        let n = h.name.as_bytes();
+        if eq(n, b"host") {
+            hosts += 1;
+            host = std::str::from_utf8(h.value).ok();
+        } else if eq(n, b"content-length") {
+            lengths += 1;
+            length = parse_length(h.value);
+            if length.is_none() {
+                return Parsed::Fallback;
+            }
+        } else if eq(n, b"transfer-encoding") {
+            encodings += 1;
+            chunked = eq(h.value, b"chunked");
+        } else if eq(n, b"connection") {
+            for t in headers::connection_tokens(std::iter::once(h.value)) {
+                if eq(t, b"upgrade") {
+                    return Parsed::Fallback;
+                }
+                close |= eq(t, b"close");
+                connection.push(t);
+            }
+        } else if eq(n, b"upgrade") || eq(n, b"expect") {
+            return Parsed::Fallback;
+        }
+    }
+    if hosts != 1 || lengths > 1 || encodings > 1 || (encodings == 1 && (!chunked || lengths > 0)) {
+        return Parsed::Fallback;
+    }
+    let Some(host) = host else {
+        return Parsed::Fallback;
+    };
+    let target = route::target_of(host, false, &proxy.domain);
+    let Ok(svc) = proxy.lookup(Some(&target)) else {
+        return Parsed::Fallback;
+    };
+    if svc.healthy_count() == 0
+        || svc
+            .instances
+            .iter()
+            .any(|i| i.protocol == AppProtocol::Http2)
+    {
+        return Parsed::Fallback;
+    }
+    let body = match (chunked, length) {
+        (true, _) => ReqBody::Chunked,
+        (false, Some(n)) => ReqBody::Fixed(n),
+        (false, None) => ReqBody::None,
+    };
+    let out = &mut bufs.req;
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut xff: Option<&[u8]> = None;
+    for h in req.headers.iter() {
+        let n = h.name.as_bytes();
+        if eq(n, b"x-forwarded-for") {
+            xff = xff.or(Some(h.value));
+            continue;
+        }
+        if eq(n, b"host")
+            || eq(n, b"content-length")
+            || eq(n, b"x-forwarded-proto")
+            || eq(n, b"x-forwarded-host")
+            || headers::is_hop_by_hop_raw(h.name, h.value, &connection)
+        {
+            continue;
+        }
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    headers::forwarded_for(xff, ctx.client_ip.as_bytes(), out);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    match body {
+        ReqBody::None => {}
+        ReqBody::Fixed(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        ReqBody::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    bufs.host.clear();
+    bufs.host.extend_from_slice(host.as_bytes());
+    let idempotent = matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    );
+    Parsed::Fast(Head {
+        len,
+        body,
+        idempotent,
+        is_head: method == "HEAD",
+        close,
+        svc: svc.clone(),
+    })
+}
+
+/// Why an attempt failed before anything reached the client.
+#[derive(Debug)]
+pub(super) enum AttemptError {
+    /// The instance closed or reset before any response byte (or the write failed).
+    NoResponse,
+    /// The request timeout passed first.
+    Timeout,
+    /// The instance's response head was malformed or too large.
+    BadResponse,
+    /// The client went away while its body was being pumped: nothing more to do.
+    ClientGone,
+}
+
+/// Proxies one request; `true` when the client connection can take another.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    proxy: &HttpProxy,
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    bufs: &mut Bufs,
+    ctx: &ConnCtx,
+    head: &Head,
+    avail: usize,
+    mut pump: Pump,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+) -> bool {
+    let start = Instant::now();
+    proxy.budget.deposit();
+    let svc = &head.svc;
+    let m = match &bufs.metrics {
+        Some((name, m)) if *name == svc.name => m.clone(),
+        _ => {
+            let label = ServiceLabel(Some(svc.name.clone()));
+            let m = ctx.worker.metrics(&proxy.metrics, label);
+            bufs.metrics = Some((svc.name.clone(), m.clone()));
+            m
+        }
+    };
+    let deadline = start + ms(proxy.settings.request_timeout_ms);
+    timer.as_mut().reset(deadline);
+    let body_end = head.len + avail;
+    let replayable = matches!(pump, Pump::Done);
+    let base = bufs.req.len();
+    let mut exclude: Vec<InstanceId> = Vec::new();
+    let mut retries_left = proxy.settings.max_retries;
+    let mut stale = 0u32;
+    let mut last: Option<Failure> = None;
+    let mut consumed = false;
+    while let Some(pick) = proxy.balancer.pick(svc, &exclude) {
+        let addr = pick.instance.endpoint;
+        if pick.instance.protocol == AppProtocol::Http2 {
+            // Registered since the head was parsed; the fast path speaks HTTP/1.1 only.
+            exclude.push(pick.instance.id.clone());
+            continue;
+        }
+        let active = pick.start();
+        let pooled = if stale > 0 {
+            None
+        } else {
+            ctx.worker.pool.take_raw(addr, start)
+        };
+        let reused = pooled.is_some();
+        let up = match pooled {
+            Some(up) => up,
+            None => {
+                match tokio::time::timeout_at(deadline, ctx.worker.pool.connect_raw(addr)).await {
+                    Ok(Ok(up)) => up,
+                    Ok(Err(e)) => {
+                        last = Some(Failure::of_connect(&e));
+                        proxy.connect_failed(&pick, &e, &m, &mut exclude);
+                        continue;
+                    }
+                    Err(_) => {
+                        last = Some(Failure::Timeout);
+                        break;
+                    }
+                }
+            }
+        };
+        m.upstream(reused);
+        let out = &mut bufs.req;
+        out.truncate(base);
+        out.extend_from_slice(b"host: ");
+        if proxy.settings.preserve_host {
+            out.extend_from_slice(&bufs.host);
+        } else {
+            out.extend_from_slice(addr.to_string().as_bytes());
+        }
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(&buf[head.len..body_end]);
+        if !replayable {
+            // The body now streams from the client: no second attempt is possible.
+            buf.advance(body_end);
+            consumed = true;
+        }
+        let r = attempt(
+            proxy,
+            client,
+            buf,
+            bufs,
+            up,
+            &ctx.worker,
+            addr,
+            &mut pump,
+            head,
+            timer.as_mut(),
+            start,
+            &m,
+        )
+        .await;
+        match r {
+            Ok(keep) => {
+                proxy.balancer.report_success(&pick);
+                drop(active);
+                if !consumed {
+                    buf.advance(body_end);
+                }
+                return keep;
+            }
+            Err(AttemptError::ClientGone) => return false,
+            Err(AttemptError::Timeout) => {
+                last = Some(Failure::Timeout);
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(service = %svc.name, %addr, error = ?e, reused, "upstream exchange failed");
+                if !replayable {
+                    last = Some(Failure::Other);
+                    break;
+                }
+                if reused && matches!(e, AttemptError::NoResponse) && stale < MAX_STALE {
+                    // A pooled connection the instance had closed: again, on a fresh one.
+                    stale += 1;
+                    continue;
+                }
+                if !reused {
+                    proxy.balancer.report_failure(&pick);
+                }
+                last = Some(Failure::Other);
+                if head.idempotent && retries_left > 0 && proxy.budget.withdraw() {
+                    retries_left -= 1;
+                    exclude.push(pick.instance.id.clone());
+                    m.retry();
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+    // No attempt answered: the proxy does.
+    let (status, body) = failure_answer(svc, last);
+    m.request(status.as_u16(), start.elapsed());
+    // An unread body rest keeps the connection from being reused.
+    let keep = replayable && !head.close && !ctx.worker.draining();
+    if !consumed {
+        buf.advance(body_end);
+    }
+    let out = &mut bufs.resp;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    if !keep {
+        out.extend_from_slice(b"\r\nconnection: close");
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    if !head.is_head {
+        out.extend_from_slice(body.as_bytes());
+    }
+    client.write_all(out).await.is_ok() && keep
+}
+
+/// A response body's framing.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum RespBody {
+    None,
+    Fixed(u64),
+    Chunked(ChunkedBody),
+    /// Until the instance closes.
+    Close,
+}
+
+/// What a response head said.
+struct RespHead {
+    len: usize,
+    status: u16,
+    body: RespBody,
+    /// The instance keeps the connection open after this response.
+    keep_alive: bool,
+}
+
+/// One attempt on `up`: `Ok(client keep-alive)` once a response went to the client.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    proxy: &HttpProxy,
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    bufs: &mut Bufs,
+    mut up: TcpStream,
+    worker: &Worker,
+    addr: std::net::SocketAddr,
+    pump: &mut Pump,
+    head: &Head,
+    mut deadline: Pin<&mut tokio::time::Sleep>,
+    start: Instant,
+    m: &ServiceMetrics,
+) -> Result<bool, AttemptError> {
+    let max_head = proxy.settings.max_header_bytes;
+    bufs.up.clear();
+    let (keep_client, reusable) = {
+        let (mut cr, mut cw) = client.split();
+        let (mut ur, mut uw) = up.split();
+        if uw.write_all(&bufs.req).await.is_err() {
+            return Err(AttemptError::NoResponse);
+        }
+        let mut pumped = matches!(pump, Pump::Done);
+        let mut body_complete = pumped;
+        let pumping = pump_body(&mut cr, &mut uw, buf, pump);
+        tokio::pin!(pumping);
+        // The response head, while the request body goes on.
+        let resp = {
+            let reading = read_response_head(
+                &mut ur,
+                &mut bufs.up,
+                &mut bufs.resp,
+                head.is_head,
+                max_head,
+            );
+            tokio::pin!(reading);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut reading => break r?,
+                    r = &mut pumping, if !pumped => {
+                        pumped = true;
+                        match r {
+                            Ok(()) => body_complete = true,
+                            Err(PumpError::Client) => return Err(AttemptError::ClientGone),
+                            // The instance stopped reading; its response may say why.
+                            Err(PumpError::Upstream) => {}
+                        }
+                    }
+                    _ = &mut deadline => return Err(AttemptError::Timeout),
+                }
+            }
+        };
+        m.request(resp.status, start.elapsed());
+        // An early response while the body still streams: the client's connection
+        // cannot be reused (the rest of its body would be read as a request).
+        let early = !pumped;
+        let keep_client = !head.close
+            && !matches!(resp.body, RespBody::Close)
+            && !worker.draining()
+            && !early
+            && body_complete;
+        if !keep_client {
+            bufs.resp.extend_from_slice(b"connection: close\r\n");
+        }
+        bufs.resp.extend_from_slice(b"\r\n");
+        // The first body bytes go with the head.
+        let mut body = resp.body;
+        let first = &bufs.up[resp.len..];
+        let (take, ended, bad) = body_step(&mut body, first);
+        if bad {
+            return Ok(false);
+        }
+        bufs.resp.extend_from_slice(&first[..take]);
+        let leftover = first.len() > take;
+        bufs.up.clear();
+        if cw.write_all(&bufs.resp).await.is_err() {
+            return Ok(false);
+        }
+        let forwarded = if ended {
+            Ok(true)
+        } else {
+            let forwarding = forward_body(&mut ur, &mut cw, &mut bufs.up, body);
+            tokio::pin!(forwarding);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut forwarding => break r,
+                    r = &mut pumping, if !pumped => {
+                        pumped = true;
+                        match r {
+                            Ok(()) => body_complete = true,
+                            Err(PumpError::Client) => return Ok(false),
+                            Err(PumpError::Upstream) => {}
+                        }
+                    }
+                }
+            }
+        };
+        let ok = forwarded.is_ok();
+        let clean = forwarded.unwrap_or(false);
+        let reusable = ok
+            && clean
+            && !leftover
+            && resp.keep_alive
+            && !early
+            && pumped
+            && body_complete
+            && !matches!(resp.body, RespBody::Close);
+        (ok && keep_client, reusable)
+    };
+    if reusable {
+        worker.pool.put_raw(addr, up, start);
+    }
+    Ok(keep_client)
+}
+
+/// Follows `body` over `bytes`: how many belong to it, whether it ended, whether it is
+/// malformed.
+fn body_step(body: &mut RespBody, bytes: &[u8]) -> (usize, bool, bool) {
+    match body {
+        RespBody::None => (0, true, false),
+        RespBody::Fixed(left) => {
+            let take = (*left).min(bytes.len() as u64);
+            *left -= take;
+            (take as usize, *left == 0, false)
+        }
+        RespBody::Chunked(t) => match t.feed(bytes) {
+            ChunkStep::End(k) => (k, true, false),
+            ChunkStep::More => (bytes.len(), false, false),
+            ChunkStep::Bad => (0, false, true),
+        },
+        RespBody::Close => (bytes.len(), false, false),
+    }
+}
+
+/// Why pumping a request body stopped.
+enum PumpError {
+    /// The client closed, failed or sent a malformed body.
+    Client,
+    /// The instance stopped taking it.
+    Upstream,
+}
+
+/// Passes the rest of a request body from the client to the instance. Bytes after the
+/// body (a pipelined request) stay in `buf`.
+async fn pump_body(
+    cr: &mut ReadHalf<'_>,
+    uw: &mut WriteHalf<'_>,
+    buf: &mut BytesMut,
+    pump: &mut Pump,
+) -> Result<(), PumpError> {
+    loop {
+        if matches!(pump, Pump::Done) {
+            return Ok(());
+        }
+        if buf.is_empty() {
+            buf.reserve(4 * READ_CHUNK);
+            match cr.read_buf(buf).await {
+                Ok(0) | Err(_) => return Err(PumpError::Client),
+                Ok(_) => {}
+            }
+        }
+        let (take, ended) = match pump {
+            Pump::Done => (0, true),
+            Pump::Fixed(left) => {
+                let take = (*left).min(buf.len() as u64);
+                *left -= take;
+                (take as usize, *left == 0)
+            }
+            Pump::Chunked(t) => match t.feed(buf) {
+                ChunkStep::End(k) => (k, true),
+                ChunkStep::More => (buf.len(), false),
+                ChunkStep::Bad => return Err(PumpError::Client),
+            },
+        };
+        uw.write_all(&buf[..take])
+            .await
+            .map_err(|_| PumpError::Upstream)?;
+        buf.advance(take);
+        if ended {
+            *pump = Pump::Done;
+        }
+    }
+}
+
+/// Reads the instance's response head into `up` (skipping interim 1xx responses) and
+/// writes its rewritten form for the client into `out`, without the blank line.
+async fn read_response_head(
+    ur: &mut ReadHalf<'_>,
+    up: &mut BytesMut,
+    out: &mut Vec<u8>,
+    is_head: bool,
+    max_head: usize,
+) -> Result<RespHead, AttemptError> {
+    loop {
+        if !up.is_empty() {
+            let mut slots = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
+            let mut resp = httparse::Response::new(&mut slots);
+            match resp.parse(up) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let status = resp.code.unwrap_or(0);
+                    if status == 101 {
+                        // Not asked for: the fast path never forwards Upgrade.
+                        return Err(AttemptError::BadResponse);
+                    }
+                    if (100..200).contains(&status) {
+                        // Interim (100 Continue, 103 Early Hints): not forwarded.
+                        up.advance(len);
+                        continue;
+                    }
+                    let parsed = rewrite_response(&resp, out, is_head)?;
+                    return Ok(RespHead {
+                        len,
+                        status,
+                        body: parsed.0,
+                        keep_alive: parsed.1,
+                    });
+                }
+                Ok(httparse::Status::Partial) if up.len() < max_head => {}
+                _ => return Err(AttemptError::BadResponse),
+            }
+        }
+        if up.capacity() - up.len() < 1024 {
+            up.reserve(READ_CHUNK);
+        }
+        match ur.read_buf(up).await {
+            Ok(0) | Err(_) if up.is_empty() => return Err(AttemptError::NoResponse),
+            Ok(0) | Err(_) => return Err(AttemptError::BadResponse),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// How an instance's response is framed, whether the instance keeps the connection
+/// alive after it, and the header names its `Connection` header lists.
+pub(super) fn response_framing<'h>(
+    resp: &httparse::Response<'_, 'h>,
+    is_head: bool,
+) -> Result<(RespBody, bool, Vec<&'h [u8]>), AttemptError> {
+    let status = resp.code.unwrap_or(0);
+    let mut connection: Vec<&[u8]> = Vec::new();
+    let mut close = false;
+    let mut length: Option<u64> = None;
+    let mut chunked: Option<bool> = None;
+    for h in resp.headers.iter() {
+        let n = h.name.as_bytes();
+        if eq(n, b"connection") {
+            for t in headers::connection_tokens(std::iter::once(h.value)) {
+                close |= eq(t, b"close");
+                connection.push(t);
+            }
+        } else if eq(n, b"content-length") {
+            let v = parse_length(h.value).ok_or(AttemptError::BadResponse)?;
+            if length.is_some_and(|l| l != v) {
+                return Err(AttemptError::BadResponse);
+            }
+            length = Some(v);
+        } else if eq(n, b"transfer-encoding") {
+            // The last coding decides: chunked or read to close.
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            chunked = Some(eq(last.trim_ascii(), b"chunked"));
+        }
+    }
+    let body = if is_head || status == 204 || status == 304 {
+        RespBody::None
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => RespBody::Chunked(ChunkedBody::new()),
+            (Some(false), _) => RespBody::Close,
+            (None, Some(n)) => RespBody::Fixed(n),
+            (None, None) => RespBody::Close,
+        }
+    };
+    let keep_alive = resp.version == Some(1) && !close;
+    Ok((body, keep_alive, connection))
+}
+
+/// The client's response head: status line and end-to-end headers, with the framing
+/// header this proxy sends. Returns the body's framing and whether the instance keeps
+/// the connection alive.
+fn rewrite_response(
+    resp: &httparse::Response<'_, '_>,
+    out: &mut Vec<u8>,
+    is_head: bool,
+) -> Result<(RespBody, bool), AttemptError> {
+    let status = resp.code.unwrap_or(0);
+    let (body, keep_alive, connection) = response_framing(resp, is_head)?;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(status).as_slice());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let n = h.name.as_bytes();
+        let framing = eq(n, b"content-length");
+        if (framing && !matches!(body, RespBody::None))
+            || headers::is_hop_by_hop_raw(h.name, h.value, &connection)
+        {
+            continue;
+        }
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    match body {
+        RespBody::Fixed(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RespBody::Chunked(_) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RespBody::None | RespBody::Close => {}
+    }
+    Ok((body, keep_alive))
+}
+
+fn itoa3(n: u16) -> [u8; 3] {
+    let n = n.min(999);
+    [
+        b'0' + (n / 100) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]
+}
+
+/// Passes the rest of a response body to the client. `Ok(true)` when it ended cleanly
+/// with nothing after it.
+async fn forward_body(
+    ur: &mut ReadHalf<'_>,
+    cw: &mut WriteHalf<'_>,
+    up: &mut BytesMut,
+    mut body: RespBody,
+) -> Result<bool, ()> {
+    loop {
+        up.clear();
+        up.reserve(4 * READ_CHUNK);
+        match ur.read_buf(up).await {
+            Ok(0) if matches!(body, RespBody::Close) => return Ok(false),
+            Ok(0) | Err(_) => return Err(()),
+            Ok(_) => {}
+        }
+        let (take, ended, bad) = body_step(&mut body, up);
+        if bad {
+            return Err(());
+        }
+        cw.write_all(&up[..take]).await.map_err(|_| ())?;
+        if ended {
+            let clean = take == up.len();
+            up.clear();
+            return Ok(clean);
+        }
+    }
+}
+
+/// A client connection whose first bytes were already read: they are replayed before
+/// anything else is read from the socket.
+pub(super) struct Rewind {
+    pre: BytesMut,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub(super) fn new(pre: BytesMut, inner: TcpStream) -> Self {
+        Rewind { pre, inner }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pre.is_empty() {
+            let n = this.pre.len().min(buf.remaining());
+            buf.put_slice(&this.pre[..n]);
+            this.pre.advance(n);
+            if this.pre.is_empty() {
+                this.pre = BytesMut::new(); // free it
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
