@@ -7,17 +7,20 @@
 //! program, not an address of this host) leaves that service *affected*: logged once,
 //! reported by [`super::TcpProxy::affected_services`] and the
 //! `netsel_tcp_proxy_vip_bind_failed` gauge, and retried. Other listeners carry on.
+//!
+//! A listener is one socket per worker thread on the same address (`SO_REUSEPORT`; see
+//! [`super::bind_listeners`]), each accepted on by its own worker.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{AffectedService, Route, Shared, VipRoute, accept_loop, bind_listener};
-use crate::catalog::ServiceName;
+use super::{AffectedService, Route, Shared, VipRoute, Worker, bind_listeners, serve_on_workers};
+use crate::catalog::{Service, ServiceName};
 
 /// How often listeners that could not be bound are tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
@@ -25,18 +28,26 @@ pub const RETRY: Duration = Duration::from_secs(5);
 struct Open {
     addr: SocketAddr,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// One accept loop per worker.
+    tasks: Vec<JoinHandle<()>>,
+    /// The service as last seen in the catalog (for connections accepted just before it
+    /// left).
+    last_seen: Arc<Mutex<Arc<Service>>>,
 }
 
 /// Keeps the VIP listeners in step with the catalog until `shutdown`.
-pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    workers: Vec<Arc<Worker>>,
+    shutdown: CancellationToken,
+) {
     let mut index = shared.balancer.catalog().watch_index();
     let mut open: HashMap<ServiceName, Open> = HashMap::new();
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         index.borrow_and_update();
-        reconcile(&shared, &mut open, &shutdown).await;
+        reconcile(&shared, &workers, &mut open, &shutdown).await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = index.changed() => if changed.is_err() { break },
@@ -45,7 +56,9 @@ pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
     for (_, o) in open.drain() {
         o.stop.cancel();
-        let _ = o.task.await;
+        for task in o.tasks {
+            let _ = task.await;
+        }
         shared.remove_own(o.addr);
     }
     let mut t = shared.lock_vips();
@@ -54,14 +67,19 @@ pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 async fn reconcile(
     shared: &Arc<Shared>,
+    workers: &[Arc<Worker>],
     open: &mut HashMap<ServiceName, Open>,
     shutdown: &CancellationToken,
 ) {
     let snapshot = shared.balancer.catalog().snapshot();
+    let mut services: HashMap<ServiceName, Arc<Service>> = HashMap::new();
     let wanted: HashMap<ServiceName, SocketAddr> = snapshot
         .services()
         .filter(|s| s.port != 0)
-        .map(|s| (s.name.clone(), SocketAddr::new(s.vip, s.port)))
+        .map(|s| {
+            services.insert(s.name.clone(), s.clone());
+            (s.name.clone(), SocketAddr::new(s.vip, s.port))
+        })
         .collect();
     drop(snapshot);
 
@@ -77,7 +95,9 @@ async fn reconcile(
             continue;
         };
         o.stop.cancel();
-        let _ = o.task.await;
+        for task in o.tasks {
+            let _ = task.await;
+        }
         shared.remove_own(o.addr);
         shared.lock_vips().open.remove(&name);
         tracing::info!(service = %name, addr = %o.addr, "VIP listener closed");
@@ -97,22 +117,29 @@ async fn reconcile(
     }
 
     for (name, addr) in wanted {
-        if open.contains_key(&name) {
+        let Some(svc) = services.remove(&name) else {
+            continue;
+        };
+        if let Some(o) = open.get(&name) {
+            *o.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = svc;
             continue;
         }
-        match bind_listener(addr) {
-            Ok(listener) => {
+        match bind_listeners(addr, workers.len()) {
+            Ok(listeners) => {
                 let stop = shutdown.child_token();
                 shared.add_own(addr);
-                let task = tokio::spawn(accept_loop(
-                    shared.clone(),
-                    listener,
+                let metrics = shared.metrics.service(name.as_str());
+                let last_seen = Arc::new(Mutex::new(svc));
+                // A route per worker, so connections on different threads share no
+                // reference count.
+                let route = |_: &Worker| {
                     Route::Vip(Arc::new(VipRoute {
                         service: name.clone(),
-                        metrics: shared.metrics.service(name.as_str()),
-                    })),
-                    stop.clone(),
-                ));
+                        metrics: Arc::new(metrics.clone()),
+                        last_seen: last_seen.clone(),
+                    }))
+                };
+                let tasks = serve_on_workers(workers, listeners, route, &stop);
                 let mut t = shared.lock_vips();
                 t.open.insert(name.clone(), addr);
                 if t.affected.remove(&name).is_some() {
@@ -120,7 +147,15 @@ async fn reconcile(
                 }
                 drop(t);
                 tracing::info!(service = %name, %addr, "VIP listener open");
-                open.insert(name, Open { addr, stop, task });
+                open.insert(
+                    name,
+                    Open {
+                        addr,
+                        stop,
+                        tasks,
+                        last_seen,
+                    },
+                );
             }
             Err(e) => {
                 let error = e.to_string();
