@@ -58,6 +58,7 @@ tcp_proxy_addr = "127.0.0.1:$((base+1))"
 http_proxy_addr = "127.0.0.1:$((base+2))"
 dns_addr = "127.0.0.1:$((base+3))"
 api_addr = "127.0.0.1:$((base+4))"
+data_dir = "$W/$n-data"
 max_ttl_secs = 86400
 [network]
 vip_cidr = "127.79.$i.0/24"
@@ -75,7 +76,7 @@ if [[ -n ${HOLD:-} ]]; then echo "holding ${HOLD} s"; sleep "$HOLD"; fi
 for r in $(seq "$ROUNDS"); do
   for t in $ORDER; do
     if [[ " $PARTS " == *" connrate "* ]]; then
-      while (( $(ss -Hant state time-wait | wc -l) > 3000 )); do sleep 0.5; done
+      for _ in 1 2 3 4 5 6 7 8 9 10; do (( $(ss -Hant state time-wait | wc -l) > 3000 )) || break; sleep 0.5; done
       c0=$(cpu_ticks "${PID[$t]}")
       out=$(wrk -t2 -c32 -d"${DURATION}s" --latency -H 'Connection: close' "http://${CONN[$t]}/" 2>&1)
       c1=$(cpu_ticks "${PID[$t]}"); n=$(awk '/requests in/{print $1}' <<<"$out")

@@ -34,6 +34,7 @@ pub mod vip;
 use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -110,10 +111,18 @@ struct Shared {
     slots: Arc<Semaphore>,
     own: RwLock<OwnAddrs>,
     vips: Mutex<VipTable>,
-    /// Each running worker's connection tasks (for [`TcpProxy::connections`]).
-    relays: RwLock<Vec<TaskTracker>>,
+    /// What each running worker reports (for [`TcpProxy::connections`] and
+    /// [`TcpProxy::accepted_per_worker`]).
+    worker_stats: RwLock<Vec<WorkerStats>>,
     /// Fired when the drain deadline passes: every relay ends.
     force_close: CancellationToken,
+}
+
+/// A worker's numbers, readable from any thread.
+#[derive(Clone)]
+struct WorkerStats {
+    relays: TaskTracker,
+    accepted: Arc<AtomicU64>,
 }
 
 /// One event-loop thread of the proxy: a single-threaded runtime that accepts on its own
@@ -124,6 +133,8 @@ struct Worker {
     handle: tokio::runtime::Handle,
     /// Its connection tasks, so drain can wait for them.
     relays: TaskTracker,
+    /// Connections it accepted.
+    accepted: Arc<AtomicU64>,
     /// Its relays end when this fires (a child of the proxy's `force_close`, so relays
     /// wait on a token of their own thread).
     force_close: CancellationToken,
@@ -180,7 +191,7 @@ impl TcpProxy {
                 metrics: TcpProxyMetrics::new(registry),
                 own: RwLock::new(OwnAddrs::default()),
                 vips: Mutex::new(VipTable::default()),
-                relays: RwLock::new(Vec::new()),
+                worker_stats: RwLock::new(Vec::new()),
                 force_close: CancellationToken::new(),
             }),
         }
@@ -195,8 +206,13 @@ impl TcpProxy {
         let stop_workers = CancellationToken::new();
         let _stop_workers = stop_workers.clone().drop_guard();
         let (workers, stopped) = start_workers(&shared, &stop_workers).await;
-        *shared.relays.write().unwrap_or_else(|e| e.into_inner()) =
-            workers.iter().map(|w| w.relays.clone()).collect();
+        *shared.worker_stats.write().unwrap_or_else(|e| e.into_inner()) = workers
+            .iter()
+            .map(|w| WorkerStats {
+                relays: w.relays.clone(),
+                accepted: w.accepted.clone(),
+            })
+            .collect();
         let mut accepting = Vec::new();
         if let Some(listener) = gateway {
             let addr = listener.local_addr();
@@ -272,8 +288,20 @@ impl TcpProxy {
 
     /// Client connections being handled now (relays and connections still being set up).
     pub fn connections(&self) -> usize {
-        let relays = self.shared.relays.read().unwrap_or_else(|e| e.into_inner());
-        relays.iter().map(|t| t.len()).sum()
+        let stats = self.shared.worker_stats.read();
+        let stats = stats.unwrap_or_else(|e| e.into_inner());
+        stats.iter().map(|w| w.relays.len()).sum()
+    }
+
+    /// Connections accepted so far by each worker thread (gateway and VIP listeners
+    /// together); empty until the proxy runs.
+    pub fn accepted_per_worker(&self) -> Vec<u64> {
+        let stats = self.shared.worker_stats.read();
+        let stats = stats.unwrap_or_else(|e| e.into_inner());
+        stats
+            .iter()
+            .map(|w| w.accepted.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -557,6 +585,7 @@ async fn accept_loop(
             },
             _ = stop.cancelled() => break,
         };
+        worker.accepted.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let permit = worker.shared.slots.clone().try_acquire_owned().ok();
         let span = match &route {
@@ -653,6 +682,7 @@ async fn start_workers(
             shared: shared.clone(),
             handle,
             relays: TaskTracker::new(),
+            accepted: Arc::default(),
             force_close: shared.force_close.child_token(),
         }));
         stopped.push(done_rx);
@@ -662,6 +692,7 @@ async fn start_workers(
             shared: shared.clone(),
             handle: tokio::runtime::Handle::current(),
             relays: TaskTracker::new(),
+            accepted: Arc::default(),
             force_close: shared.force_close.child_token(),
         }));
     }
