@@ -8,6 +8,7 @@
 #      PARTS ("connrate throughput"), NETSEL_ENV (extra env for NetSel),
 #      HOLD=N (keep everything up N s before the rounds, e.g. to attach perf/strace).
 set -euo pipefail
+renice -n "${NICE:--10}" -p $$ >/dev/null 2>&1 || true   # like tcp_bench.sh: less disturbed by other work
 ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-5}; WORKERS=${WORKERS:-1}
 PARTS=${PARTS:-"connrate throughput"}
 W=${AB_WORK:-/tmp/netsel-tcp-ab}; rm -rf "$W"; mkdir -p "$W/nginx"

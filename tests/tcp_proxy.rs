@@ -805,7 +805,10 @@ async fn a_port_held_with_so_reuseport_by_another_socket_is_still_a_conflict() {
     blocker.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + WAIT;
     while blocker.accept().is_err() {
-        assert!(Instant::now() < deadline, "the blocker did not get the connection");
+        assert!(
+            Instant::now() < deadline,
+            "the blocker did not get the connection"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     h.server.shutdown().await;
@@ -842,7 +845,10 @@ async fn an_instance_that_resets_before_any_byte_is_skipped() {
         let s = TcpStream::connect(vip).await.unwrap();
         assert_eq!(exchange(s, b"").await.unwrap(), "good");
     }
-    assert!(resets.load(Ordering::SeqCst) >= 1, "the resetter was never tried");
+    assert!(
+        resets.load(Ordering::SeqCst) >= 1,
+        "the resetter was never tried"
+    );
     let m = h.metrics();
     assert!(
         m.contains(r#"netsel_tcp_proxy_connections_total{service="flaky"} 6"#),

@@ -56,6 +56,9 @@ use metrics::{ServiceMetrics, TcpProxyMetrics};
 
 /// Backlog of the VIP listeners (a burst of new connections waits here, not refused).
 const LISTEN_BACKLOG: i32 = 4096;
+/// Period of each worker's background timer (see `keep_timer_armed`): shorter than the
+/// timers connections register, so those never wake the thread.
+const TIMER_ARM: Duration = Duration::from_millis(500);
 /// How long an error line may take to reach a refused client.
 const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long (and how much) a refused client's unread bytes are drained before closing,
@@ -206,7 +209,10 @@ impl TcpProxy {
         let stop_workers = CancellationToken::new();
         let _stop_workers = stop_workers.clone().drop_guard();
         let (workers, stopped) = start_workers(&shared, &stop_workers).await;
-        *shared.worker_stats.write().unwrap_or_else(|e| e.into_inner()) = workers
+        *shared
+            .worker_stats
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = workers
             .iter()
             .map(|w| WorkerStats {
                 relays: w.relays.clone(),
@@ -495,11 +501,11 @@ impl Shared {
         let _in_flight = pick.start();
         metrics.active.inc();
         let _active = DecOnDrop(&metrics.active);
-        if !leftover.is_empty() {
-            if let Err(e) = instance.write_all(leftover).await {
-                tracing::debug!(error = %e, "forwarding the bytes after the name line failed");
-                return relay::RelayEnd::Failed(e);
-            }
+        if !leftover.is_empty()
+            && let Err(e) = instance.write_all(leftover).await
+        {
+            tracing::debug!(error = %e, "forwarding the bytes after the name line failed");
+            return relay::RelayEnd::Failed(e);
         }
         let end = relay::relay(
             client,
@@ -666,7 +672,7 @@ async fn start_workers(
                     }
                 };
                 if handle_tx.send(rt.handle().clone()).is_ok() {
-                    rt.block_on(stop.cancelled());
+                    rt.block_on(keep_timer_armed(stop));
                 }
                 drop(rt);
                 drop(done_tx);
@@ -698,6 +704,24 @@ async fn start_workers(
     }
     tracing::debug!(workers = workers.len(), "TCP proxy workers started");
     (workers, stopped)
+}
+
+/// Waits for `stop`, keeping a timer due within [`TIMER_ARM`] all the while.
+///
+/// Tokio's timer wakes its thread through an eventfd `write` whenever a new timer is due
+/// before every timer it already has, even when registered from that very thread. Each
+/// connection registers two (connect timeout, idle watch), so without an earlier timer
+/// about every other connection paid a `write` and an extra event-loop turn; with this
+/// one always earlier, none does.
+async fn keep_timer_armed(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(TIMER_ARM);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+    }
 }
 
 /// Starts one accept loop per listener, listener `i` on worker `i`.
