@@ -369,21 +369,21 @@ impl Shared {
             Route::Vip(vip) => (vip.service.clone(), BytesMut::new()),
         };
         let snapshot = self.balancer.catalog().snapshot();
-        let last_seen;
-        let svc: &Service = match (snapshot.service(name.as_str()), &route) {
-            (Some(svc), _) => svc,
+        let svc: Arc<Service> = match (snapshot.service(name.as_str()), &route) {
+            (Some(svc), _) => svc.clone(),
             // Accepted by a VIP listener just before its service left the catalog: relay
             // to the instances the listener last knew.
-            (None, Route::Vip(vip)) => {
-                last_seen = vip.last_seen();
-                &last_seen
-            }
+            (None, Route::Vip(vip)) => vip.last_seen(),
             (None, Route::Gateway) => {
+                drop(snapshot);
                 return self
                     .refuse(client, &route, GatewayError::Unknown(name))
                     .await;
             }
         };
+        // Relays may run for hours: they must not pin old catalog versions.
+        drop(snapshot);
+        let svc = &*svc;
         let metrics = match &route {
             Route::Vip(vip) => vip.metrics.clone(),
             Route::Gateway => Arc::new(self.metrics.service(svc.name.as_str())),
@@ -420,12 +420,13 @@ impl Shared {
                     force_close,
                 )
                 .await;
-            if !matches!(end, relay::RelayEnd::InstanceReset) {
-                return;
-            }
             // The instance reset the connection before a byte moved either way (it died
             // with the connection in its backlog): nobody saw anything, so it counts as
-            // a failed connection attempt and the next instance is tried.
+            // a failed connection attempt and the next instance is tried. Not when bytes
+            // after a name line went out first: that instance may have acted on them.
+            if !matches!(end, relay::RelayEnd::InstanceReset) || !leftover.is_empty() {
+                return;
+            }
             self.connect_failed(svc, &metrics, &pick, "reset before any byte moved");
         }
     }
