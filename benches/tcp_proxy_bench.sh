@@ -30,6 +30,7 @@ tcp_proxy_addr = "127.0.0.1:15291"
 http_proxy_addr = "127.0.0.1:15292"
 dns_addr = "127.0.0.1:15293"
 api_addr = "127.0.0.1:15294"
+data_dir = "$W/data"
 max_ttl_secs = 86400
 [network]
 vip_cidr = "127.78.0.0/24"

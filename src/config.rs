@@ -221,6 +221,10 @@ pub struct TcpProxySettings {
     pub drain_secs: u64,
     /// How bytes are relayed. Default `splice` (zero-copy on Linux).
     pub relay: RelayMode,
+    /// Event-loop threads of the proxy, each with its own listening socket per address
+    /// (`SO_REUSEPORT`): a connection is accepted, connected and relayed on one thread.
+    /// 0 (the default) means `TOKIO_WORKER_THREADS` if set, else one per CPU.
+    pub workers: usize,
 }
 
 impl Default for TcpProxySettings {
@@ -235,6 +239,7 @@ impl Default for TcpProxySettings {
             vip_listeners: true,
             drain_secs: 10,
             relay: RelayMode::default(),
+            workers: 0,
         }
     }
 }
@@ -548,6 +553,9 @@ impl Settings {
         }
         if !(16..=65_536).contains(&t.name_line_max) {
             return bad("tcp_proxy.name_line_max", "must be 16..=65536");
+        }
+        if t.workers > 1024 {
+            return bad("tcp_proxy.workers", "must be 0..=1024");
         }
         VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
             key: "network.vip_cidr",

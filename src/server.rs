@@ -211,7 +211,12 @@ impl NetSelServer {
             Duration::from_secs(s.drain_secs),
         );
         http_proxy.register_metrics(&mut registry_metrics);
-        let tcp_gateway = bind_tcp("tcp proxy", s.config.tcp_proxy_addr).await?;
+        let tcp_gateway = crate::proxy::tcp::bind_gateway(s.config.tcp_proxy_addr, &s.tcp_proxy)
+            .map_err(|source| ServerError::Bind {
+                what: "tcp proxy",
+                addr: s.config.tcp_proxy_addr,
+                source,
+            })?;
         bound.tcp_proxy = Some(local_addr(&tcp_gateway, s.config.tcp_proxy_addr));
         // Relays drain within the server's own deadline, with a margin to close the rest.
         let tcp_drain = Duration::from_secs(s.tcp_proxy.drain_secs)

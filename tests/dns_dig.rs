@@ -34,6 +34,9 @@ fn spawn_netsel() -> Netsel {
             any,
         ])
         .args(["--tcp-proxy-addr", any, "--http-proxy-addr", any])
+        // State in memory: the default data dir (./netsel-data) would be shared with
+        // whatever else ran in this directory, and locked against parallel tests.
+        .arg("--in-memory")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

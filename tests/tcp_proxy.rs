@@ -717,3 +717,147 @@ async fn drain_deadline_closes_what_is_left() {
         .unwrap();
     assert!(r.is_err() || out.is_empty(), "relay closed: {r:?} {out:?}");
 }
+
+/// Connects `n` clients to `addr` at once (distinct source ports) and checks each gets the
+/// backend's banner.
+async fn burst(addr: SocketAddr, gateway_name: Option<&str>, n: usize, banner: &str) {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let line = gateway_name.map(|name| format!("{name}\n"));
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await?;
+            if let Some(line) = line {
+                s.write_all(line.as_bytes()).await?;
+            }
+            exchange(s, b"").await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), banner);
+    }
+}
+
+#[tokio::test]
+async fn every_worker_accepts_on_its_own_sockets() {
+    let h = start(|s| s.tcp_proxy.workers = 2).await;
+    let b = backend("w").await;
+    let (_c, vip) = h.register("spread", b.addr, |c| c).await;
+    h.wait_vip("spread", vip).await;
+    assert_eq!(h.proxy.accepted_per_worker(), vec![0, 0]);
+    // The kernel spreads connections over the workers' SO_REUSEPORT sockets by source
+    // port: 64 connections all landing on one of two sockets has odds of 2^-63.
+    burst(vip, None, 64, "w").await;
+    let per_worker = h.proxy.accepted_per_worker();
+    assert_eq!(per_worker.iter().sum::<u64>(), 64, "{per_worker:?}");
+    assert!(per_worker.iter().all(|n| *n > 0), "{per_worker:?}");
+    // The gateway too.
+    burst(h.gateway(), Some("spread"), 64, "w").await;
+    let after = h.proxy.accepted_per_worker();
+    assert_eq!(after.iter().sum::<u64>(), 128, "{after:?}");
+    assert!(
+        after.iter().zip(&per_worker).all(|(a, b)| a > b),
+        "{per_worker:?} then {after:?}"
+    );
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_port_held_with_so_reuseport_by_another_socket_is_still_a_conflict() {
+    // With several workers the proxy binds SO_REUSEPORT sockets; it must not silently
+    // share an address that another program holds with SO_REUSEPORT too.
+    let net = format!("127.{}.{}.0/30", fastrand::u8(128..=250), fastrand::u8(..));
+    let h = start(|s| {
+        s.network.vip_cidr = net.parse().unwrap();
+        s.tcp_proxy.workers = 3;
+    })
+    .await;
+    let base: IpAddr = net.split('/').next().unwrap().parse().unwrap();
+    let IpAddr::V4(base) = base else {
+        unreachable!()
+    };
+    let p = free_port().await;
+    let mut blockers = Vec::new();
+    for last in [1u8, 2] {
+        let mut o = base.octets();
+        o[3] = last;
+        let addr = SocketAddr::from((o, p));
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(16).unwrap();
+        blockers.push(s);
+    }
+    let b = backend("ok").await;
+    let (_a, vip_a) = h.register("shared", b.addr, |c| c.service_port(p)).await;
+    let deadline = Instant::now() + WAIT;
+    while h.proxy.affected_services().is_empty() {
+        assert!(Instant::now() < deadline, "bind conflict never reported");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let affected = h.proxy.affected_services();
+    assert_eq!(affected.len(), 1);
+    assert_eq!(affected[0].addr, vip_a);
+    assert!(h.proxy.vip_listeners().is_empty());
+    // Nothing of the proxy listens there: the blocker gets every connection.
+    let _conn = TcpStream::connect(vip_a).await.unwrap();
+    let blocker = std::net::TcpListener::from(blockers.remove(vip_a_index(&blockers, vip_a)));
+    blocker.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while blocker.accept().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the blocker did not get the connection"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.server.shutdown().await;
+}
+
+fn vip_a_index(blockers: &[socket2::Socket], vip: SocketAddr) -> usize {
+    blockers
+        .iter()
+        .position(|s| s.local_addr().unwrap().as_socket() == Some(vip))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_instance_that_resets_before_any_byte_is_skipped() {
+    let h = start(|s| s.balance.eject_base_ms = 60_000).await;
+    // Accepts and resets at once (SO_LINGER 0), like an instance dying with connections
+    // in its accept queue.
+    let resetter = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reset_addr = resetter.local_addr().unwrap();
+    let resets = Arc::new(AtomicUsize::new(0));
+    let counted = resets.clone();
+    let reset_task = tokio::spawn(async move {
+        while let Ok((s, _)) = resetter.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let good = backend("good").await;
+    let (_r, vip) = h.register("flaky", reset_addr, |c| c).await;
+    let (_g, _) = h.register("flaky", good.addr, |c| c).await;
+    h.wait_vip("flaky", vip).await;
+    for _ in 0..6 {
+        let s = TcpStream::connect(vip).await.unwrap();
+        assert_eq!(exchange(s, b"").await.unwrap(), "good");
+    }
+    assert!(
+        resets.load(Ordering::SeqCst) >= 1,
+        "the resetter was never tried"
+    );
+    let m = h.metrics();
+    assert!(
+        m.contains(r#"netsel_tcp_proxy_connections_total{service="flaky"} 6"#),
+        "{m}"
+    );
+    assert!(
+        !m.contains(r#"netsel_tcp_proxy_connect_failures_total{service="flaky"} 0"#),
+        "{m}"
+    );
+    reset_task.abort();
+    h.server.shutdown().await;
+}

@@ -11,6 +11,11 @@
 //!   Listeners follow the catalog (see [`vip`]); one that cannot be bound is reported by
 //!   [`TcpProxy::affected_services`] and the `netsel_tcp_proxy_vip_bind_failed` gauge.
 //!
+//! Connections are served by `workers` threads, each a single-threaded event loop with its
+//! own listening socket per address (`SO_REUSEPORT`, so the kernel spreads new connections
+//! over the workers): a connection is accepted, connected and relayed on one thread, with
+//! no cross-thread wake-up.
+//!
 //! Instances are chosen by the shared [`Balancer`]. A connection attempt that is refused
 //! or times out ejects the instance (passive health) and the next one is tried, up to
 //! `connect_attempts`, before the client sees anything. An instance whose endpoint is one
@@ -29,13 +34,14 @@ pub mod vip;
 use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus_client::registry::Registry;
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +56,9 @@ use metrics::{ServiceMetrics, TcpProxyMetrics};
 
 /// Backlog of the VIP listeners (a burst of new connections waits here, not refused).
 const LISTEN_BACKLOG: i32 = 4096;
+/// Period of each worker's background timer (see `keep_timer_armed`): shorter than the
+/// timers connections register, so those never wake the thread.
+const TIMER_ARM: Duration = Duration::from_millis(500);
 /// How long an error line may take to reach a refused client.
 const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long (and how much) a refused client's unread bytes are drained before closing,
@@ -105,9 +114,32 @@ struct Shared {
     slots: Arc<Semaphore>,
     own: RwLock<OwnAddrs>,
     vips: Mutex<VipTable>,
-    /// Every connection task, so drain can wait for them.
-    relays: TaskTracker,
+    /// What each running worker reports (for [`TcpProxy::connections`] and
+    /// [`TcpProxy::accepted_per_worker`]).
+    worker_stats: RwLock<Vec<WorkerStats>>,
     /// Fired when the drain deadline passes: every relay ends.
+    force_close: CancellationToken,
+}
+
+/// A worker's numbers, readable from any thread.
+#[derive(Clone)]
+struct WorkerStats {
+    relays: TaskTracker,
+    accepted: Arc<AtomicU64>,
+}
+
+/// One event-loop thread of the proxy: a single-threaded runtime that accepts on its own
+/// sockets and connects and relays what it accepted.
+struct Worker {
+    shared: Arc<Shared>,
+    /// Its runtime (listeners are handed to it here).
+    handle: tokio::runtime::Handle,
+    /// Its connection tasks, so drain can wait for them.
+    relays: TaskTracker,
+    /// Connections it accepted.
+    accepted: Arc<AtomicU64>,
+    /// Its relays end when this fires (a child of the proxy's `force_close`, so relays
+    /// wait on a token of their own thread).
     force_close: CancellationToken,
 }
 
@@ -120,11 +152,22 @@ enum Route {
     Vip(Arc<VipRoute>),
 }
 
-/// A VIP listener's service, with its metric handles looked up once.
+/// A VIP listener's service, with its metric handles looked up once (per worker).
 #[derive(Debug)]
 struct VipRoute {
     service: ServiceName,
-    metrics: ServiceMetrics,
+    metrics: Arc<ServiceMetrics>,
+    /// The service as the listener last saw it in the catalog (shared by the workers).
+    last_seen: Arc<Mutex<Arc<Service>>>,
+}
+
+impl VipRoute {
+    fn last_seen(&self) -> Arc<Service> {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Why no instance could be connected.
@@ -151,7 +194,7 @@ impl TcpProxy {
                 metrics: TcpProxyMetrics::new(registry),
                 own: RwLock::new(OwnAddrs::default()),
                 vips: Mutex::new(VipTable::default()),
-                relays: TaskTracker::new(),
+                worker_stats: RwLock::new(Vec::new()),
                 force_close: CancellationToken::new(),
             }),
         }
@@ -162,42 +205,78 @@ impl TcpProxy {
     /// closes what is left, and returns.
     pub async fn run(self, gateway: Option<TcpListener>, shutdown: CancellationToken) {
         let shared = self.shared;
-        let mut parts = tokio::task::JoinSet::new();
+        // The worker threads stop once this returns, or if this future is dropped.
+        let stop_workers = CancellationToken::new();
+        let _stop_workers = stop_workers.clone().drop_guard();
+        let (workers, stopped) = start_workers(&shared, &stop_workers).await;
+        *shared
+            .worker_stats
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = workers
+            .iter()
+            .map(|w| WorkerStats {
+                relays: w.relays.clone(),
+                accepted: w.accepted.clone(),
+            })
+            .collect();
+        let mut accepting = Vec::new();
         if let Some(listener) = gateway {
-            if let Ok(addr) = listener.local_addr() {
+            let addr = listener.local_addr();
+            if let Ok(addr) = addr {
                 shared.add_own(addr);
-                tracing::info!(%addr, "TCP proxy gateway listening");
             }
-            parts.spawn(accept_loop(
-                shared.clone(),
-                listener,
-                Route::Gateway,
-                shutdown.clone(),
-            ));
+            match listener.into_std() {
+                Ok(first) => {
+                    let listeners = spread_listener(first, workers.len());
+                    tracing::info!(
+                        addr = ?addr.ok(),
+                        sockets = listeners.len(),
+                        "TCP proxy gateway listening"
+                    );
+                    accepting =
+                        serve_on_workers(&workers, listeners, |_| Route::Gateway, &shutdown);
+                }
+                Err(e) => tracing::error!(error = %e, "TCP proxy: cannot use the gateway listener"),
+            }
         }
-        if shared.settings.vip_listeners {
-            parts.spawn(vip::run(shared.clone(), shutdown.clone()));
-        }
+        let vips = shared
+            .settings
+            .vip_listeners
+            .then(|| tokio::spawn(vip::run(shared.clone(), workers.clone(), shutdown.clone())));
         shutdown.cancelled().await;
-        while parts.join_next().await.is_some() {}
-        shared.relays.close();
-        if !shared.relays.is_empty() {
-            tracing::info!(
-                connections = shared.relays.len(),
-                drain = ?shared.drain,
-                "TCP proxy draining"
-            );
+        for task in accepting {
+            let _ = task.await;
         }
-        if tokio::time::timeout(shared.drain, shared.relays.wait())
-            .await
-            .is_err()
-        {
+        if let Some(vips) = vips {
+            let _ = vips.await;
+        }
+        for w in &workers {
+            w.relays.close();
+        }
+        let open: usize = workers.iter().map(|w| w.relays.len()).sum();
+        if open > 0 {
+            tracing::info!(connections = open, drain = ?shared.drain, "TCP proxy draining");
+        }
+        let all_done = async {
+            for w in &workers {
+                w.relays.wait().await;
+            }
+        };
+        if tokio::time::timeout(shared.drain, all_done).await.is_err() {
+            let open: usize = workers.iter().map(|w| w.relays.len()).sum();
             tracing::warn!(
-                connections = shared.relays.len(),
+                connections = open,
                 "TCP proxy drain deadline passed; closing relays"
             );
             shared.force_close.cancel();
-            shared.relays.wait().await;
+            for w in &workers {
+                w.relays.wait().await;
+            }
+        }
+        drop(workers);
+        stop_workers.cancel();
+        for rx in stopped {
+            let _ = rx.await;
         }
     }
 
@@ -215,7 +294,20 @@ impl TcpProxy {
 
     /// Client connections being handled now (relays and connections still being set up).
     pub fn connections(&self) -> usize {
-        self.shared.relays.len()
+        let stats = self.shared.worker_stats.read();
+        let stats = stats.unwrap_or_else(|e| e.into_inner());
+        stats.iter().map(|w| w.relays.len()).sum()
+    }
+
+    /// Connections accepted so far by each worker thread (gateway and VIP listeners
+    /// together); empty until the proxy runs.
+    pub fn accepted_per_worker(&self) -> Vec<u64> {
+        let stats = self.shared.worker_stats.read();
+        let stats = stats.unwrap_or_else(|e| e.into_inner());
+        stats
+            .iter()
+            .map(|w| w.accepted.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -249,10 +341,11 @@ impl Shared {
     }
 
     async fn handle(
-        self: Arc<Self>,
+        &self,
         mut client: TcpStream,
         route: Route,
         permit: Option<OwnedSemaphorePermit>,
+        force_close: &CancellationToken,
     ) {
         let Some(_permit) = permit else {
             tracing::warn!("TCP proxy connection limit reached; refusing a connection");
@@ -276,41 +369,80 @@ impl Shared {
             Route::Vip(vip) => (vip.service.clone(), BytesMut::new()),
         };
         let snapshot = self.balancer.catalog().snapshot();
-        let Some(svc) = snapshot.service(name.as_str()) else {
-            return self
-                .refuse(client, &route, GatewayError::Unknown(name))
-                .await;
+        let svc: Arc<Service> = match (snapshot.service(name.as_str()), &route) {
+            (Some(svc), _) => svc.clone(),
+            // Accepted by a VIP listener just before its service left the catalog: relay
+            // to the instances the listener last knew.
+            (None, Route::Vip(vip)) => vip.last_seen(),
+            (None, Route::Gateway) => {
+                drop(snapshot);
+                return self
+                    .refuse(client, &route, GatewayError::Unknown(name))
+                    .await;
+            }
         };
+        // Relays may run for hours: they must not pin old catalog versions.
+        drop(snapshot);
+        let svc = &*svc;
         let metrics = match &route {
             Route::Vip(vip) => vip.metrics.clone(),
-            Route::Gateway => self.metrics.service(svc.name.as_str()),
+            Route::Gateway => Arc::new(self.metrics.service(svc.name.as_str())),
         };
-        let (instance, pick) = match self.connect(svc, &metrics).await {
-            Ok(c) => c,
-            Err(ConnectError::NoHealthyInstance) => {
-                let e = GatewayError::NoHealthyInstance(svc.name.clone());
-                return self.refuse(client, &route, e).await;
+        let mut tried: Vec<InstanceId> = Vec::new();
+        let mut attempts = 0;
+        let mut first = true;
+        loop {
+            let connected = self.connect(svc, &metrics, &mut tried, &mut attempts).await;
+            let (instance, pick) = match connected {
+                Ok(c) => c,
+                Err(ConnectError::NoHealthyInstance) => {
+                    let e = GatewayError::NoHealthyInstance(svc.name.clone());
+                    return self.refuse(client, &route, e).await;
+                }
+                Err(ConnectError::AllFailed) => {
+                    let e = GatewayError::ConnectFailed(svc.name.clone());
+                    return self.refuse(client, &route, e).await;
+                }
+            };
+            if first {
+                // Counted once, whichever instance ends up relaying.
+                metrics.connections.inc();
+                metrics.to_instance.inc_by(leftover.len() as u64);
+                first = false;
             }
-            Err(ConnectError::AllFailed) => {
-                let e = GatewayError::ConnectFailed(svc.name.clone());
-                return self.refuse(client, &route, e).await;
+            let end = self
+                .relay(
+                    &mut client,
+                    instance,
+                    &leftover,
+                    &pick,
+                    &metrics,
+                    force_close,
+                )
+                .await;
+            // The instance reset the connection before a byte moved either way (it died
+            // with the connection in its backlog): nobody saw anything, so it counts as
+            // a failed connection attempt and the next instance is tried. Not when bytes
+            // after a name line went out first: that instance may have acted on them.
+            if !matches!(end, relay::RelayEnd::InstanceReset) || !leftover.is_empty() {
+                return;
             }
-        };
-        drop(snapshot);
-        self.relay(client, instance, leftover, &pick, metrics).await;
+            self.connect_failed(svc, &metrics, &pick, "reset before any byte moved");
+        }
     }
 
-    /// Connects to a healthy instance of `svc`, trying others when one fails.
+    /// Connects to a healthy instance of `svc` not in `tried`, trying others when one
+    /// fails, until `attempts` reaches the limit.
     async fn connect(
         &self,
         svc: &Service,
         metrics: &ServiceMetrics,
+        tried: &mut Vec<InstanceId>,
+        attempts: &mut usize,
     ) -> Result<(TcpStream, Pick), ConnectError> {
         let timeout = Duration::from_millis(self.settings.connect_timeout_ms);
-        let mut tried: Vec<InstanceId> = Vec::new();
-        let mut attempts = 0;
-        while attempts < self.settings.connect_attempts {
-            let Some(pick) = self.balancer.pick(svc, &tried) else {
+        while *attempts < self.settings.connect_attempts {
+            let Some(pick) = self.balancer.pick(svc, tried) else {
                 break;
             };
             tried.push(pick.instance.id.clone());
@@ -324,70 +456,75 @@ impl Shared {
                 );
                 continue;
             }
-            attempts += 1;
-            let error = match tokio::time::timeout(timeout, TcpStream::connect(endpoint)).await {
+            *attempts += 1;
+            let error = match tokio::time::timeout(timeout, connect_to(endpoint)).await {
                 Ok(Ok(stream)) => {
                     self.balancer.report_success(&pick);
-                    let _ = stream.set_nodelay(true);
                     return Ok((stream, pick));
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("timed out after {timeout:?}"),
             };
-            metrics.connect_failures.inc();
-            let ejection = self.balancer.report_failure(&pick);
-            metrics.ejections.inc();
-            tracing::warn!(
-                service = %svc.name,
-                instance = %pick.instance.id,
-                %endpoint,
-                %error,
-                backoff = ?ejection.backoff,
-                failures = ejection.failures,
-                "connect to instance failed; ejected"
-            );
+            self.connect_failed(svc, metrics, &pick, &error);
         }
-        if attempts == 0 {
+        if *attempts == 0 {
             Err(ConnectError::NoHealthyInstance)
         } else {
             Err(ConnectError::AllFailed)
         }
     }
 
+    /// Counts a failed attempt on `pick` and ejects it.
+    fn connect_failed(&self, svc: &Service, metrics: &ServiceMetrics, pick: &Pick, error: &str) {
+        metrics.connect_failures.inc();
+        let ejection = self.balancer.report_failure(pick);
+        metrics.ejections.inc();
+        tracing::warn!(
+            service = %svc.name,
+            instance = %pick.instance.id,
+            endpoint = %pick.instance.endpoint,
+            %error,
+            backoff = ?ejection.backoff,
+            failures = ejection.failures,
+            "connect to instance failed; ejected"
+        );
+    }
+
     async fn relay(
         &self,
-        client: TcpStream,
+        client: &mut TcpStream,
         mut instance: TcpStream,
-        leftover: BytesMut,
+        leftover: &[u8],
         pick: &Pick,
-        metrics: ServiceMetrics,
-    ) {
+        metrics: &ServiceMetrics,
+        force_close: &CancellationToken,
+    ) -> relay::RelayEnd {
         let _in_flight = pick.start();
-        metrics.connections.inc();
         metrics.active.inc();
         let _active = DecOnDrop(&metrics.active);
-        if !leftover.is_empty() {
-            if let Err(e) = instance.write_all(&leftover).await {
-                tracing::debug!(error = %e, "forwarding the bytes after the name line failed");
-                return;
-            }
-            metrics.to_instance.inc_by(leftover.len() as u64);
+        if !leftover.is_empty()
+            && let Err(e) = instance.write_all(leftover).await
+        {
+            tracing::debug!(error = %e, "forwarding the bytes after the name line failed");
+            return relay::RelayEnd::Failed(e);
         }
         let end = relay::relay(
             client,
-            instance,
-            &metrics,
+            &mut instance,
+            metrics,
             Duration::from_secs(self.settings.idle_timeout_secs),
             self.settings.relay,
-            &self.force_close,
+            force_close,
         )
         .await;
-        match end {
+        match &end {
+            relay::RelayEnd::InstanceReset => return end,
             relay::RelayEnd::Failed(e) => {
                 tracing::debug!(instance = %pick.instance.id, error = %e, "relay failed")
             }
             end => tracing::debug!(instance = %pick.instance.id, ?end, "relay ended"),
         }
+        end
     }
 
     /// Closes a connection that gets no relay: gateway clients read `ERROR <reason>\n`
@@ -421,49 +558,257 @@ impl Drop for DecOnDrop<'_> {
     }
 }
 
-/// Accepts on `listener` until `stop`, one task per connection (tracked for drain).
+/// Accepts on `listener` until `stop`, one task per connection (tracked for drain), on
+/// the worker's own thread.
 async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
+    worker: Arc<Worker>,
+    listener: std::net::TcpListener,
     route: Route,
     stop: CancellationToken,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, ?route, "TCP proxy: cannot register a listener");
+            return;
+        }
+    };
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
+            biased;
             accepted = listener.accept() => match accepted {
                 Ok(a) => { backoff = Duration::from_millis(5); a }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, ?route, "TCP proxy accept failed");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => break,
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
+            _ = stop.cancelled() => break,
         };
+        worker.accepted.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let permit = shared.slots.clone().try_acquire_owned().ok();
+        let permit = worker.shared.slots.clone().try_acquire_owned().ok();
         let span = match &route {
             Route::Gateway => tracing::debug_span!("tcp_gateway", %peer),
             Route::Vip(vip) => tracing::debug_span!("tcp_vip", %peer, service = %vip.service),
         };
-        shared.relays.spawn(
-            shared
-                .clone()
-                .handle(stream, route.clone(), permit)
+        let (w, route) = (worker.clone(), route.clone());
+        worker.relays.spawn(
+            async move { w.shared.handle(stream, route, permit, &w.force_close).await }
                 .instrument(span),
         );
     }
 }
 
-/// Binds a listener with `SO_REUSEADDR` and a deep backlog.
-fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+/// Connects to `endpoint` with a non-blocking socket (`TCP_NODELAY` set before the
+/// handshake); the connection is up once the socket turns writable without an error, so
+/// `SO_ERROR` is only read when the kernel flags one.
+async fn connect_to(endpoint: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(endpoint),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    let _ = socket.set_tcp_nodelay(true);
+    match socket.connect(&endpoint.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if (ready.is_error() || ready.is_write_closed())
+        && let Some(e) = stream.take_error()?
+    {
+        return Err(e);
+    }
+    Ok(stream)
+}
+
+/// How many worker threads: the setting, else `TOKIO_WORKER_THREADS`, else one per CPU.
+fn worker_count(setting: usize) -> usize {
+    if setting > 0 {
+        return setting;
+    }
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .min(1024)
+}
+
+/// Starts the worker threads, each running a single-threaded runtime until `stop`.
+/// Returns the workers and one receiver per thread that resolves when it has ended. If no
+/// thread can be started, the calling runtime serves as the only worker.
+async fn start_workers(
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> (Vec<Arc<Worker>>, Vec<tokio::sync::oneshot::Receiver<()>>) {
+    let wanted = worker_count(shared.settings.workers);
+    let mut workers = Vec::with_capacity(wanted);
+    let mut stopped = Vec::with_capacity(wanted);
+    for n in 0..wanted {
+        let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("tcp-proxy-{n}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "TCP proxy: cannot start a worker runtime");
+                        return;
+                    }
+                };
+                if handle_tx.send(rt.handle().clone()).is_ok() {
+                    rt.block_on(keep_timer_armed(stop));
+                }
+                drop(rt);
+                drop(done_tx);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "TCP proxy: cannot start a worker thread");
+            break;
+        }
+        let Ok(handle) = handle_rx.await else {
+            break;
+        };
+        workers.push(Arc::new(Worker {
+            shared: shared.clone(),
+            handle,
+            relays: TaskTracker::new(),
+            accepted: Arc::default(),
+            force_close: shared.force_close.child_token(),
+        }));
+        stopped.push(done_rx);
+    }
+    if workers.is_empty() {
+        workers.push(Arc::new(Worker {
+            shared: shared.clone(),
+            handle: tokio::runtime::Handle::current(),
+            relays: TaskTracker::new(),
+            accepted: Arc::default(),
+            force_close: shared.force_close.child_token(),
+        }));
+    }
+    tracing::debug!(workers = workers.len(), "TCP proxy workers started");
+    (workers, stopped)
+}
+
+/// Waits for `stop`, keeping a timer due within [`TIMER_ARM`] all the while.
+///
+/// Tokio's timer wakes its thread through an eventfd `write` whenever a new timer is due
+/// before every timer it already has, even when registered from that very thread. Each
+/// connection registers two (connect timeout, idle watch), so without an earlier timer
+/// about every other connection paid a `write` and an extra event-loop turn; with this
+/// one always earlier, none does.
+async fn keep_timer_armed(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(TIMER_ARM);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Starts one accept loop per listener, listener `i` on worker `i`.
+fn serve_on_workers(
+    workers: &[Arc<Worker>],
+    listeners: Vec<std::net::TcpListener>,
+    route: impl Fn(&Worker) -> Route,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    workers
+        .iter()
+        .zip(listeners)
+        .map(|(w, l)| {
+            let task = accept_loop(w.clone(), l, route(w), stop.clone());
+            w.handle.spawn(task)
+        })
+        .collect()
+}
+
+/// One listening socket per worker from the gateway's: more `SO_REUSEPORT` sockets on its
+/// address when it has that option (see [`bind_listeners`]), else copies of the one
+/// socket.
+fn spread_listener(first: std::net::TcpListener, workers: usize) -> Vec<std::net::TcpListener> {
+    let mut out = Vec::with_capacity(workers);
+    let addr = first.local_addr();
+    let reuse_port = SockRef::from(&first).reuse_port().unwrap_or(false);
+    for _ in 1..workers {
+        let extra = match (&addr, reuse_port) {
+            (Ok(addr), true) => bind_one(*addr, true),
+            _ => first.try_clone(),
+        };
+        match extra {
+            Ok(l) => out.push(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "TCP proxy: gateway socket for a worker");
+                break;
+            }
+        }
+    }
+    out.insert(0, first);
+    out
+}
+
+/// Binds the gateway listener on `addr`: with `SO_REUSEPORT` when the proxy runs more than
+/// one worker, so [`TcpProxy::run`] can give each worker a socket of its own.
+pub fn bind_gateway(addr: SocketAddr, settings: &TcpProxySettings) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_first(addr, worker_count(settings.workers) > 1)?)
+}
+
+/// Binds `count` listening sockets on `addr` (`SO_REUSEPORT` when more than one, so the
+/// kernel spreads new connections over them).
+fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_first(addr, count > 1)?;
+    let addr = first.local_addr()?;
+    let mut out = vec![first];
+    for _ in 1..count {
+        out.push(bind_one(addr, true)?);
+    }
+    Ok(out)
+}
+
+/// Binds the first listener on `addr`. With `reuse_port`, a plain bind probes the address
+/// first, so the group never joins a socket another program holds with `SO_REUSEPORT`:
+/// a taken address fails here like any bind would.
+fn bind_first(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    if reuse_port && addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
+    bind_one(addr, reuse_port)
+}
+
+/// Binds one listener with `SO_REUSEADDR` (and `SO_REUSEPORT` if asked) and a deep
+/// backlog.
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }

@@ -33,13 +33,17 @@ pub(super) enum RelayEnd {
     Drained,
     /// A socket error (a reset, usually).
     Failed(io::Error),
+    /// The instance reset the connection before a byte moved either way (it died with
+    /// the connection still in its accept queue): the client saw nothing, so another
+    /// instance may be tried. (Detected by the `splice` relay.)
+    InstanceReset,
 }
 
 /// Relays between `client` and `instance` until both directions end, the connection is
 /// idle for `idle`, or `force_close` fires.
 pub(super) async fn relay(
-    client: TcpStream,
-    instance: TcpStream,
+    client: &mut TcpStream,
+    instance: &mut TcpStream,
     metrics: &ServiceMetrics,
     idle: Duration,
     mode: RelayMode,
@@ -50,7 +54,7 @@ pub(super) async fn relay(
     let copy = async move {
         #[cfg(target_os = "linux")]
         if mode == RelayMode::Splice {
-            return super::splice::relay(&client, &instance, metrics, moved).await;
+            return super::splice::relay(client, instance, metrics, moved).await;
         }
         #[cfg(not(target_os = "linux"))]
         let _ = mode;
@@ -71,6 +75,8 @@ pub(super) async fn relay(
     tokio::select! {
         r = copy => match r {
             Ok(()) => RelayEnd::Done,
+            #[cfg(target_os = "linux")]
+            Err(e) if super::splice::is_early_reset(&e) => RelayEnd::InstanceReset,
             Err(e) => RelayEnd::Failed(e),
         },
         _ = idle_watch(&activity, idle) => RelayEnd::Idle,
@@ -101,7 +107,7 @@ async fn idle_watch(moved: &AtomicU64, idle: Duration) {
 
 /// A stream that counts the bytes read from it.
 struct Metered<'a> {
-    io: TcpStream,
+    io: &'a mut TcpStream,
     read: &'a Counter,
     moved: &'a AtomicU64,
 }
@@ -114,7 +120,7 @@ impl AsyncRead for Metered<'_> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        let r = Pin::new(&mut *this.io).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             this.read.inc_by(n);
@@ -130,15 +136,15 @@ impl AsyncWrite for Metered<'_> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -146,7 +152,7 @@ impl AsyncWrite for Metered<'_> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        Pin::new(&mut *self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -5,19 +5,26 @@
 //! has moved [`SPLICE_AFTER`] bytes: a short request/response never pays for two pipes
 //! (four descriptors and their syscalls), a bulk transfer is spliced.
 //!
-//! This is the only module of the crate with `unsafe` code: three libc calls (`pipe2`,
-//! `splice`, `fcntl`), each on file descriptors this module owns or borrows from a live
+//! The copy buffers come from a small per-thread pool and are held only from a read until
+//! its bytes are written, so an idle relay holds none and a thread reuses a few. A read
+//! that returns less than asked means the socket is drained: its readiness is cleared
+//! there (as tokio's own `poll_read` does) instead of paying for a read that would block.
+//! When the second direction ends, the first has already half-closed: both sockets are
+//! closed next, so its half-close is skipped (`close` sends the FIN).
+//!
+//! This is the only module of the crate with `unsafe` code: four libc calls (`pipe2`,
+//! `splice`, `fcntl`, `recv`), each on file descriptors this module owns or borrows from a live
 //! `TcpStream`, each with its result checked. Readiness comes from tokio's reactor
 //! (`readable()` / `writable()` + `try_io`), so the sockets stay non-blocking and
 //! registered exactly as tokio left them.
 #![allow(unsafe_code)]
 
+use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -32,6 +39,40 @@ const PIPE_SIZE: usize = 1024 * 1024;
 const SPLICE_AFTER: u64 = 64 * 1024;
 /// The user-space buffer of that first phase.
 const COPY_BUFFER: usize = 16 * 1024;
+/// Most idle copy buffers a thread keeps for reuse.
+const POOLED_BUFFERS: usize = 32;
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A copy buffer from this thread's pool (a fresh one if the pool is empty).
+fn take_buffer() -> Box<[u8]> {
+    BUFFERS
+        .with_borrow_mut(|pool| pool.pop())
+        .unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice())
+}
+
+/// Returns a copy buffer to this thread's pool.
+fn put_buffer(buf: Box<[u8]>) {
+    BUFFERS.with_borrow_mut(|pool| {
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buf);
+        }
+    });
+}
+
+/// `recv(2)` into `buf`, never blocking (the socket is non-blocking).
+fn recv(from: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `from` is open for the
+    // duration of the call (borrowed from a live TcpStream).
+    let n = unsafe { libc::recv(from, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
 
 /// A pipe: the kernel buffer one direction splices through.
 struct Pipe {
@@ -88,11 +129,23 @@ pub(super) async fn relay(
     metrics: &ServiceMetrics,
     moved: &AtomicU64,
 ) -> io::Result<()> {
+    let ended = AtomicBool::new(false);
     tokio::try_join!(
-        one_way(client, instance, &metrics.to_instance, moved),
-        one_way(instance, client, &metrics.to_client, moved),
+        one_way(client, instance, &metrics.to_instance, moved, &ended, false),
+        one_way(instance, client, &metrics.to_client, moved, &ended, true),
     )?;
     Ok(())
+}
+
+/// Marks the error of an instance that reset the connection before a byte moved.
+#[derive(Debug, thiserror::Error)]
+#[error("instance reset the connection before any byte moved")]
+struct EarlyReset;
+
+/// Whether a relay error is an instance's reset before any byte moved (see
+/// [`super::relay::RelayEnd::InstanceReset`]).
+pub(super) fn is_early_reset(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<EarlyReset>())
 }
 
 /// One direction: copy through a small buffer for the first [`SPLICE_AFTER`] bytes, then
@@ -102,17 +155,16 @@ async fn one_way(
     to: &TcpStream,
     counter: &Counter,
     moved: &AtomicU64,
+    ended: &AtomicBool,
+    from_instance: bool,
 ) -> io::Result<()> {
-    // Never zeroed: reads fill its spare capacity directly.
-    let mut buf = BytesMut::with_capacity(COPY_BUFFER);
     let mut copied = 0u64;
     let mut can_splice = true;
     loop {
         if can_splice && copied >= SPLICE_AFTER {
             match Pipe::new() {
                 Ok(pipe) => {
-                    drop(buf);
-                    return splice_rest(from, to, &pipe, counter, moved).await;
+                    return splice_rest(from, to, &pipe, counter, moved, ended).await;
                 }
                 Err(e) => {
                     // Out of descriptors for a pipe: keep copying this direction.
@@ -121,14 +173,21 @@ async fn one_way(
                 }
             }
         }
-        buf.clear();
-        let n = read(from, &mut buf).await?;
+        let n = match copy_once(from, to, moved).await {
+            Ok(n) => n,
+            Err(e)
+                if from_instance
+                    && e.kind() == io::ErrorKind::ConnectionReset
+                    && moved.load(Ordering::Relaxed) == 0 =>
+            {
+                return Err(io::Error::new(io::ErrorKind::ConnectionReset, EarlyReset));
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
-            return half_close(to);
+            return half_close(to, ended);
         }
-        write_all(to, &buf).await?;
         counter.inc_by(n as u64);
-        moved.fetch_add(n as u64, Ordering::Relaxed);
         copied += n as u64;
     }
 }
@@ -140,6 +199,7 @@ async fn splice_rest(
     pipe: &Pipe,
     counter: &Counter,
     moved: &AtomicU64,
+    ended: &AtomicBool,
 ) -> io::Result<()> {
     loop {
         // The pipe is empty here, so "would block" can only mean the socket has no data.
@@ -154,7 +214,7 @@ async fn splice_rest(
             }
         };
         if n == 0 {
-            return half_close(to);
+            return half_close(to, ended);
         }
         // The pipe holds data here, so "would block" can only mean the socket is full.
         let mut left = n;
@@ -174,21 +234,49 @@ async fn splice_rest(
     }
 }
 
-/// The sender is done: pass the half-close on. The other side may already be gone, which
-/// is fine.
-fn half_close(to: &TcpStream) -> io::Result<()> {
-    let _ = SockRef::from(to).shutdown(Shutdown::Write);
+/// The sender is done: pass the half-close on, unless the other direction has ended
+/// already (then both sockets are closed next, and `close` sends the FIN). The other side
+/// may already be gone, which is fine.
+fn half_close(to: &TcpStream, ended: &AtomicBool) -> io::Result<()> {
+    if !ended.swap(true, Ordering::Relaxed) {
+        let _ = SockRef::from(to).shutdown(Shutdown::Write);
+    }
     Ok(())
 }
 
-async fn read(from: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads once from `from` and writes all of it to `to`; 0 at the end of the stream. Read
+/// bytes count in `moved` before they are written.
+async fn copy_once(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<usize> {
     loop {
         from.readable().await?;
-        match from.try_read_buf(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        let mut buf = take_buffer();
+        let mut short = None;
+        let read = from.try_io(Interest::READABLE, || {
+            let n = recv(from.as_raw_fd(), &mut buf)?;
+            if n > 0 && n < buf.len() {
+                // Less than asked: the socket is drained. "Would block" clears its
+                // readiness (unless an event arrived meanwhile), sparing a read.
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match (read, short) {
+            (_, Some(n)) | (Ok(n), None) => n,
+            (Err(e), None) => {
+                put_buffer(buf);
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        if n > 0 {
+            moved.fetch_add(n as u64, Ordering::Relaxed);
+            write_all(to, &buf[..n]).await?;
         }
+        put_buffer(buf);
+        return Ok(n);
     }
 }
 

@@ -1,53 +1,83 @@
 //! VIP listeners: one per service at `VIP:service-port`, following the catalog.
 //!
-//! On every catalog change (and every [`RETRY`] as a backstop) the wanted set of
-//! listeners is computed from a snapshot and compared with the open set: listeners of
+//! When a service appears or disappears (and every [`RETRY`] as a backstop; other catalog
+//! changes at most every [`REFRESH`]) the wanted set of listeners is computed from a snapshot and compared with the open set: listeners of
 //! services that left (or moved) stop accepting — connections they relay run on — and
 //! listeners of new services are bound. An address that cannot be bound (taken by another
 //! program, not an address of this host) leaves that service *affected*: logged once,
 //! reported by [`super::TcpProxy::affected_services`] and the
 //! `netsel_tcp_proxy_vip_bind_failed` gauge, and retried. Other listeners carry on.
+//!
+//! A listener is one socket per worker thread on the same address (`SO_REUSEPORT`; see
+//! [`super::bind_listeners`]), each accepted on by its own worker.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{AffectedService, Route, Shared, VipRoute, accept_loop, bind_listener};
-use crate::catalog::ServiceName;
+use super::{AffectedService, Route, Shared, VipRoute, Worker, bind_listeners, serve_on_workers};
+use crate::catalog::{Service, ServiceName};
 
 /// How often listeners that could not be bound are tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
+/// Longest a change to a service's instances waits before the listeners' view of them is
+/// refreshed (services coming and going are acted on at once).
+pub const REFRESH: Duration = Duration::from_millis(100);
 
 struct Open {
     addr: SocketAddr,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// One accept loop per worker.
+    tasks: Vec<JoinHandle<()>>,
+    /// The service as last seen in the catalog (for connections accepted just before it
+    /// left).
+    last_seen: Arc<Mutex<Arc<Service>>>,
 }
 
 /// Keeps the VIP listeners in step with the catalog until `shutdown`.
-pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
-    // Listeners are per service (VIP and port are fixed for a service's life), so only a
-    // service appearing or disappearing matters, not every registration.
-    let mut index = shared.balancer.catalog().watch_services();
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    workers: Vec<Arc<Worker>>,
+    shutdown: CancellationToken,
+) {
+    // Listeners are per service (a service's VIP and port are fixed for its life): a
+    // service appearing or disappearing reconciles at once. Other changes only refresh
+    // what each listener last knew of its instances, at most every REFRESH, so a
+    // registration storm does not rebuild listener state for every registration.
+    let mut services = shared.balancer.catalog().watch_services();
+    let mut index = shared.balancer.catalog().watch_index();
     let mut open: HashMap<ServiceName, Open> = HashMap::new();
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        services.borrow_and_update();
         index.borrow_and_update();
-        reconcile(&shared, &mut open, &shutdown).await;
+        reconcile(&shared, &workers, &mut open, &shutdown).await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            changed = index.changed() => if changed.is_err() { break },
+            changed = services.changed() => if changed.is_err() { break },
+            changed = index.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(REFRESH) => {}
+                    _ = services.changed() => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
             _ = retry.tick() => {}
         }
     }
     for (_, o) in open.drain() {
         o.stop.cancel();
-        let _ = o.task.await;
+        for task in o.tasks {
+            let _ = task.await;
+        }
         shared.remove_own(o.addr);
     }
     let mut t = shared.lock_vips();
@@ -56,14 +86,19 @@ pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 async fn reconcile(
     shared: &Arc<Shared>,
+    workers: &[Arc<Worker>],
     open: &mut HashMap<ServiceName, Open>,
     shutdown: &CancellationToken,
 ) {
     let snapshot = shared.balancer.catalog().snapshot();
+    let mut services: HashMap<ServiceName, Arc<Service>> = HashMap::new();
     let wanted: HashMap<ServiceName, SocketAddr> = snapshot
         .services()
         .filter(|s| s.port != 0)
-        .map(|s| (s.name.clone(), SocketAddr::new(s.vip, s.port)))
+        .map(|s| {
+            services.insert(s.name.clone(), s.clone());
+            (s.name.clone(), SocketAddr::new(s.vip, s.port))
+        })
         .collect();
     drop(snapshot);
 
@@ -79,7 +114,9 @@ async fn reconcile(
             continue;
         };
         o.stop.cancel();
-        let _ = o.task.await;
+        for task in o.tasks {
+            let _ = task.await;
+        }
         shared.remove_own(o.addr);
         shared.lock_vips().open.remove(&name);
         tracing::info!(service = %name, addr = %o.addr, "VIP listener closed");
@@ -99,22 +136,29 @@ async fn reconcile(
     }
 
     for (name, addr) in wanted {
-        if open.contains_key(&name) {
+        let Some(svc) = services.remove(&name) else {
+            continue;
+        };
+        if let Some(o) = open.get(&name) {
+            *o.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = svc;
             continue;
         }
-        match bind_listener(addr) {
-            Ok(listener) => {
+        match bind_listeners(addr, workers.len()) {
+            Ok(listeners) => {
                 let stop = shutdown.child_token();
                 shared.add_own(addr);
-                let task = tokio::spawn(accept_loop(
-                    shared.clone(),
-                    listener,
+                let metrics = shared.metrics.service(name.as_str());
+                let last_seen = Arc::new(Mutex::new(svc));
+                // A route per worker, so connections on different threads share no
+                // reference count.
+                let route = |_: &Worker| {
                     Route::Vip(Arc::new(VipRoute {
                         service: name.clone(),
-                        metrics: shared.metrics.service(name.as_str()),
-                    })),
-                    stop.clone(),
-                ));
+                        metrics: Arc::new(metrics.clone()),
+                        last_seen: last_seen.clone(),
+                    }))
+                };
+                let tasks = serve_on_workers(workers, listeners, route, &stop);
                 let mut t = shared.lock_vips();
                 t.open.insert(name.clone(), addr);
                 if t.affected.remove(&name).is_some() {
@@ -122,7 +166,15 @@ async fn reconcile(
                 }
                 drop(t);
                 tracing::info!(service = %name, %addr, "VIP listener open");
-                open.insert(name, Open { addr, stop, task });
+                open.insert(
+                    name,
+                    Open {
+                        addr,
+                        stop,
+                        tasks,
+                        last_seen,
+                    },
+                );
             }
             Err(e) => {
                 let error = e.to_string();
