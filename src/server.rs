@@ -202,7 +202,12 @@ impl NetSelServer {
             http_proxy: None,
         };
         // (Each front end binds here and fills in its `bound` field.)
-        let http_listener = bind_tcp("http proxy", s.config.http_proxy_addr).await?;
+        let http_listener = crate::proxy::http::bind(s.config.http_proxy_addr, &s.http_proxy)
+            .map_err(|source| ServerError::Bind {
+                what: "http proxy",
+                addr: s.config.http_proxy_addr,
+                source,
+            })?;
         bound.http_proxy = Some(local_addr(&http_listener, s.config.http_proxy_addr));
         let http_proxy = crate::proxy::http::HttpProxy::new(
             s.http_proxy.clone(),

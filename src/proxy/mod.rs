@@ -3,4 +3,5 @@
 
 pub mod balance;
 pub mod http;
+pub(crate) mod listen;
 pub mod tcp;

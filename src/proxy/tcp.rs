@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus_client::registry::Registry;
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -51,11 +51,11 @@ use tracing::Instrument;
 use crate::catalog::{InstanceId, Service, ServiceName};
 use crate::config::TcpProxySettings;
 use crate::proxy::balance::{Balancer, Pick};
+use crate::proxy::listen;
 use gateway::GatewayError;
 use metrics::{ServiceMetrics, TcpProxyMetrics};
 
 /// Backlog of the VIP listeners (a burst of new connections waits here, not refused).
-const LISTEN_BACKLOG: i32 = 4096;
 /// Period of each worker's background timer (see `keep_timer_armed`): shorter than the
 /// timers connections register, so those never wake the thread.
 const TIMER_ARM: Duration = Duration::from_millis(500);
@@ -227,7 +227,7 @@ impl TcpProxy {
             }
             match listener.into_std() {
                 Ok(first) => {
-                    let listeners = spread_listener(first, workers.len());
+                    let listeners = listen::spread_listener(first, workers.len());
                     tracing::info!(
                         addr = ?addr.ok(),
                         sockets = listeners.len(),
@@ -742,73 +742,11 @@ fn serve_on_workers(
         .collect()
 }
 
-/// One listening socket per worker from the gateway's: more `SO_REUSEPORT` sockets on its
-/// address when it has that option (see [`bind_listeners`]), else copies of the one
-/// socket.
-fn spread_listener(first: std::net::TcpListener, workers: usize) -> Vec<std::net::TcpListener> {
-    let mut out = Vec::with_capacity(workers);
-    let addr = first.local_addr();
-    let reuse_port = SockRef::from(&first).reuse_port().unwrap_or(false);
-    for _ in 1..workers {
-        let extra = match (&addr, reuse_port) {
-            (Ok(addr), true) => bind_one(*addr, true),
-            _ => first.try_clone(),
-        };
-        match extra {
-            Ok(l) => out.push(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "TCP proxy: gateway socket for a worker");
-                break;
-            }
-        }
-    }
-    out.insert(0, first);
-    out
-}
-
 /// Binds the gateway listener on `addr`: with `SO_REUSEPORT` when the proxy runs more than
 /// one worker, so [`TcpProxy::run`] can give each worker a socket of its own.
 pub fn bind_gateway(addr: SocketAddr, settings: &TcpProxySettings) -> io::Result<TcpListener> {
-    TcpListener::from_std(bind_first(addr, worker_count(settings.workers) > 1)?)
-}
-
-/// Binds `count` listening sockets on `addr` (`SO_REUSEPORT` when more than one, so the
-/// kernel spreads new connections over them).
-fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let first = bind_first(addr, count > 1)?;
-    let addr = first.local_addr()?;
-    let mut out = vec![first];
-    for _ in 1..count {
-        out.push(bind_one(addr, true)?);
-    }
-    Ok(out)
-}
-
-/// Binds the first listener on `addr`. With `reuse_port`, a plain bind probes the address
-/// first, so the group never joins a socket another program holds with `SO_REUSEPORT`:
-/// a taken address fails here like any bind would.
-fn bind_first(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
-    if reuse_port && addr.port() != 0 {
-        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        probe.set_reuse_address(true)?;
-        probe.bind(&addr.into())?;
-    }
-    bind_one(addr, reuse_port)
-}
-
-/// Binds one listener with `SO_REUSEADDR` (and `SO_REUSEPORT` if asked) and a deep
-/// backlog.
-fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
+    TcpListener::from_std(listen::bind_first(
+        addr,
+        worker_count(settings.workers) > 1,
+    )?)
 }

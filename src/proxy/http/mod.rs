@@ -401,10 +401,7 @@ impl HttpProxy {
     /// event loop with its own upstream pool: a request and the upstream exchange it
     /// causes stay on one thread, with no cross-thread wake-ups (the nginx model).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let workers = match self.settings.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let workers = worker_count(&self.settings);
         let slots = Arc::new(Semaphore::new(self.settings.max_connections));
         // The workers stop on `shutdown`, and also if this future is dropped (its runtime
         // shutting down), so no worker thread outlives the server.
@@ -417,6 +414,10 @@ impl HttpProxy {
                 return;
             }
         };
+        // One socket per worker (SO_REUSEPORT when `bind` set it up), so the kernel spreads
+        // connections evenly instead of whichever worker wakes first taking most of them.
+        let mut listeners =
+            crate::proxy::listen::spread_listener(std_listener, workers).into_iter();
         let mut done = Vec::new();
         for n in 0..workers {
             let worker = Arc::new(Worker {
@@ -433,12 +434,8 @@ impl HttpProxy {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(worker.pool.clone());
-            let listener = match std_listener.try_clone() {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "http proxy: cannot share the listener");
-                    break;
-                }
+            let Some(listener) = listeners.next() else {
+                break;
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let (proxy, slots, shutdown) = (self.clone(), slots.clone(), shutdown.clone());
@@ -468,7 +465,7 @@ impl HttpProxy {
                 Err(e) => tracing::error!(error = %e, "http proxy: cannot start a worker thread"),
             }
         }
-        drop(std_listener);
+        drop(listeners);
         for rx in done {
             let _ = rx.await;
         }
@@ -1050,4 +1047,24 @@ fn local(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Response
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// How many worker threads the proxy runs: the setting, or one per CPU.
+fn worker_count(settings: &HttpProxySettings) -> usize {
+    match settings.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Binds the proxy's listener on `addr`: with `SO_REUSEPORT` when it runs more than one
+/// worker, so [`HttpProxy::serve`] can give each worker a socket of its own.
+pub fn bind(
+    addr: std::net::SocketAddr,
+    settings: &HttpProxySettings,
+) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(crate::proxy::listen::bind_first(
+        addr,
+        worker_count(settings) > 1,
+    )?)
 }

@@ -9,7 +9,7 @@
 //! `netsel_tcp_proxy_vip_bind_failed` gauge, and retried. Other listeners carry on.
 //!
 //! A listener is one socket per worker thread on the same address (`SO_REUSEPORT`; see
-//! [`super::bind_listeners`]), each accepted on by its own worker.
+//! [`crate::proxy::listen::bind_listeners`]), each accepted on by its own worker.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,8 +19,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{AffectedService, Route, Shared, VipRoute, Worker, bind_listeners, serve_on_workers};
+use super::{AffectedService, Route, Shared, VipRoute, Worker, serve_on_workers};
 use crate::catalog::{Service, ServiceName};
+use crate::proxy::listen::bind_listeners;
 
 /// How often listeners that could not be bound are tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
