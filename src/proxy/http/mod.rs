@@ -494,16 +494,20 @@ impl HttpProxy {
             }
         });
         loop {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = shutdown.cancelled() => break,
-            };
+            // Accept, then wait for a slot: each worker has its own socket, so a connection
+            // waiting in one worker's accept queue must be taken by that worker; a slot freed
+            // anywhere then goes to it (a worker without a waiting connection does not hold
+            // one). At most one accepted connection per worker waits beyond the cap.
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = shutdown.cancelled() => break,
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let permit = tokio::select! {
+                        p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                        _ = shutdown.cancelled() => break,
+                    };
                     let proxy = self.clone();
                     let (shutdown, w) = (shutdown.clone(), worker.clone());
                     worker
