@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::fast::{AttemptError, RespBody, response_framing};
+use super::fast::{AttemptError, RespBody, read_upstream_head, response_framing};
 use super::framing::ChunkStep;
 use super::metrics::ServiceMetrics;
 use super::upstream::{BoxError, Hold, InFlight, Pool, ResponseBody};
@@ -25,8 +25,6 @@ use super::{ConnCtx, Failure, HttpProxy, Parts, failed, headers};
 use crate::catalog::{InstanceId, Service};
 use crate::protocol::AppProtocol;
 
-/// Header slots for an instance's response head.
-const RESPONSE_HEADERS: usize = 128;
 /// Fresh-connection retries after pooled connections turned out closed.
 const MAX_STALE: u32 = 4;
 
@@ -171,54 +169,30 @@ async fn exchange(
     if up.write_all(req).await.is_err() {
         return Err(AttemptError::NoResponse);
     }
-    loop {
-        if !buf.is_empty() {
-            let mut slots = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
-            let mut resp = httparse::Response::new(&mut slots);
-            match resp.parse(buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let code = resp.code.unwrap_or(0);
-                    if code == 101 {
-                        return Err(AttemptError::BadResponse);
-                    }
-                    if (100..200).contains(&code) {
-                        buf.advance(len);
-                        continue;
-                    }
-                    let status =
-                        StatusCode::from_u16(code).map_err(|_| AttemptError::BadResponse)?;
-                    let (body, keep_alive, connection) = response_framing(&resp, is_head)?;
-                    let mut map = hyper::HeaderMap::with_capacity(resp.headers.len());
-                    for h in resp.headers.iter() {
-                        let framing = h.name.eq_ignore_ascii_case("content-length");
-                        if (framing && !matches!(body, RespBody::Fixed(_) | RespBody::None))
-                            || headers::is_hop_by_hop_raw(h.name, h.value, &connection)
-                        {
-                            continue;
-                        }
-                        if let (Ok(n), Ok(v)) = (
-                            HeaderName::from_bytes(h.name.as_bytes()),
-                            HeaderValue::from_bytes(h.value),
-                        ) {
-                            map.append(n, v);
-                        }
-                    }
-                    buf.advance(len);
-                    return Ok((status, map, body, keep_alive));
-                }
-                Ok(httparse::Status::Partial) if buf.len() < max_head => {}
-                _ => return Err(AttemptError::BadResponse),
+    let (head, len) = read_upstream_head(up, buf, max_head, |resp, len| {
+        let status =
+            StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| AttemptError::BadResponse)?;
+        let (body, keep_alive, connection) = response_framing(resp, is_head)?;
+        let mut map = hyper::HeaderMap::with_capacity(resp.headers.len());
+        for h in resp.headers.iter() {
+            let framing = h.name.eq_ignore_ascii_case("content-length");
+            if (framing && !matches!(body, RespBody::Fixed(_) | RespBody::None))
+                || headers::is_hop_by_hop_raw(h.name, h.value, &connection)
+            {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            ) {
+                map.append(n, v);
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
-        }
-        match tokio::io::AsyncReadExt::read_buf(up, buf).await {
-            Ok(0) | Err(_) if buf.is_empty() => return Err(AttemptError::NoResponse),
-            Ok(0) | Err(_) => return Err(AttemptError::BadResponse),
-            Ok(_) => {}
-        }
-    }
+        Ok(((status, map, body, keep_alive), len))
+    })
+    .await?;
+    buf.advance(len);
+    Ok(head)
 }
 
 /// A response body read straight from the instance's socket; the connection goes back

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
@@ -739,39 +739,56 @@ async fn read_response_head(
     is_head: bool,
     max_head: usize,
 ) -> Result<RespHead, AttemptError> {
+    read_upstream_head(ur, up, max_head, |resp, len| {
+        let status = resp.code.unwrap_or(0);
+        let parsed = rewrite_response(resp, out, is_head)?;
+        Ok(RespHead {
+            len,
+            status,
+            body: parsed.0,
+            keep_alive: parsed.1,
+        })
+    })
+    .await
+}
+
+/// Reads from an instance until a final response head is complete in `buf` and returns
+/// what `on_head` makes of it (given the parsed head and its length; the head's bytes
+/// stay in `buf`). Interim 1xx heads are skipped (not forwarded); a 101 was never asked
+/// for and is refused, as is a head over `max_head`. No byte at all is `NoResponse`.
+pub(super) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max_head: usize,
+    on_head: impl FnOnce(&httparse::Response<'_, '_>, usize) -> Result<T, AttemptError>,
+) -> Result<T, AttemptError> {
     loop {
-        if !up.is_empty() {
+        if !buf.is_empty() {
             let mut slots = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
             let mut resp = httparse::Response::new(&mut slots);
-            match resp.parse(up) {
+            match resp.parse(buf) {
                 Ok(httparse::Status::Complete(len)) => {
                     let status = resp.code.unwrap_or(0);
                     if status == 101 {
-                        // Not asked for: the fast path never forwards Upgrade.
+                        // Not asked for: the proxy never forwards Upgrade on this path.
                         return Err(AttemptError::BadResponse);
                     }
                     if (100..200).contains(&status) {
                         // Interim (100 Continue, 103 Early Hints): not forwarded.
-                        up.advance(len);
+                        buf.advance(len);
                         continue;
                     }
-                    let parsed = rewrite_response(&resp, out, is_head)?;
-                    return Ok(RespHead {
-                        len,
-                        status,
-                        body: parsed.0,
-                        keep_alive: parsed.1,
-                    });
+                    return on_head(&resp, len);
                 }
-                Ok(httparse::Status::Partial) if up.len() < max_head => {}
+                Ok(httparse::Status::Partial) if buf.len() < max_head => {}
                 _ => return Err(AttemptError::BadResponse),
             }
         }
-        if up.capacity() - up.len() < 1024 {
-            up.reserve(READ_CHUNK);
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
         }
-        match ur.read_buf(up).await {
-            Ok(0) | Err(_) if up.is_empty() => return Err(AttemptError::NoResponse),
+        match r.read_buf(buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => return Err(AttemptError::NoResponse),
             Ok(0) | Err(_) => return Err(AttemptError::BadResponse),
             Ok(_) => {}
         }
@@ -934,32 +951,4 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
+super::framing::write_through!(Rewind);
