@@ -112,8 +112,8 @@ enum CpMsg {
     Close(mpsc::Sender<()>),
 }
 
-/// The two threads' shared view: how far redb has caught up, and whether a checkpoint
-/// failed (then no further write is acknowledged).
+/// What the log and checkpoint threads share: whether a log write or a checkpoint failed
+/// (then no further write is acknowledged).
 #[derive(Default)]
 struct Progress {
     failed: Mutex<Option<String>>,
