@@ -225,6 +225,9 @@ pub struct TcpProxySettings {
     /// (`SO_REUSEPORT`): a connection is accepted, connected and relayed on one thread.
     /// 0 (the default) means `TOKIO_WORKER_THREADS` if set, else one per CPU.
     pub workers: usize,
+    /// With at least as many workers as CPUs, bind worker `n` to the `n`-th CPU the
+    /// process may use, so each stays on its own. Default true.
+    pub pin_workers: bool,
 }
 
 impl Default for TcpProxySettings {
@@ -240,6 +243,7 @@ impl Default for TcpProxySettings {
             drain_secs: 10,
             relay: RelayMode::default(),
             workers: 0,
+            pin_workers: true,
         }
     }
 }

@@ -5,3 +5,4 @@ pub mod balance;
 pub mod http;
 pub(crate) mod listen;
 pub mod tcp;
+pub(crate) mod worker;

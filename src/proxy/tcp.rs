@@ -592,6 +592,7 @@ async fn accept_loop(
             },
             _ = stop.cancelled() => break,
         };
+        crate::proxy::worker::share_cpu();
         worker.accepted.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let permit = worker.shared.slots.clone().try_acquire_owned().ok();
@@ -659,19 +660,12 @@ async fn start_workers(
         let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let stop = stop.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("tcp-proxy-{n}"))
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "TCP proxy: cannot start a worker runtime");
-                        return;
-                    }
-                };
+        let placement = crate::proxy::worker::Placement {
+            workers: wanted,
+            pin: shared.settings.pin_workers,
+        };
+        let spawned =
+            crate::proxy::worker::spawn(format!("tcp-proxy-{n}"), n, placement, move |rt| {
                 if handle_tx.send(rt.handle().clone()).is_ok() {
                     rt.block_on(keep_timer_armed(stop));
                 }

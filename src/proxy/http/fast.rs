@@ -200,6 +200,7 @@ pub(super) async fn serve(
         if !keep {
             return Next::Close;
         }
+        crate::proxy::worker::share_cpu();
     }
 }
 

@@ -71,6 +71,9 @@ pub struct HttpProxySettings {
     /// Proxy threads, each with its own event loop, connections and upstream pool
     /// (like nginx workers); 0 means one per CPU. Default 0.
     pub workers: usize,
+    /// With at least as many workers as CPUs, bind worker `n` to the `n`-th CPU the
+    /// process may use, so each stays on its own. Default true.
+    pub pin_workers: bool,
     /// Most client connections open at once; further clients wait in the listen backlog.
     /// Default 10000.
     pub max_connections: usize,
@@ -123,6 +126,7 @@ impl Default for HttpProxySettings {
     fn default() -> Self {
         HttpProxySettings {
             workers: 0,
+            pin_workers: true,
             max_connections: 10_000,
             max_header_bytes: 65_536,
             max_headers: 100,
@@ -419,6 +423,10 @@ impl HttpProxy {
         let mut listeners =
             crate::proxy::listen::spread_listener(std_listener, workers).into_iter();
         let mut done = Vec::new();
+        let placement = crate::proxy::worker::Placement {
+            workers,
+            pin: self.settings.pin_workers,
+        };
         for n in 0..workers {
             let worker = Arc::new(Worker {
                 pool: Arc::new(Pool::new(PoolSettings {
@@ -439,25 +447,15 @@ impl HttpProxy {
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let (proxy, slots, shutdown) = (self.clone(), slots.clone(), shutdown.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("http-proxy-{n}"))
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            tracing::error!(error = %e, "http proxy: cannot start a worker");
-                            return;
-                        }
-                    };
+            let spawned =
+                crate::proxy::worker::spawn(format!("http-proxy-{n}"), n, placement, move |rt| {
                     rt.block_on(async move {
                         match TcpListener::from_std(listener) {
                             Ok(l) => proxy.run_worker(l, worker, slots, shutdown).await,
                             Err(e) => tracing::error!(error = %e, "http proxy: listener"),
                         }
                     });
+                    drop(rt);
                     drop(tx);
                 });
             match spawned {
