@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus_client::registry::Registry;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -573,6 +573,20 @@ async fn accept_loop(
             return;
         }
     };
+    let start = |stream: TcpStream, peer: SocketAddr| {
+        worker.accepted.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let permit = worker.shared.slots.clone().try_acquire_owned().ok();
+        let span = match &route {
+            Route::Gateway => tracing::debug_span!("tcp_gateway", %peer),
+            Route::Vip(vip) => tracing::debug_span!("tcp_vip", %peer, service = %vip.service),
+        };
+        let (w, route) = (worker.clone(), route.clone());
+        worker.relays.spawn(
+            async move { w.shared.handle(stream, route, permit, &w.force_close).await }
+                .instrument(span),
+        );
+    };
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, peer) = tokio::select! {
@@ -593,18 +607,22 @@ async fn accept_loop(
             _ = stop.cancelled() => break,
         };
         crate::proxy::worker::share_cpu();
-        worker.accepted.fetch_add(1, Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
-        let permit = worker.shared.slots.clone().try_acquire_owned().ok();
-        let span = match &route {
-            Route::Gateway => tracing::debug_span!("tcp_gateway", %peer),
-            Route::Vip(vip) => tracing::debug_span!("tcp_vip", %peer, service = %vip.service),
+        start(stream, peer);
+    }
+    // Connections the kernel completed before the stop are served, not reset by closing
+    // the socket (clients connecting to a VIP as its service is deregistered). Accepted
+    // straight from the socket: the event loop may not have seen them yet.
+    let socket = SockRef::from(&listener);
+    while let Ok((s, peer)) = socket.accept() {
+        let Some(peer) = peer.as_socket() else {
+            continue;
         };
-        let (w, route) = (worker.clone(), route.clone());
-        worker.relays.spawn(
-            async move { w.shared.handle(stream, route, permit, &w.force_close).await }
-                .instrument(span),
-        );
+        if s.set_nonblocking(true).is_err() {
+            continue;
+        }
+        if let Ok(stream) = TcpStream::from_std(std::net::TcpStream::from(s)) {
+            start(stream, peer);
+        }
     }
 }
 
