@@ -9,7 +9,13 @@
 //!
 //! Per-instance state (active connections, failures, ejection) is kept by instance id and
 //! survives catalog changes; state of instances that left the catalog is pruned.
+//!
+//! A pick takes no lock and allocates nothing in the common case: each thread keeps the
+//! state handles of the services it picked for lately, per `Arc<Service>` (a service's
+//! `Arc` changes whenever its instances do), and goes to the shared table only when a
+//! service changed.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,8 +117,28 @@ struct Tables {
     pruned_at: u64,
 }
 
+/// Services whose state one thread keeps at most (then it starts over).
+const CACHED_SERVICES: usize = 64;
+
+/// A thread's copy of one service's state handles, valid while the catalog still has
+/// this very `Arc<Service>`.
+struct Cached {
+    /// [`Balancer::id`] of the balancer it came from.
+    balancer: u64,
+    svc: Arc<Service>,
+    /// State of `svc.instances[n]`.
+    backends: Vec<Arc<Backend>>,
+    turn: Arc<AtomicUsize>,
+}
+
+thread_local! {
+    static CACHE: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Picks instances for the proxies. One per server, shared by both proxies.
 pub struct Balancer {
+    /// Tells this balancer's entries in the per-thread caches from another's.
+    id: u64,
     catalog: Catalog,
     settings: BalanceSettings,
     tables: Mutex<Tables>,
@@ -138,7 +164,9 @@ pub struct Ejection {
 impl Balancer {
     /// A balancer over `catalog`.
     pub fn new(catalog: Catalog, settings: BalanceSettings) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Balancer {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             catalog,
             settings,
             tables: Mutex::new(Tables::default()),
@@ -188,71 +216,120 @@ impl Balancer {
 
     /// Picks an instance of `svc`, skipping any in `exclude` (already tried by this
     /// connection). `None` when no healthy instance is left to try.
-    pub fn pick(&self, svc: &Service, exclude: &[InstanceId]) -> Option<Pick> {
+    pub fn pick(&self, svc: &Arc<Service>, exclude: &[InstanceId]) -> Option<Pick> {
+        let hit = CACHE.with_borrow(|cache| {
+            cache
+                .iter()
+                .find(|c| c.balancer == self.id && Arc::ptr_eq(&c.svc, svc))
+                .map(|c| self.choose(svc, &c.backends, &c.turn, exclude))
+        });
+        if let Some(pick) = hit {
+            return pick;
+        }
         let (backends, turn) = self.state_for(svc);
-        let now = self.catalog.now_ms();
-        let candidates: Vec<(usize, bool)> = svc
-            .instances
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| i.is_healthy() && !exclude.contains(&i.id))
-            .map(|(n, i)| (n, self.is_available(i, &backends[n], now)))
-            .collect();
-        if candidates.is_empty() {
+        let pick = self.choose(svc, &backends, &turn, exclude);
+        CACHE.with_borrow_mut(|cache| {
+            // One entry per service: the older version of this one goes.
+            cache.retain(|c| c.balancer != self.id || c.svc.name != svc.name);
+            if cache.len() >= CACHED_SERVICES {
+                cache.clear();
+            }
+            cache.push(Cached {
+                balancer: self.id,
+                svc: svc.clone(),
+                backends,
+                turn,
+            });
+        });
+        pick
+    }
+
+    /// The choice among `svc`'s instances (`backends[n]` is the state of instance `n`).
+    fn choose(
+        &self,
+        svc: &Service,
+        backends: &[Arc<Backend>],
+        turn: &AtomicUsize,
+        exclude: &[InstanceId],
+    ) -> Option<Pick> {
+        let candidate = |i: &Instance| i.is_healthy() && !exclude.contains(&i.id);
+        let (mut candidates, mut available) = (0usize, 0usize);
+        for (i, b) in svc.instances.iter().zip(backends) {
+            if candidate(i) {
+                candidates += 1;
+                available += usize::from(self.is_available(i, b));
+            }
+        }
+        if candidates == 0 {
             return None;
         }
-        let available: Vec<usize> = candidates
-            .iter()
-            .filter(|(_, ok)| *ok)
-            .map(|(n, _)| *n)
-            .collect();
-        // All ejected: try them anyway rather than fail outright.
-        let pool: Vec<usize> = if available.is_empty() {
-            candidates.iter().map(|(n, _)| *n).collect()
-        } else {
-            available
-        };
         let t = turn.fetch_add(1, Ordering::Relaxed);
-        let chosen = match self.policy(svc.name.as_str()) {
-            Policy::RoundRobin => pool[t % pool.len()],
-            Policy::LeastConnections => {
-                let start = t % pool.len();
-                (0..pool.len())
-                    .map(|k| pool[(start + k) % pool.len()])
-                    .min_by_key(|n| backends[*n].active())
-                    .unwrap_or(pool[start])
-            }
-            Policy::Weighted => {
-                let total: u64 = pool
-                    .iter()
-                    .map(|n| u64::from(svc.instances[*n].weight.max(1)))
-                    .sum();
-                let mut target = (t as u64) % total.max(1);
-                let mut chosen = pool[0];
-                for n in &pool {
-                    let w = u64::from(svc.instances[*n].weight.max(1));
-                    if target < w {
-                        chosen = *n;
-                        break;
-                    }
-                    target -= w;
-                }
-                chosen
-            }
-        };
+        // All ejected: try them anyway rather than fail outright. Ejections can change
+        // under us (other threads report), so when the available ones no longer match
+        // the count, the choice is among all candidates (which cannot change).
+        let chosen = (available > 0)
+            .then(|| {
+                let keep = |i: &Instance, b: &Backend| candidate(i) && self.is_available(i, b);
+                self.select(svc, backends, t, available, keep)
+            })
+            .flatten()
+            .or_else(|| self.select(svc, backends, t, candidates, |i, _| candidate(i)))?;
         Some(Pick {
             instance: svc.instances[chosen].clone(),
             backend: backends[chosen].clone(),
         })
     }
 
-    fn is_available(&self, inst: &Instance, b: &Backend, now: u64) -> bool {
+    /// Instance `n` of the `size` ones `keep` lets through, by the service's policy at
+    /// turn `t`. None if fewer than `size` are let through.
+    fn select(
+        &self,
+        svc: &Service,
+        backends: &[Arc<Backend>],
+        t: usize,
+        size: usize,
+        keep: impl Fn(&Instance, &Backend) -> bool + Copy,
+    ) -> Option<usize> {
+        let pool = || {
+            svc.instances
+                .iter()
+                .zip(backends)
+                .enumerate()
+                .filter(move |(_, (i, b))| keep(i, b))
+                .map(|(n, _)| n)
+        };
+        match self.policy(svc.name.as_str()) {
+            Policy::RoundRobin => pool().nth(t % size),
+            Policy::LeastConnections => {
+                let start = t % size;
+                pool().nth(size - 1)?; // as many as counted (see `choose`)
+                pool()
+                    .skip(start)
+                    .chain(pool().take(start))
+                    .min_by_key(|n| backends[*n].active())
+            }
+            Policy::Weighted => {
+                let weight = |n: usize| u64::from(svc.instances[n].weight.max(1));
+                let total: u64 = pool().map(weight).sum();
+                let mut target = (t as u64) % total.max(1);
+                for n in pool() {
+                    if target < weight(n) {
+                        return Some(n);
+                    }
+                    target -= weight(n);
+                }
+                None
+            }
+        }
+    }
+
+    fn is_available(&self, inst: &Instance, b: &Backend) -> bool {
         let until = b.ejected_until.load(Ordering::Acquire);
         if until == 0 {
             return true;
         }
         let heartbeated = inst.lease().deadline_ms() > b.lease_at_ejection.load(Ordering::Acquire);
-        if now >= until || heartbeated {
+        if self.catalog.now_ms() >= until || heartbeated {
             b.ejected_until.store(0, Ordering::Release);
             return true;
         }
@@ -426,5 +503,34 @@ mod tests {
         assert!(b.pick(svc, &[]).is_some());
         let both = [first.instance.id.clone(), second.instance.id.clone()];
         assert!(b.pick(svc, &both).is_none());
+    }
+
+    #[tokio::test]
+    async fn picks_follow_catalog_changes_and_balancers_keep_their_own_state() {
+        let catalog = catalog_with(&[1, 1]).await;
+        let b = Balancer::new(catalog.clone(), BalanceSettings::default());
+        let c = counts(&b, &catalog, 100);
+        assert_eq!((c.len(), c[&8000], c[&8001]), (2, 50, 50));
+        // A third instance: the next picks include it (the thread's cached state for the
+        // old version of the service is not used).
+        let reg = Registration::new("web", Endpoint::Explicit("127.0.0.1:8002".parse().unwrap()));
+        catalog.register(reg).await.unwrap();
+        let c = counts(&b, &catalog, 99);
+        assert_eq!((c.len(), c[&8002]), (3, 33));
+        // Another balancer over the same catalog has its own ejections.
+        let other = Balancer::new(catalog.clone(), BalanceSettings::default());
+        let snap = catalog.snapshot();
+        let svc = snap.service("web").unwrap();
+        let bad = b.pick(svc, &[]).unwrap();
+        b.report_failure(&bad);
+        assert!(b.is_ejected(&bad.instance.id));
+        let picked: std::collections::HashSet<_> = (0..30)
+            .map(|_| other.pick(svc, &[]).unwrap().instance.id.clone())
+            .collect();
+        assert!(
+            picked.contains(&bad.instance.id),
+            "ejected in one balancer only"
+        );
+        assert!((0..30).all(|_| b.pick(svc, &[]).unwrap().instance.id != bad.instance.id));
     }
 }

@@ -383,7 +383,7 @@ impl Shared {
         };
         // Relays may run for hours: they must not pin old catalog versions.
         drop(snapshot);
-        let svc = &*svc;
+        let svc = &svc;
         let metrics = match &route {
             Route::Vip(vip) => vip.metrics.clone(),
             Route::Gateway => Arc::new(self.metrics.service(svc.name.as_str())),
@@ -435,7 +435,7 @@ impl Shared {
     /// fails, until `attempts` reaches the limit.
     async fn connect(
         &self,
-        svc: &Service,
+        svc: &Arc<Service>,
         metrics: &ServiceMetrics,
         tried: &mut Vec<InstanceId>,
         attempts: &mut usize,
