@@ -18,6 +18,11 @@ pub(crate) fn spread_listener(
     workers: usize,
 ) -> Vec<std::net::TcpListener> {
     let mut out = Vec::with_capacity(workers);
+    // Set on the listener, TCP_NODELAY is inherited by every accepted connection: one
+    // setsockopt per socket instead of one per connection.
+    if let Err(e) = SockRef::from(&first).set_tcp_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY on a listening socket");
+    }
     let addr = first.local_addr();
     let reuse_port = SockRef::from(&first).reuse_port().unwrap_or(false);
     for _ in 1..workers {
@@ -64,8 +69,8 @@ pub(crate) fn bind_first(addr: SocketAddr, reuse_port: bool) -> io::Result<std::
     bind_one(addr, reuse_port)
 }
 
-/// Binds one listener with `SO_REUSEADDR` (and `SO_REUSEPORT` if asked) and a deep
-/// backlog.
+/// Binds one listener with `SO_REUSEADDR` (and `SO_REUSEPORT` if asked), `TCP_NODELAY`
+/// (inherited by the connections it accepts) and a deep backlog.
 fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -76,7 +81,35 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListe
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_connections_inherit_nodelay_from_every_listener() {
+        // A listener made elsewhere (without the option), and one bound here.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut listeners = spread_listener(plain, 1);
+        listeners.extend(bind_listeners("127.0.0.1:0".parse().unwrap(), 1).unwrap());
+        for l in &listeners {
+            let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            l.set_nonblocking(false).unwrap();
+            let (accepted, _) = l.accept().unwrap();
+            assert!(
+                accepted.nodelay().unwrap(),
+                "accepted on {:?}",
+                l.local_addr()
+            );
+        }
+        // Every socket of a group has it.
+        for l in bind_listeners("127.0.0.1:0".parse().unwrap(), 3).unwrap() {
+            assert!(SockRef::from(&l).tcp_nodelay().unwrap());
+        }
+    }
 }

@@ -575,7 +575,7 @@ async fn accept_loop(
     };
     let start = |stream: TcpStream, peer: SocketAddr| {
         worker.accepted.fetch_add(1, Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY comes from the listening socket (see `listen`).
         let permit = worker.shared.slots.clone().try_acquire_owned().ok();
         let span = match &route {
             Route::Gateway => tracing::debug_span!("tcp_gateway", %peer),

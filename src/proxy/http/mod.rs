@@ -544,7 +544,7 @@ impl HttpProxy {
         shutdown: CancellationToken,
         _permit: OwnedSemaphorePermit,
     ) {
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY comes from the listening socket (see `proxy::listen`).
         self.metrics.open_connections.inc();
         let ctx = Arc::new(ConnCtx {
             worker,
