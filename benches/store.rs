@@ -11,6 +11,9 @@
 
 #![allow(clippy::print_stdout)]
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
@@ -307,19 +310,7 @@ async fn commit_latency(dir: &Path, n: u32) -> f64 {
 /// Starts the real binary on `dir`; returns (time to "ready", the child).
 fn time_start(dir: &Path) -> (Duration, std::process::Child) {
     let t0 = Instant::now();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netsel"));
-    cmd.arg("serve").arg("--data-dir").arg(dir);
-    for flag in [
-        "--registry-addr",
-        "--api-addr",
-        "--dns-addr",
-        "--tcp-proxy-addr",
-        "--http-proxy-addr",
-    ] {
-        cmd.args([flag, "127.0.0.1:0"]);
-    }
-    let mut child = cmd
-        .env("RUST_LOG", "warn")
+    let mut child = common::serve_command(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

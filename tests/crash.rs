@@ -5,11 +5,13 @@
 //!
 //! `NETSEL_CRASH_ROUNDS=N` runs N rounds instead of 20 (the long mode).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,18 +87,7 @@ struct Server {
 }
 
 fn spawn_server(dir: &Path) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netsel"));
-    cmd.arg("serve").arg("--data-dir").arg(dir);
-    for flag in [
-        "--registry-addr",
-        "--api-addr",
-        "--dns-addr",
-        "--tcp-proxy-addr",
-        "--http-proxy-addr",
-    ] {
-        cmd.args([flag, "127.0.0.1:0"]);
-    }
-    let mut child = cmd
+    let mut child = common::serve_command(dir)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

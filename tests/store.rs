@@ -1,10 +1,12 @@
 //! The durable embedded store: restarts keep everything, renewals are persisted in
 //! batches, bad data dirs and unknown formats are refused with clear errors.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use netsel::catalog::{InstanceId, Secret, ServiceName};
@@ -736,21 +738,7 @@ async fn tiny_log_files_switch_often_and_lose_nothing() {
 
 // ---------------------------------------------------------------- the real binary
 
-fn serve(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netsel"));
-    cmd.arg("serve").arg("--data-dir").arg(dir);
-    for flag in [
-        "--registry-addr",
-        "--api-addr",
-        "--dns-addr",
-        "--tcp-proxy-addr",
-        "--http-proxy-addr",
-    ] {
-        cmd.args([flag, "127.0.0.1:0"]);
-    }
-    cmd.env("RUST_LOG", "warn");
-    cmd
-}
+use common::serve_command as serve;
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()

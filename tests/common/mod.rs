@@ -79,3 +79,21 @@ impl Line {
         s.trim_end_matches('\n').to_string()
     }
 }
+
+/// `netsel serve` (the real binary) on the data directory `dir`, every listener on
+/// 127.0.0.1:0 and `RUST_LOG=warn`; add arguments, then spawn or run it.
+pub fn serve_command(dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_netsel"));
+    cmd.arg("serve").arg("--data-dir").arg(dir);
+    for flag in [
+        "--registry-addr",
+        "--api-addr",
+        "--dns-addr",
+        "--tcp-proxy-addr",
+        "--http-proxy-addr",
+    ] {
+        cmd.args([flag, "127.0.0.1:0"]);
+    }
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
