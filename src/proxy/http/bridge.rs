@@ -35,8 +35,57 @@ pub(super) fn fits(svc: &Service) -> bool {
         .any(|i| i.protocol == AppProtocol::Http2)
 }
 
-/// Forwards a bodiless request (head already rewritten in `parts`) to an HTTP/1.1
-/// instance of `svc`, with the same retries as the other paths.
+/// Writes the client's headers for the instance, without `Host` (the caller adds it):
+/// hop-by-hop headers (and those `Connection` names) left out, `X-Forwarded-For` with the
+/// client appended, `X-Forwarded-Proto: http`, and `X-Forwarded-Host` the authority.
+fn write_headers(
+    h: &hyper::HeaderMap,
+    client_ip: &HeaderValue,
+    authority: Option<&HeaderValue>,
+    out: &mut Vec<u8>,
+) {
+    let named: Vec<&[u8]> = if h.contains_key(hyper::header::CONNECTION) {
+        headers::connection_tokens(
+            h.get_all(hyper::header::CONNECTION)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        )
+        .collect()
+    } else {
+        Vec::new()
+    };
+    let mut xff: Option<&[u8]> = None;
+    for (name, value) in h.iter() {
+        if name == headers::X_FORWARDED_FOR {
+            xff = xff.or(Some(value.as_bytes()));
+            continue;
+        }
+        if name == HOST
+            || name == headers::X_FORWARDED_PROTO
+            || name == headers::X_FORWARDED_HOST
+            || headers::is_hop_by_hop_raw(name.as_str(), value.as_bytes(), &named)
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    headers::forwarded_for(xff, client_ip.as_bytes(), out);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(a) = authority {
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Forwards a bodiless request (`parts` as the client sent it) to an HTTP/1.1 instance
+/// of `svc`, with the same retries as the other paths. The upstream head gets the same
+/// rewriting as on the other paths (`headers::strip_hop_by_hop` and
+/// `headers::add_forwarded`), written straight into the bytes sent.
 pub(super) async fn forward(
     proxy: &HttpProxy,
     parts: &Parts,
@@ -50,15 +99,12 @@ pub(super) async fn forward(
     head.push(b' ');
     head.extend_from_slice(parts.path.as_str().as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in parts.headers.iter() {
-        if name == HOST {
-            continue;
-        }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+    write_headers(
+        &parts.headers,
+        &ctx.client_ip,
+        parts.authority.as_ref(),
+        &mut head,
+    );
     head.extend_from_slice(b"host: ");
     let base = head.len();
     let is_head = parts.method == hyper::Method::HEAD;
@@ -320,5 +366,77 @@ impl RawBody {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head lines the general path sends for `h` (`strip_hop_by_hop` then
+    /// `add_forwarded`), and the bridge's, sorted (order does not matter to HTTP).
+    fn both(h: &hyper::HeaderMap, authority: Option<&str>) -> (Vec<String>, Vec<String>) {
+        let ip = HeaderValue::from_static("127.0.0.9");
+        let authority = authority.map(|a| HeaderValue::from_str(a).unwrap());
+        let mut general = h.clone();
+        headers::strip_hop_by_hop(&mut general, false);
+        headers::add_forwarded(&mut general, &ip, authority.as_ref());
+        let mut want: Vec<String> = general
+            .iter()
+            .filter(|(n, _)| *n != HOST)
+            .map(|(n, v)| format!("{}: {}", n, v.to_str().unwrap()))
+            .collect();
+        want.sort();
+        let mut out = Vec::new();
+        write_headers(h, &ip, authority.as_ref(), &mut out);
+        let mut got: Vec<String> = String::from_utf8(out)
+            .unwrap()
+            .split_terminator("\r\n")
+            .map(str::to_string)
+            .collect();
+        got.sort();
+        (want, got)
+    }
+
+    #[test]
+    fn the_bridge_rewrites_headers_like_the_general_path() {
+        let mut h = hyper::HeaderMap::new();
+        for (k, v) in [
+            ("host", "web.netsel"),
+            ("user-agent", "h2load"),
+            ("accept", "*/*"),
+            ("x-forwarded-for", "10.1.1.1"),
+            ("x-forwarded-for", "10.2.2.2"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "spoofed"),
+            ("te", "trailers"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("connection", "x-private, close"),
+            ("x-private", "secret"),
+            ("upgrade", "websocket"),
+            ("x-kept", "1"),
+            ("x-kept", "2"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let (want, got) = both(&h, Some("web.netsel:8081"));
+        assert_eq!(got, want);
+        assert!(got.contains(&"x-forwarded-for: 10.1.1.1, 127.0.0.9".to_string()));
+        assert!(!got.iter().any(|l| l.starts_with("x-private")));
+
+        // No authority, nothing forwarded before, TE that does not survive.
+        let mut h = hyper::HeaderMap::new();
+        h.insert(hyper::header::TE, HeaderValue::from_static("gzip"));
+        h.insert(
+            HeaderName::from_static("x-forwarded-host"),
+            HeaderValue::from_static("spoofed"),
+        );
+        let (want, got) = both(&h, None);
+        assert_eq!(got, want);
+        assert_eq!(
+            got,
+            vec!["x-forwarded-for: 127.0.0.9", "x-forwarded-proto: http"]
+        );
     }
 }

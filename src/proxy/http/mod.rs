@@ -770,12 +770,13 @@ impl HttpProxy {
         let h2_client = req.version() == Version::HTTP_2;
         let (parts, body) = req.into_parts();
         let mut parts = Parts::new(parts, authority);
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        headers::add_forwarded(&mut parts.headers, &ctx.client_ip, parts.authority.as_ref());
         if h2_client && body.is_end_stream() && bridge::fits(svc) {
-            // Bodiless HTTP/2 requests to HTTP/1.1 instances: raw sockets, no hand-offs.
+            // Bodiless HTTP/2 requests to HTTP/1.1 instances: raw sockets, no hand-offs;
+            // the head is written straight from the client's headers (same rewriting).
             return bridge::forward(self, &parts, svc, label, ctx, in_flight).await;
         }
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        headers::add_forwarded(&mut parts.headers, &ctx.client_ip, parts.authority.as_ref());
         let mut body = Some(if body.is_end_stream() {
             UpBody::Empty
         } else {
