@@ -606,7 +606,6 @@ async fn accept_loop(
             },
             _ = stop.cancelled() => break,
         };
-        crate::proxy::worker::share_cpu();
         start(stream, peer);
     }
     // Connections the kernel completed before the stop are served, not reset by closing

@@ -1,7 +1,8 @@
 //! The proxies' worker threads: each runs one single-threaded tokio runtime (the nginx
 //! model: a connection and the upstream exchanges it causes stay on one thread).
 //!
-//! A busy worker also gives up its CPU now and then ([`share_cpu`]). An event loop that
+//! A busy HTTP proxy worker also gives up its CPU now and then ([`share_cpu`], called
+//! between requests). An event loop that
 //! always has more ready sockets never blocks, and the kernel then lets it run for a whole
 //! scheduler tick (4 ms at HZ=250) while a thread woken on the same CPU (a client, or
 //! the instance the worker just wrote to) waits for it: on a box where clients, proxy and
@@ -93,7 +94,7 @@ where
     })
 }
 
-/// Called by a worker between requests: once it has run for [`share_after`] without
+/// Called by an HTTP proxy worker between requests: once it has run for [`share_after`] without
 /// blocking, yields the CPU to whatever else is runnable on it (returns at once when
 /// nothing is). Does nothing outside a worker thread.
 pub(crate) fn share_cpu() {
