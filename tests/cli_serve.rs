@@ -1,5 +1,7 @@
 //! The real `netsel` binary and the seed's examples, driven as a user would.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,13 +13,7 @@ use netsel::client::{ClientError, ServiceClient};
 /// Every listen flag on an ephemeral loopback port, with a VIP pool of the test's own.
 fn serve_args(extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = ["serve"].iter().map(|s| s.to_string()).collect();
-    for flag in [
-        "--registry-addr",
-        "--api-addr",
-        "--dns-addr",
-        "--tcp-proxy-addr",
-        "--http-proxy-addr",
-    ] {
+    for flag in common::LISTEN_FLAGS {
         args.push(flag.into());
         args.push("127.0.0.1:0".into());
     }

@@ -80,18 +80,21 @@ impl Line {
     }
 }
 
+/// `netsel serve`'s listen flags: tests give each `127.0.0.1:0`.
+pub const LISTEN_FLAGS: [&str; 5] = [
+    "--registry-addr",
+    "--api-addr",
+    "--dns-addr",
+    "--tcp-proxy-addr",
+    "--http-proxy-addr",
+];
+
 /// `netsel serve` (the real binary) on the data directory `dir`, every listener on
 /// 127.0.0.1:0 and `RUST_LOG=warn`; add arguments, then spawn or run it.
 pub fn serve_command(dir: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_netsel"));
     cmd.arg("serve").arg("--data-dir").arg(dir);
-    for flag in [
-        "--registry-addr",
-        "--api-addr",
-        "--dns-addr",
-        "--tcp-proxy-addr",
-        "--http-proxy-addr",
-    ] {
+    for flag in LISTEN_FLAGS {
         cmd.args([flag, "127.0.0.1:0"]);
     }
     cmd.env("RUST_LOG", "warn");
