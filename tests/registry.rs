@@ -179,7 +179,17 @@ async fn heartbeat_handle_keeps_alive_and_reregisters_after_registry_restart() {
         .await,
         "re-registered with the new registry"
     );
-    assert_ne!(client.instance_id().unwrap(), first_id);
+    // The registry can answer a resolve before the client has read its REGISTERED reply
+    // and stored the new id: wait for that, too.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let id = client.instance_id();
+            let first = first_id.clone();
+            async move { id.is_some_and(|id| id != first) }
+        })
+        .await,
+        "the client took the new registry's instance id"
+    );
     // The name hashes to the same place in the pool: the VIP is the same again.
     assert_eq!(client.resolve("phoenix").await.unwrap().vip, vip);
 
