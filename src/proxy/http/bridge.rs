@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
-use hyper::header::{HOST, HeaderName, HeaderValue};
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -35,9 +35,7 @@ pub(super) fn fits(svc: &Service) -> bool {
         .any(|i| i.protocol == AppProtocol::Http2)
 }
 
-/// Writes the client's headers for the instance, without `Host` (the caller adds it):
-/// hop-by-hop headers (and those `Connection` names) left out, `X-Forwarded-For` with the
-/// client appended, `X-Forwarded-Proto: http`, and `X-Forwarded-Host` the authority.
+/// Writes the client's headers for the instance (see [`headers::write_request_headers`]).
 fn write_headers(
     h: &hyper::HeaderMap,
     client_ip: &HeaderValue,
@@ -54,32 +52,14 @@ fn write_headers(
     } else {
         Vec::new()
     };
-    let mut xff: Option<&[u8]> = None;
-    for (name, value) in h.iter() {
-        if name == headers::X_FORWARDED_FOR {
-            xff = xff.or(Some(value.as_bytes()));
-            continue;
-        }
-        if name == HOST
-            || name == headers::X_FORWARDED_PROTO
-            || name == headers::X_FORWARDED_HOST
-            || headers::is_hop_by_hop_raw(name.as_str(), value.as_bytes(), &named)
-        {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    headers::forwarded_for(xff, client_ip.as_bytes(), out);
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-    if let Some(a) = authority {
-        out.extend_from_slice(b"x-forwarded-host: ");
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    headers::write_request_headers(
+        h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        &named,
+        false,
+        client_ip.as_bytes(),
+        authority.map(HeaderValue::as_bytes),
+        out,
+    );
 }
 
 /// Forwards a bodiless request (`parts` as the client sent it) to an HTTP/1.1 instance
@@ -383,7 +363,7 @@ mod tests {
         headers::add_forwarded(&mut general, &ip, authority.as_ref());
         let mut want: Vec<String> = general
             .iter()
-            .filter(|(n, _)| *n != HOST)
+            .filter(|(n, _)| *n != hyper::header::HOST)
             .map(|(n, v)| format!("{}: {}", n, v.to_str().unwrap()))
             .collect();
         want.sort();

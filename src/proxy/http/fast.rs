@@ -299,31 +299,14 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut xff: Option<&[u8]> = None;
-    for h in req.headers.iter() {
-        let n = h.name.as_bytes();
-        if eq(n, b"x-forwarded-for") {
-            xff = xff.or(Some(h.value));
-            continue;
-        }
-        if eq(n, b"host")
-            || eq(n, b"content-length")
-            || eq(n, b"x-forwarded-proto")
-            || eq(n, b"x-forwarded-host")
-            || headers::is_hop_by_hop_raw(h.name, h.value, &connection)
-        {
-            continue;
-        }
-        out.extend_from_slice(n);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    headers::forwarded_for(xff, ctx.client_ip.as_bytes(), out);
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ");
-    out.extend_from_slice(host.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    headers::write_request_headers(
+        req.headers.iter().map(|h| (h.name, h.value)),
+        &connection,
+        true,
+        ctx.client_ip.as_bytes(),
+        Some(host.as_bytes()),
+        out,
+    );
     match body {
         ReqBody::None => {}
         ReqBody::Fixed(n) => {

@@ -151,6 +151,50 @@ pub(crate) fn forwarded_for(prev: Option<&[u8]>, client_ip: &[u8], out: &mut Vec
     out.extend_from_slice(client_ip);
 }
 
+/// Writes a request's headers for an instance as `name: value` lines, with the rewriting
+/// [`strip_hop_by_hop`] and [`add_forwarded`] apply to a `HeaderMap`, straight into
+/// bytes: no `Host` (the caller writes it) and, with `drop_length`, no `Content-Length`
+/// (the caller writes the framing); hop-by-hop headers and those `connection` names left
+/// out; `X-Forwarded-For` the first one sent with the client appended,
+/// `X-Forwarded-Proto: http`, and `X-Forwarded-Host` the authority when there is one.
+pub(crate) fn write_request_headers<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+    connection: &[&[u8]],
+    drop_length: bool,
+    client_ip: &[u8],
+    authority: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) {
+    let mut xff: Option<&[u8]> = None;
+    for (name, value) in headers {
+        let n = name.as_bytes();
+        if n.eq_ignore_ascii_case(b"x-forwarded-for") {
+            xff = xff.or(Some(value));
+            continue;
+        }
+        if n.eq_ignore_ascii_case(b"host")
+            || (drop_length && n.eq_ignore_ascii_case(b"content-length"))
+            || n.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || n.eq_ignore_ascii_case(b"x-forwarded-host")
+            || is_hop_by_hop_raw(name, value, connection)
+        {
+            continue;
+        }
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    forwarded_for(xff, client_ip, out);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(a) = authority {
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// Adds `X-Forwarded-For` (appended to any the client sent), `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` (both replaced: this proxy is where the client connected).
 pub(crate) fn add_forwarded(
