@@ -21,12 +21,9 @@ use super::fast::{AttemptError, RespBody, read_upstream_head, response_framing};
 use super::framing::ChunkStep;
 use super::metrics::ServiceMetrics;
 use super::upstream::{BoxError, Hold, InFlight, Pool, ResponseBody};
-use super::{ConnCtx, Failure, HttpProxy, Parts, failed, headers};
-use crate::catalog::{InstanceId, Service};
+use super::{Attempts, ConnCtx, HttpProxy, Parts, headers};
+use crate::catalog::Service;
 use crate::protocol::AppProtocol;
-
-/// Fresh-connection retries after pooled connections turned out closed.
-const MAX_STALE: u32 = 4;
 
 /// Whether [`forward`] can take a request to `svc`: no h2c instance to speak to.
 pub(super) fn fits(svc: &Service) -> bool {
@@ -92,18 +89,11 @@ pub(super) async fn forward(
     let pool = &ctx.worker.pool;
     let now = Instant::now();
     let mut buf = BytesMut::with_capacity(4096);
-    let mut exclude: Vec<InstanceId> = Vec::new();
-    let mut retries_left = proxy.settings.max_retries;
-    let mut stale = 0u32;
-    let mut last: Option<Failure> = None;
-    while let Some(pick) = proxy.balancer.pick(svc, &exclude) {
+    let mut tries = Attempts::new(proxy, svc, label);
+    while let Some(pick) = tries.next(true) {
         let addr = pick.instance.endpoint;
-        if pick.instance.protocol == AppProtocol::Http2 {
-            exclude.push(pick.instance.id.clone());
-            continue;
-        }
         let active = pick.start();
-        let pooled = if stale > 0 {
+        let pooled = if tries.fresh_only() {
             None
         } else {
             pool.take_raw(addr, now)
@@ -114,8 +104,7 @@ pub(super) async fn forward(
             None => match pool.connect_raw(addr).await {
                 Ok(up) => up,
                 Err(e) => {
-                    last = Some(Failure::of_connect(&e));
-                    proxy.connect_failed(&pick, &e, label, &mut exclude);
+                    tries.connect_failed(&pick, &e);
                     continue;
                 }
             },
@@ -161,25 +150,17 @@ pub(super) async fn forward(
             }
             Err(e) => {
                 tracing::debug!(service = %svc.name, %addr, error = ?e, reused, "upstream exchange failed");
-                if reused && matches!(e, AttemptError::NoResponse) && stale < MAX_STALE {
-                    stale += 1;
+                if reused && matches!(e, AttemptError::NoResponse) && tries.stale() {
                     continue;
                 }
-                if !reused {
-                    proxy.balancer.report_failure(&pick);
-                }
-                last = Some(Failure::Other);
-                if idempotent && retries_left > 0 && proxy.budget.withdraw() {
-                    retries_left -= 1;
-                    exclude.push(pick.instance.id.clone());
-                    label.retry();
+                if tries.failed(&pick, reused, idempotent) {
                     continue;
                 }
                 break;
             }
         }
     }
-    failed(svc, last)
+    tries.give_up()
 }
 
 type Head = (StatusCode, hyper::HeaderMap, RespBody, bool);

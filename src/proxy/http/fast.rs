@@ -33,16 +33,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::framing::{ChunkStep, ChunkedBody};
 use super::metrics::{ServiceLabel, ServiceMetrics};
-use super::{ConnCtx, Failure, HttpProxy, Worker, failure_answer, headers, ms, route};
-use crate::catalog::{InstanceId, Service, ServiceName};
+use super::{Attempts, ConnCtx, HttpProxy, Worker, headers, ms, route};
+use crate::catalog::{Service, ServiceName};
 use crate::protocol::AppProtocol;
 
 /// Room made in a buffer before a read.
 const READ_CHUNK: usize = 16 * 1024;
 /// Header slots for an instance's response head.
 const RESPONSE_HEADERS: usize = 128;
-/// Fresh-connection retries after pooled connections turned out closed.
-const MAX_STALE: u32 = 4;
 
 /// How the fast path left a connection.
 pub(super) enum Next {
@@ -375,20 +373,14 @@ async fn exchange(
     let body_end = head.len + avail;
     let replayable = matches!(pump, Pump::Done);
     let base = bufs.req.len();
-    let mut exclude: Vec<InstanceId> = Vec::new();
-    let mut retries_left = proxy.settings.max_retries;
-    let mut stale = 0u32;
-    let mut last: Option<Failure> = None;
+    let mut tries = Attempts::new(proxy, svc, &m);
     let mut consumed = false;
-    while let Some(pick) = proxy.balancer.pick(svc, &exclude) {
+    // h2c instances registered since the head was parsed are passed over: the fast path
+    // speaks HTTP/1.1 only.
+    while let Some(pick) = tries.next(true) {
         let addr = pick.instance.endpoint;
-        if pick.instance.protocol == AppProtocol::Http2 {
-            // Registered since the head was parsed; the fast path speaks HTTP/1.1 only.
-            exclude.push(pick.instance.id.clone());
-            continue;
-        }
         let active = pick.start();
-        let pooled = if stale > 0 {
+        let pooled = if tries.fresh_only() {
             None
         } else {
             ctx.worker.pool.take_raw(addr, start)
@@ -400,12 +392,11 @@ async fn exchange(
                 match tokio::time::timeout_at(deadline, ctx.worker.pool.connect_raw(addr)).await {
                     Ok(Ok(up)) => up,
                     Ok(Err(e)) => {
-                        last = Some(Failure::of_connect(&e));
-                        proxy.connect_failed(&pick, &e, &m, &mut exclude);
+                        tries.connect_failed(&pick, &e);
                         continue;
                     }
                     Err(_) => {
-                        last = Some(Failure::Timeout);
+                        tries.timed_out();
                         break;
                     }
                 }
@@ -453,28 +444,16 @@ async fn exchange(
             }
             Err(AttemptError::ClientGone) => return false,
             Err(AttemptError::Timeout) => {
-                last = Some(Failure::Timeout);
+                tries.timed_out();
                 break;
             }
             Err(e) => {
                 tracing::debug!(service = %svc.name, %addr, error = ?e, reused, "upstream exchange failed");
-                if !replayable {
-                    last = Some(Failure::Other);
-                    break;
-                }
-                if reused && matches!(e, AttemptError::NoResponse) && stale < MAX_STALE {
+                if replayable && reused && matches!(e, AttemptError::NoResponse) && tries.stale() {
                     // A pooled connection the instance had closed: again, on a fresh one.
-                    stale += 1;
                     continue;
                 }
-                if !reused {
-                    proxy.balancer.report_failure(&pick);
-                }
-                last = Some(Failure::Other);
-                if head.idempotent && retries_left > 0 && proxy.budget.withdraw() {
-                    retries_left -= 1;
-                    exclude.push(pick.instance.id.clone());
-                    m.retry();
+                if tries.failed(&pick, reused, replayable && head.idempotent) {
                     continue;
                 }
                 break;
@@ -482,7 +461,7 @@ async fn exchange(
         }
     }
     // No attempt answered: the proxy does.
-    let (status, body) = failure_answer(svc, last);
+    let (status, body) = tries.answer();
     m.request(status.as_u16(), start.elapsed());
     // An unread body rest keeps the connection from being reused.
     let keep = replayable && !head.close && !ctx.worker.draining();

@@ -24,6 +24,7 @@
 //! the proxy answers itself...) hands the connection to the general hyper path below,
 //! with the bytes already read replayed, so every refusal comes from one place.
 
+mod attempts;
 mod bridge;
 mod fast;
 mod framing;
@@ -53,13 +54,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::catalog::{InstanceId, Service};
+use crate::catalog::Service;
 use crate::protocol::AppProtocol;
-use crate::proxy::balance::{Balancer, Pick};
+use crate::proxy::balance::Balancer;
 
+use attempts::Attempts;
 use metrics::{ProxyMetrics, ServiceLabel, ServiceMetrics};
 use upstream::ResponseBody;
-use upstream::{ConnectError, Hold, InFlight, Pool, PoolSettings, UpBody};
+use upstream::{Hold, InFlight, Pool, PoolSettings, UpBody};
 
 /// The catalog domain used when no other is configured: `web.netsel` routes to `web`.
 pub const DEFAULT_DOMAIN: &str = "netsel";
@@ -292,23 +294,6 @@ impl RetryBudget {
                 (t >= RETRY_COST).then_some(t - RETRY_COST)
             })
             .is_ok()
-    }
-}
-
-/// How the last attempt went wrong.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
-    Timeout,
-    Other,
-}
-
-impl Failure {
-    /// How a failed connect shows to the client: 504 for a timeout, else 502.
-    fn of_connect(e: &ConnectError) -> Failure {
-        match e {
-            ConnectError::Timeout => Failure::Timeout,
-            _ => Failure::Other,
-        }
     }
 }
 
@@ -783,11 +768,8 @@ impl HttpProxy {
             UpBody::Stream(body)
         });
         let replayable = matches!(body, Some(UpBody::Empty)) && parts.method.is_idempotent();
-        let mut exclude: Vec<InstanceId> = Vec::new();
-        let mut retries_left = self.settings.max_retries;
-        let mut unsent = 0u32;
-        let mut last: Option<Failure> = None;
-        while let Some(pick) = self.balancer.pick(svc, &exclude) {
+        let mut tries = Attempts::new(self, svc, label);
+        while let Some(pick) = tries.next(false) {
             let active = pick.start();
             let addr = pick.instance.endpoint;
             let h2 = pick.instance.protocol == AppProtocol::Http2;
@@ -807,9 +789,7 @@ impl HttpProxy {
             let (sender, reused) = match conn {
                 Ok(c) => c,
                 Err(e) => {
-                    // Nothing was sent: any request may go to another instance.
-                    last = Some(Failure::of_connect(&e));
-                    self.connect_failed(&pick, &e, label, &mut exclude);
+                    tries.connect_failed(&pick, &e);
                     continue;
                 }
             };
@@ -835,22 +815,14 @@ impl HttpProxy {
                     let pooled = tx.map(|tx| (ctx.worker.pool.clone(), addr, tx));
                     return respond(resp, pooled, active, in_flight);
                 }
-                Err((Some(unsent_req), e)) if unsent < 4 => {
+                Err((Some(unsent_req), e)) if tries.stale() => {
                     // The connection closed before the request went out: try again.
                     tracing::debug!(%addr, error = %e, "upstream connection not usable, retrying");
-                    unsent += 1;
                     body = Some(unsent_req.into_body());
                 }
                 Err((_, e)) => {
                     tracing::debug!(service = %svc.name, %addr, error = %e, "upstream request failed");
-                    if !reused {
-                        self.balancer.report_failure(&pick);
-                    }
-                    last = Some(Failure::Other);
-                    if replayable && retries_left > 0 && self.budget.withdraw() {
-                        retries_left -= 1;
-                        exclude.push(pick.instance.id.clone());
-                        label.retry();
+                    if tries.failed(&pick, reused, replayable) {
                         body = Some(UpBody::Empty);
                         continue;
                     }
@@ -858,24 +830,7 @@ impl HttpProxy {
                 }
             }
         }
-        failed(svc, last)
-    }
-
-    fn connect_failed(
-        &self,
-        pick: &Pick,
-        e: &ConnectError,
-        label: &ServiceMetrics,
-        exclude: &mut Vec<InstanceId>,
-    ) {
-        let ej = self.balancer.report_failure(pick);
-        tracing::info!(
-            service = %pick.instance.service, instance = %pick.instance.id,
-            endpoint = %pick.instance.endpoint, error = %e, backoff = ?ej.backoff,
-            "instance refused a proxied connection; ejected"
-        );
-        exclude.push(pick.instance.id.clone());
-        label.retry();
+        tries.give_up()
     }
 
     /// An HTTP/1.1 `Upgrade`: forwarded on a fresh connection; on `101` both sides are
@@ -895,21 +850,15 @@ impl HttpProxy {
         headers::strip_hop_by_hop(&mut parts.headers, true);
         headers::add_forwarded(&mut parts.headers, &ctx.client_ip, parts.authority.as_ref());
         let mut body = Some(UpBody::Stream(body));
-        let mut exclude = Vec::new();
-        let mut last = None;
-        while let Some(pick) = self.balancer.pick(svc, &exclude) {
+        let mut tries = Attempts::new(self, svc, label);
+        // An h2c instance cannot take an HTTP/1.1 upgrade.
+        while let Some(pick) = tries.next(true) {
             let addr = pick.instance.endpoint;
-            if pick.instance.protocol == AppProtocol::Http2 {
-                // An h2c instance cannot take an HTTP/1.1 upgrade.
-                exclude.push(pick.instance.id.clone());
-                continue;
-            }
             let active = pick.start();
             let mut tx = match ctx.worker.pool.connect_h1(addr).await {
                 Ok(tx) => tx,
                 Err(e) => {
-                    last = Some(Failure::of_connect(&e));
-                    self.connect_failed(&pick, &e, label, &mut exclude);
+                    tries.connect_failed(&pick, &e);
                     continue;
                 }
             };
@@ -920,7 +869,8 @@ impl HttpProxy {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "upstream upgrade failed");
-                    last = Some(Failure::Other);
+                    // The request body streamed from the client: it cannot be sent again.
+                    tries.failed(&pick, false, false);
                     break;
                 }
             };
@@ -959,7 +909,7 @@ impl HttpProxy {
             headers::strip_hop_by_hop(&mut head.headers, true);
             return Response::from_parts(head, ResponseBody::full(bytes::Bytes::new()));
         }
-        failed(svc, last)
+        tries.give_up()
     }
 }
 
@@ -1019,29 +969,6 @@ fn respond(
         _in_flight: in_flight,
     };
     Response::from_parts(head, ResponseBody::stream(body, hold))
-}
-
-fn failed(svc: &Service, last: Option<Failure>) -> Response<ResponseBody> {
-    let (status, body) = failure_answer(svc, last);
-    local(status, body)
-}
-
-/// The status and body for a request no attempt could serve.
-fn failure_answer(svc: &Service, last: Option<Failure>) -> (StatusCode, String) {
-    match last {
-        Some(Failure::Timeout) => (
-            StatusCode::GATEWAY_TIMEOUT,
-            format!("no instance of '{}' answered in time\n", svc.name),
-        ),
-        Some(Failure::Other) => (
-            StatusCode::BAD_GATEWAY,
-            format!("no instance of '{}' could take the request\n", svc.name),
-        ),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("service '{}' has no healthy instance\n", svc.name),
-        ),
-    }
 }
 
 /// A short plain-text answer from the proxy itself.
