@@ -12,11 +12,11 @@
 //! When the second direction ends, the first has already half-closed: both sockets are
 //! closed next, so its half-close is skipped (`close` sends the FIN).
 //!
-//! When a read drains a sender that has already half-closed (its FIN came with its last
-//! bytes, as with a response followed by `close`), those bytes are sent with `MSG_MORE`:
-//! the half-close passed on right after then leaves in the same segment as them, one
-//! packet fewer for both ends to process (a short connection through the proxy went from
-//! about 20 segments to 18).
+//! When a read drains a sender that has already half-closed cleanly (its FIN came with
+//! its last bytes, as with a response followed by `close`), that direction is done: the
+//! bytes are sent with `MSG_MORE` and the half-close is passed on at once, so both leave
+//! in one segment (a short connection through the proxy went from about 20 segments to
+//! 18) and no read is spent on learning of the end of stream.
 //!
 //! The `unsafe` code here is five libc calls (`pipe2`, `splice`, `fcntl`, `recv`,
 //! `send`), each on file descriptors this module owns or
@@ -193,8 +193,8 @@ async fn one_way(
                 }
             }
         }
-        let n = match copy_once(from, to, moved).await {
-            Ok(n) => n,
+        let (n, end) = match copy_once(from, to, moved).await {
+            Ok(copied) => copied,
             Err(e)
                 if from_instance
                     && e.kind() == io::ErrorKind::ConnectionReset
@@ -204,11 +204,11 @@ async fn one_way(
             }
             Err(e) => return Err(e),
         };
-        if n == 0 {
-            return half_close(to, ended);
-        }
         counter.inc_by(n as u64);
         copied += n as u64;
+        if end {
+            return half_close(to, ended);
+        }
     }
 }
 
@@ -264,11 +264,16 @@ fn half_close(to: &TcpStream, ended: &AtomicBool) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads once from `from` and writes all of it to `to`; 0 at the end of the stream. Read
-/// bytes count in `moved` before they are written. Bytes that drain a sender which has
-/// already half-closed are sent with `MSG_MORE`, so that the half-close passed on next
-/// leaves in the same segment.
-async fn copy_once(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<usize> {
+/// Reads once from `from` and writes all of it to `to`. Returns the bytes moved and
+/// whether `from` has finished sending: at its end of stream, or when these bytes drained
+/// a sender that had already half-closed cleanly. Those last bytes are sent with
+/// `MSG_MORE`, and the half-close the caller passes on at once then leaves in the same
+/// segment. Read bytes count in `moved` before they are written.
+async fn copy_once(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &AtomicU64,
+) -> io::Result<(usize, bool)> {
     loop {
         let ready = from.ready(Interest::READABLE).await?;
         let mut buf = take_buffer();
@@ -293,13 +298,16 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::R
                 return Err(e);
             }
         };
-        if n > 0 {
-            moved.fetch_add(n as u64, Ordering::Relaxed);
-            let last = short.is_some() && ready.is_read_closed();
-            write_all(to, &buf[..n], last).await?;
+        if n == 0 {
+            put_buffer(buf);
+            return Ok((0, true));
         }
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        // Drained, and the FIN has come (not a reset): nothing more can arrive.
+        let last = short.is_some() && ready.is_read_closed() && !ready.is_error();
+        write_all(to, &buf[..n], last).await?;
         put_buffer(buf);
-        return Ok(n);
+        return Ok((n, last));
     }
 }
 
