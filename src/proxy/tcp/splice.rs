@@ -399,4 +399,30 @@ mod tests {
         assert_eq!(counter.get(), 8);
         assert!(ended.load(Ordering::Relaxed));
     }
+
+    #[tokio::test]
+    async fn an_answer_longer_than_a_buffer_arrives_whole_then_the_end() {
+        let (instance, mut instance_peer) = pair().await;
+        let (client, mut client_peer) = pair().await;
+        // Several copy buffers' worth (still short of the switch to splice), then close.
+        let answer: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = answer.clone();
+        let writer = tokio::spawn(async move {
+            instance_peer.write_all(&sent).await.unwrap();
+            instance_peer.shutdown().await.unwrap();
+        });
+        let (counter, moved, ended) = (
+            Counter::default(),
+            AtomicU64::new(0),
+            AtomicBool::new(false),
+        );
+        let relay = one_way(&instance, &client, &counter, &moved, &ended, true);
+        let mut got = Vec::new();
+        let (relayed, read) = tokio::join!(relay, client_peer.read_to_end(&mut got));
+        relayed.unwrap();
+        read.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got, answer);
+        assert_eq!(counter.get(), 40_000);
+    }
 }
