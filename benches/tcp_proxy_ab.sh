@@ -2,10 +2,14 @@
 # Quick interleaved A/B of NetSel TCP proxy binaries against haproxy (same minute, same box).
 # Starts nginx (:16280), iperf3 -s (:16201), haproxy (:16202 iperf, :16204 conn) and one
 # NetSel per binary (each with its own ports and VIP range), then alternates short runs:
-#   wrk -t2 -c32 -H 'Connection: close' (new connections/s) and iperf3 single stream.
+#   wrk -t2 -c32 -H 'Connection: close' (new connections/s) and iperf3 single stream (also
+#   direct, client to server). Each iperf3 run also reports the box's TCP counters over the
+#   run (nstat): segments retransmitted, segments queued out of order at a receiver, and
+#   duplicate SACKs received (a retransmission that was not needed).
 # Usage: bash benches/tcp_proxy_ab.sh BIN_A [BIN_B ...]
 # Env: ROUNDS (3), DURATION (5 s), WORKERS (haproxy nbthread and NetSel threads, 1),
 #      PARTS ("connrate throughput"), NETSEL_ENV (extra env for NetSel),
+#      IPERF3_ARGS (extra iperf3 client arguments, e.g. "-C cubic"),
 #      HOLD=N (keep everything up N s before the rounds, e.g. to attach perf/strace).
 set -euo pipefail
 renice -n "${NICE:--10}" -p $$ >/dev/null 2>&1 || true   # like tcp_bench.sh: less disturbed by other work
@@ -46,9 +50,13 @@ CFG
 iperf3 -s -B 127.0.0.1 -p 16201 > "$W/iperf3.log" 2>&1 & PIDS+=($!)
 haproxy -db -f "$W/haproxy.cfg" > "$W/haproxy.log" 2>&1 & PIDS+=($!)
 nginx -p "$W/nginx" -e "$W/nginx/error.log" -c "$W/nginx/nginx.conf" -g 'daemon off;' & PIDS+=($!)
-declare -A CONN=([haproxy]=127.0.0.1:16204) IPERF=([haproxy]=127.0.0.1:16202) PID=([haproxy]=${PIDS[1]})
+declare -A CONN=([haproxy]=127.0.0.1:16204) IPERF=([haproxy]=127.0.0.1:16202 [direct]=127.0.0.1:16201)
+declare -A PID=([haproxy]=${PIDS[1]})
 # CPU time (user+system clock ticks) of a process and all its threads.
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# The TCP counters that tell reordering and loss apart, summed over a run.
+tcp_counters() { nstat -z 2>/dev/null | awk '$1=="TcpRetransSegs"{r=$2} $1=="TcpExtTCPOFOQueue"{o=$2}
+  $1=="TcpExtTCPDSACKRecv"{d=$2} END{printf "retrans_segs %d ofo_queued %d dsack_recv %d", r, o, d}'; }
 ORDER="haproxy"
 i=0
 for bin in "$@"; do
@@ -75,8 +83,8 @@ done
 sleep 0.5
 if [[ -n ${HOLD:-} ]]; then echo "holding ${HOLD} s"; sleep "$HOLD"; fi
 for r in $(seq "$ROUNDS"); do
-  for t in $ORDER; do
-    if [[ " $PARTS " == *" connrate "* ]]; then
+  for t in direct $ORDER; do
+    if [[ " $PARTS " == *" connrate "* && $t != direct ]]; then
       for _ in 1 2 3 4 5 6 7 8 9 10; do (( $(ss -Hant state time-wait | wc -l) > 3000 )) || break; sleep 0.5; done
       c0=$(cpu_ticks "${PID[$t]}")
       out=$(wrk -t2 -c32 -d"${DURATION}s" --latency -H 'Connection: close' "http://${CONN[$t]}/" 2>&1)
@@ -84,8 +92,10 @@ for r in $(seq "$ROUNDS"); do
       echo "round $r $t connrate $(awk '/^Requests\/sec/{print $2}' <<<"$out") p99 $(awk '$1=="99%"{print $2}' <<<"$out") proxy_cpu_us_per_conn $(awk -v d=$((c1-c0)) -v n="${n:-0}" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", (n>0 ? d/hz*1e6/n : 0)}') $(awk '/Socket errors|Non-2xx/{printf "%s ", $0}' <<<"$out")"
     fi
     if [[ " $PARTS " == *" throughput "* ]]; then
-      g=$(iperf3 -c "${IPERF[$t]%:*}" -p "${IPERF[$t]#*:}" -t "$DURATION" -J 2>/dev/null | jq -r '.end.sum_received.bits_per_second/1e9')
-      echo "round $r $t iperf3 ${g} Gbit/s"
+      nstat -n >/dev/null 2>&1 || true
+      # shellcheck disable=SC2086 # IPERF3_ARGS is a list of arguments
+      g=$(iperf3 -c "${IPERF[$t]%:*}" -p "${IPERF[$t]#*:}" -t "$DURATION" ${IPERF3_ARGS:-} -J 2>/dev/null | jq -r '.end.sum_received.bits_per_second/1e9')
+      echo "round $r $t iperf3 ${g} Gbit/s $(tcp_counters)"
     fi
   done
 done
