@@ -711,6 +711,8 @@ mod tests {
             "[registry]\nmax_connections = 0",
             "[http_proxy]\nmax_header_bytes = 100",
             "[http_proxy]\ndefault_service = \"no such\"",
+            "[http_proxy]\nsched_slice_us = 50",
+            "[http_proxy]\nsched_slice_us = 200000",
             "[tcp_proxy]\nmax_connections = 0",
             "[tcp_proxy]\nname_line_max = 1",
             "[tcp_proxy]\nrelay = \"magic\"",
@@ -740,6 +742,15 @@ mod tests {
             "[dns]\ncolour = 1",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_worker_time_slice_of_0_or_100_to_100000_us_is_accepted() {
+        assert_eq!(Settings::default().http_proxy.sched_slice_us, 100);
+        for v in [0, 100, 100_000] {
+            let s = Settings::from_toml(&format!("[http_proxy]\nsched_slice_us = {v}")).unwrap();
+            assert_eq!(s.http_proxy.sched_slice_us, v);
         }
     }
 
