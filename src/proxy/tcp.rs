@@ -680,7 +680,7 @@ async fn start_workers(
         let placement = crate::proxy::worker::Placement {
             workers: wanted,
             pin: shared.settings.pin_workers,
-            slice: None,
+            slice: crate::proxy::worker::slice_setting(shared.settings.sched_slice_us),
         };
         let spawned =
             crate::proxy::worker::spawn(format!("tcp-proxy-{n}"), n, placement, move |rt| {

@@ -159,6 +159,17 @@ fn allowed_cpus() -> Vec<usize> {
     Vec::new()
 }
 
+/// The `sched_slice_us` setting as a slice to ask for: 0 is None (the kernel's default).
+pub(crate) fn slice_setting(us: u64) -> Option<Duration> {
+    (us > 0).then(|| Duration::from_micros(us))
+}
+
+/// Whether a `sched_slice_us` setting is one the kernel takes as it is: 0, or 100 µs to
+/// 100 ms.
+pub(crate) fn valid_slice_setting(us: u64) -> bool {
+    us == 0 || (100..=100_000).contains(&us)
+}
+
 /// `struct sched_attr` (the first version, 56 bytes), for `sched_setattr(2)`.
 #[cfg(target_os = "linux")]
 #[repr(C)]

@@ -163,7 +163,7 @@ impl HttpProxySettings {
         if self.workers > 1024 {
             return bad("http_proxy.workers", "must be 0..=1024");
         }
-        if self.sched_slice_us != 0 && !(100..=100_000).contains(&self.sched_slice_us) {
+        if !crate::proxy::worker::valid_slice_setting(self.sched_slice_us) {
             return bad("http_proxy.sched_slice_us", "must be 0 or 100..=100000");
         }
         if self.max_connections == 0 {
@@ -420,8 +420,7 @@ impl HttpProxy {
         let placement = crate::proxy::worker::Placement {
             workers,
             pin: self.settings.pin_workers,
-            slice: (self.settings.sched_slice_us > 0)
-                .then(|| Duration::from_micros(self.settings.sched_slice_us)),
+            slice: crate::proxy::worker::slice_setting(self.settings.sched_slice_us),
         };
         for n in 0..workers {
             let worker = Arc::new(Worker {
