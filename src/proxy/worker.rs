@@ -13,13 +13,14 @@
 //! worker then never migrates, and the scheduler places the other threads around the
 //! workers instead of stacking them behind one.
 //!
-//! An HTTP proxy worker also asks the scheduler for a short time slice
-//! ([`Placement::slice`]; EEVDF, Linux 6.12 and later). The scheduler then lets a worker
-//! that wakes up preempt sooner, and preempts it sooner when a client or an instance on
-//! its CPU wakes up, instead of letting either wait out the default slice (1.4 ms on 2
-//! CPUs). On 2 CPUs shared with wrk and nginx, 100 µs took the proxy's wrk p99 from
-//! 1.03–1.21 ms to 0.89–0.93 ms (haproxy 0.93–1.24 ms in the same rounds) for under 1 %
-//! of throughput (BENCHMARKS.md, "HTTP proxy").
+//! Every worker of either proxy also asks the scheduler for a short time slice
+//! ([`Placement::slice`], `sched_slice_us`; EEVDF, Linux 6.12 and later). The scheduler
+//! then lets a worker that wakes up preempt sooner, and preempts it sooner when a client
+//! or an instance on its CPU wakes up, instead of letting either wait out the default
+//! slice (1.4 ms on 2 CPUs). On 2 CPUs shared with wrk and nginx, 100 µs took the HTTP
+//! proxy's wrk p99 from 1.03–1.21 ms to 0.89–0.93 ms (haproxy 0.93–1.24 ms in the same
+//! rounds) for under 1 % of throughput, and gave the TCP proxy 1.5–5 % more connections
+//! per second (BENCHMARKS.md).
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -60,8 +61,9 @@ pub(crate) struct Placement {
 
 /// Starts worker `n` of a proxy: a named thread that builds a current-thread runtime
 /// and hands it to `body`. The runtime records when the thread blocks and wakes, for
-/// [`share_cpu`]; with `placement.pin` the thread is first bound to its CPU (see
-/// [`cpu_for`]). Errors building the runtime are logged and end the thread.
+/// [`share_cpu`]; the thread first asks for `placement.slice` and, with
+/// `placement.pin`, is bound to its CPU (see [`cpu_for`]); failing either is logged.
+/// Errors building the runtime are logged and end the thread.
 pub(crate) fn spawn<F>(
     name: String,
     n: usize,
