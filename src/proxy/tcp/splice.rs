@@ -19,10 +19,10 @@
 //! 18) and no read is spent on learning of the end of stream.
 //!
 //! The `unsafe` code here is five libc calls (`pipe2`, `splice`, `fcntl`, `recv`,
-//! `send`), each on file descriptors this module owns or
-//! borrows from a live `TcpStream`, each with its result checked. Readiness comes from
-//! tokio's reactor (`ready()` / `writable()` + `try_io`), so the sockets stay
-//! non-blocking and registered exactly as tokio left them.
+//! `send`), each on file descriptors this module owns or borrows from a live
+//! `TcpStream`, each with its result checked. Readiness comes from tokio's reactor
+//! (`ready()` / `writable()` + `try_io`), so the sockets stay non-blocking and registered
+//! exactly as tokio left them.
 #![allow(unsafe_code)]
 
 use std::cell::RefCell;
