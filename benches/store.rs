@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use netsel::catalog::{InstanceId, Secret, ServiceName};
 use netsel::protocol::{AppProtocol, RegisterOptions, Request, Response};
 use netsel::store::embedded::{EmbeddedOptions, EmbeddedStore};
-use netsel::store::{InstanceRecord, ServiceRecord, Store, StoreOp};
+use netsel::store::{InstanceRecord, Op, ServiceRecord, Store};
 use netsel::{NetSelServer, Settings};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -225,7 +225,7 @@ async fn fill(dir: &Path, n: u64) -> Duration {
     for s in 0..n.div_ceil(100) {
         index += 1;
         let name = ServiceName::new(&format!("svc-{s}")).unwrap();
-        ops.push(StoreOp::PutService(ServiceRecord {
+        ops.push(Op::PutService(ServiceRecord {
             name: name.clone(),
             vip: IpAddr::from([127, 77, ((s + 1) >> 8) as u8, (s + 1) as u8]),
             port: 80,
@@ -233,7 +233,7 @@ async fn fill(dir: &Path, n: u64) -> Duration {
         }));
         for i in 0..100.min(n - s * 100) {
             index += 1;
-            ops.push(StoreOp::PutInstance(InstanceRecord {
+            ops.push(Op::PutInstance(InstanceRecord {
                 id: InstanceId::from(format!("{:016x}", s * 100 + i).as_str()),
                 service: name.clone(),
                 endpoint: SocketAddr::from(([127, 200 + (s >> 8) as u8, s as u8, i as u8], 8080)),
@@ -248,14 +248,17 @@ async fn fill(dir: &Path, n: u64) -> Duration {
                 secret: Secret::generate(),
                 registered_index: index,
                 deadline_unix_ms: now + 60_000,
+                owner: None,
+                health: Default::default(),
+                request: None,
             }));
         }
         if ops.len() >= 10_000 {
-            ops.push(StoreOp::SetIndex(index));
+            ops.push(Op::SetIndex(index));
             store.apply(std::mem::take(&mut ops)).wait().await.unwrap();
         }
     }
-    ops.push(StoreOp::SetIndex(index));
+    ops.push(Op::SetIndex(index));
     store.apply(ops).wait().await.unwrap();
     store.close();
     t0.elapsed()
@@ -266,7 +269,7 @@ async fn commit_latency(dir: &Path, n: u32) -> f64 {
     let store = EmbeddedStore::open(dir).unwrap();
     let name = ServiceName::new("lat").unwrap();
     store
-        .apply(vec![StoreOp::PutService(ServiceRecord {
+        .apply(vec![Op::PutService(ServiceRecord {
             name: name.clone(),
             vip: IpAddr::from([127, 77, 9, 9]),
             port: 80,
@@ -292,12 +295,12 @@ async fn commit_latency(dir: &Path, n: u32) -> f64 {
             secret: Secret::generate(),
             registered_index: u64::from(i) + 2,
             deadline_unix_ms: 0,
+            owner: None,
+            health: Default::default(),
+            request: None,
         };
         store
-            .apply(vec![
-                StoreOp::PutInstance(rec),
-                StoreOp::SetIndex(u64::from(i) + 2),
-            ])
+            .apply(vec![Op::PutInstance(rec), Op::SetIndex(u64::from(i) + 2)])
             .wait()
             .await
             .unwrap();

@@ -35,6 +35,7 @@
 //! ```
 
 pub mod client;
+pub mod model;
 pub mod protocol;
 
 #[cfg(feature = "server")]

@@ -15,7 +15,7 @@ use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
 
-use crate::catalog::ServiceName;
+use crate::model::ServiceName;
 
 /// NetSel's own default ports; the port pool may never contain them.
 pub const RESERVED_PORTS: [u16; 5] = [5353, 8080, 8081, 9000, 9001];
@@ -126,20 +126,25 @@ impl VipPool {
         self.live.len()
     }
 
-    /// Allocates a VIP for `name` at time `now_ms`.
+    /// Allocates a VIP for `name` at time `now_ms`: [`pick`](Self::pick), then
+    /// [`take`](Self::take).
+    pub fn allocate(&mut self, name: &ServiceName, now_ms: u64) -> Result<IpAddr, NetworkError> {
+        let ip = self.pick(name, now_ms)?;
+        self.take(ip, name);
+        Ok(ip)
+    }
+
+    /// The address `name` would get at time `now_ms`, changing nothing.
     ///
     /// A name that held an address recently gets it back. Otherwise the search starts at a
     /// position derived from the name's hash, so a name tends to get the same address even
     /// in a registry that lost its state.
-    pub fn allocate(&mut self, name: &ServiceName, now_ms: u64) -> Result<IpAddr, NetworkError> {
-        self.held.retain(|_, (_, until)| *until > now_ms);
+    pub fn pick(&self, name: &ServiceName, now_ms: u64) -> Result<IpAddr, NetworkError> {
         if let Some(ip) = self
             .held
             .iter()
-            .find_map(|(ip, (n, _))| (n == name).then_some(*ip))
+            .find_map(|(ip, (n, until))| (n == name && *until > now_ms).then_some(*ip))
         {
-            self.held.remove(&ip);
-            self.live.insert(ip, name.clone());
             return Ok(ip);
         }
         let start = fnv1a(name.as_str().as_bytes()) as u128 % self.size;
@@ -148,34 +153,62 @@ impl VipPool {
         for step in 0..attempts {
             let offset = self.first + (start + step) % self.size;
             let ip = self.addr_at(offset);
-            if self.live.contains_key(&ip) || self.held.contains_key(&ip) || is_reserved(ip) {
+            if self.live.contains_key(&ip) || is_reserved(ip) {
+                continue;
+            }
+            if self.held.get(&ip).is_some_and(|(_, until)| *until > now_ms) {
                 continue;
             }
             if self.probe_bind && !can_bind(ip) {
                 continue;
             }
-            self.live.insert(ip, name.clone());
             return Ok(ip);
         }
         Err(NetworkError::VipPoolExhausted(self.net))
     }
 
-    /// Marks `ip` live for `name` (loading saved state). Returns false if it is taken or
-    /// outside the pool.
-    pub fn restore(&mut self, ip: IpAddr, name: &ServiceName) -> bool {
-        if !self.net.contains(&ip) || self.live.contains_key(&ip) {
-            return false;
-        }
+    /// Marks `ip` live for `name`, ending any hold on it. An address outside the pool is
+    /// recorded too (a cluster peer may run another pool): it simply never collides with
+    /// one this pool hands out. Returns false if another name had it live.
+    pub fn take(&mut self, ip: IpAddr, name: &ServiceName) -> bool {
         self.held.remove(&ip);
-        self.live.insert(ip, name.clone());
-        true
+        match self.live.insert(ip, name.clone()) {
+            Some(other) => other == *name,
+            None => true,
+        }
     }
 
-    /// Restores a hold (loading saved state).
-    pub fn restore_hold(&mut self, ip: IpAddr, name: ServiceName, until_ms: u64) {
+    /// Whether `ip` can be taken by `name`: inside the pool, and neither live for nor
+    /// held for another name.
+    pub fn available(&self, ip: IpAddr, name: &ServiceName, now_ms: u64) -> bool {
+        self.net.contains(&ip)
+            && self.live.get(&ip).is_none_or(|n| n == name)
+            && self
+                .held
+                .get(&ip)
+                .is_none_or(|(n, until)| n == name || *until <= now_ms)
+    }
+
+    /// Forgets holds that ended by `now_ms`.
+    pub fn prune(&mut self, now_ms: u64) {
+        self.held.retain(|_, (_, until)| *until > now_ms);
+    }
+
+    /// Frees a live address at once, with no hold.
+    pub fn free(&mut self, ip: IpAddr) {
+        self.live.remove(&ip);
+    }
+
+    /// Holds `ip` back for `name` until `until_ms` (an address that is live stays live).
+    pub fn hold(&mut self, ip: IpAddr, name: ServiceName, until_ms: u64) {
         if !self.live.contains_key(&ip) {
             self.held.insert(ip, (name, until_ms));
         }
+    }
+
+    /// Ends a hold early.
+    pub fn unhold(&mut self, ip: IpAddr) {
+        self.held.remove(&ip);
     }
 
     /// Releases `ip` at `now_ms`; it is held back for the hold time. Returns the hold's end.
@@ -184,6 +217,11 @@ impl VipPool {
         let until = now_ms.saturating_add(self.hold_ms);
         self.held.insert(ip, (name, until));
         Some(until)
+    }
+
+    /// How long a released address is held back, in milliseconds.
+    pub fn hold_ms(&self) -> u64 {
+        self.hold_ms
     }
 
     /// Addresses held back at `now_ms`, with who had them and until when.
@@ -244,32 +282,57 @@ impl PortPool {
         })
     }
 
-    /// Allocates a port, `hint` if it is in range and free.
+    /// Allocates a port, `hint` if it is in range and free: [`pick`](Self::pick), then
+    /// [`take`](Self::take).
     pub fn allocate(&mut self, hint: Option<u16>) -> Result<u16, NetworkError> {
+        let port = self.pick(hint)?;
+        self.take(port);
+        if hint != Some(port) {
+            self.advance_past(port);
+        }
+        Ok(port)
+    }
+
+    /// The port an allocation would get, `hint` if it is in range and free, changing
+    /// nothing.
+    pub fn pick(&self, hint: Option<u16>) -> Result<u16, NetworkError> {
         if let Some(h) = hint
             && (self.start..=self.end).contains(&h)
-            && self.used.insert(h)
+            && !self.used.contains(&h)
         {
             return Ok(h);
         }
         let len = u32::from(self.end - self.start) + 1;
         for step in 0..len {
             let port = self.start + ((u32::from(self.cursor - self.start) + step) % len) as u16;
-            if self.used.insert(port) {
-                self.cursor = if port == self.end {
-                    self.start
-                } else {
-                    port + 1
-                };
+            if !self.used.contains(&port) {
                 return Ok(port);
             }
         }
         Err(NetworkError::PortPoolExhausted(self.start, self.end))
     }
 
-    /// Marks `port` used (loading saved state). Returns false if it is taken or outside.
-    pub fn restore(&mut self, port: u16) -> bool {
-        (self.start..=self.end).contains(&port) && self.used.insert(port)
+    /// Marks `port` used. A port outside the range is ignored. Returns false if it was
+    /// already used.
+    pub fn take(&mut self, port: u16) -> bool {
+        !(self.start..=self.end).contains(&port) || self.used.insert(port)
+    }
+
+    /// Moves the next-fit search past `port` (after handing out a port the search found,
+    /// not a hint), so a port just released is the last to be reused.
+    pub fn advance_past(&mut self, port: u16) {
+        if (self.start..=self.end).contains(&port) {
+            self.cursor = if port == self.end {
+                self.start
+            } else {
+                port + 1
+            };
+        }
+    }
+
+    /// Whether `port` is in range and unused.
+    pub fn is_free(&self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port) && !self.used.contains(&port)
     }
 
     /// Returns `port` to the pool.

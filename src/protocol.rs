@@ -26,8 +26,7 @@ pub const MAX_TAGS: usize = 64;
 pub const MAX_META: usize = 64;
 /// Longest tag, metadata key or metadata value, in bytes.
 pub const MAX_VALUE_LEN: usize = 512;
-/// Longest service name (one DNS label).
-pub const MAX_NAME_LEN: usize = 63;
+pub use crate::model::{AppProtocol, Check, MAX_NAME_LEN};
 
 /// How a request arrived, which decides how its answer is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,31 +35,6 @@ pub enum Framing {
     Seed,
     /// A newline-terminated line.
     Line,
-}
-
-/// The application protocol an instance speaks, used by the HTTP proxy upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
-#[cfg_attr(feature = "server", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "server", serde(rename_all = "lowercase"))]
-pub enum AppProtocol {
-    /// Plain TCP (HTTP/1.1 when proxied over HTTP).
-    #[default]
-    Tcp,
-    /// HTTP/1.1.
-    Http1,
-    /// HTTP/2 over cleartext (prior knowledge).
-    Http2,
-}
-
-impl AppProtocol {
-    /// The protocol's wire name (`tcp`, `http1`, `http2`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AppProtocol::Tcp => "tcp",
-            AppProtocol::Http1 => "http1",
-            AppProtocol::Http2 => "http2",
-        }
-    }
 }
 
 impl std::str::FromStr for AppProtocol {
@@ -74,30 +48,6 @@ impl std::str::FromStr for AppProtocol {
                 key: "proto".into(),
                 reason: format!("unknown protocol '{s}' (expected tcp, http1 or http2)"),
             }),
-        }
-    }
-}
-
-/// An active health check NetSel runs against an instance every `health_check_interval`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "server", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "server", serde(rename_all = "lowercase", tag = "type"))]
-pub enum Check {
-    /// A TCP connect to the endpoint succeeds.
-    Tcp,
-    /// `GET <path>` on the endpoint answers 2xx or 3xx.
-    Http {
-        /// Request path, starting with `/`.
-        path: String,
-    },
-}
-
-impl Check {
-    /// The wire form: `tcp` or `http:<path>`.
-    pub fn to_wire(&self) -> String {
-        match self {
-            Check::Tcp => "tcp".into(),
-            Check::Http { path } => format!("http:{path}"),
         }
     }
 }

@@ -14,7 +14,7 @@ use netsel::client::ServiceClient;
 use netsel::protocol::{AppProtocol, RegisterOptions, Request, Response};
 use netsel::store::embedded::{EmbeddedOptions, EmbeddedStore, FORMAT_VERSION, STORE_FILE};
 use netsel::store::wal;
-use netsel::store::{InstanceRecord, ServiceRecord, Store, StoreError, StoreOp};
+use netsel::store::{InstanceRecord, Op, ServiceRecord, Store, StoreError};
 use netsel::{NetSelServer, Settings};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -230,6 +230,9 @@ fn instance(id: &str, service: &str, port: u16, deadline_unix_ms: u64) -> Instan
         secret: Secret::from_string("s".repeat(32)),
         registered_index: 1,
         deadline_unix_ms,
+        owner: None,
+        health: Default::default(),
+        request: None,
     }
 }
 
@@ -249,16 +252,16 @@ async fn a_restart_never_expires_instances_whose_lease_ran_out_while_down() {
         // Instances whose 1 s leases ran out ten minutes ago (the registry was down).
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let stale = unix_ms() - 600_000;
-        let mut ops = vec![StoreOp::PutService(service("old", [127, 77, 0, 9]))];
+        let mut ops = vec![Op::PutService(service("old", [127, 77, 0, 9]))];
         for i in 0..50u16 {
-            ops.push(StoreOp::PutInstance(instance(
+            ops.push(Op::PutInstance(instance(
                 &format!("{i:016x}"),
                 "old",
                 20_000 + i,
                 stale,
             )));
         }
-        ops.push(StoreOp::SetIndex(1));
+        ops.push(Op::SetIndex(1));
         store.apply(ops).wait().await.unwrap();
         store.close();
     }
@@ -296,10 +299,10 @@ async fn renewals_are_batched_and_persisted_but_never_resurrect() {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         store
             .apply(vec![
-                StoreOp::PutService(service("svc", [127, 77, 0, 1])),
-                StoreOp::PutInstance(instance("00000000000000aa", "svc", 1, base)),
-                StoreOp::PutInstance(instance("00000000000000bb", "svc", 2, base)),
-                StoreOp::SetIndex(3),
+                Op::PutService(service("svc", [127, 77, 0, 1])),
+                Op::PutInstance(instance("00000000000000aa", "svc", 1, base)),
+                Op::PutInstance(instance("00000000000000bb", "svc", 2, base)),
+                Op::SetIndex(3),
             ])
             .wait()
             .await
@@ -312,8 +315,8 @@ async fn renewals_are_batched_and_persisted_but_never_resurrect() {
         // bb goes away; its pending renewal must not bring its lease back.
         store
             .apply(vec![
-                StoreOp::DeleteInstance(InstanceId::from("00000000000000bb")),
-                StoreOp::SetIndex(4),
+                Op::DeleteInstance(InstanceId::from("00000000000000bb")),
+                Op::SetIndex(4),
             ])
             .wait()
             .await
@@ -323,7 +326,7 @@ async fn renewals_are_batched_and_persisted_but_never_resurrect() {
         // close() writes what is still pending.
         store.close();
         assert!(matches!(
-            store.apply(vec![StoreOp::SetIndex(5)]).wait().await,
+            store.apply(vec![Op::SetIndex(5)]).wait().await,
             Err(StoreError::Closed)
         ));
     }
@@ -492,10 +495,12 @@ async fn a_corrupted_store_is_refused_without_a_panic() {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         store
             .apply(
-                std::iter::once(StoreOp::PutService(service("svc", [127, 77, 0, 1])))
-                    .chain((0..2000u16).map(|i| {
-                        StoreOp::PutInstance(instance(&format!("{i:016x}"), "svc", i + 1, 0))
-                    }))
+                std::iter::once(Op::PutService(service("svc", [127, 77, 0, 1])))
+                    .chain(
+                        (0..2000u16).map(|i| {
+                            Op::PutInstance(instance(&format!("{i:016x}"), "svc", i + 1, 0))
+                        }),
+                    )
                     .collect(),
             )
             .wait()
@@ -641,7 +646,7 @@ fn wal_seq(dir: &Path) -> u64 {
 
 /// A log record written as the log writer writes it: what a crash after the
 /// acknowledgement and before the checkpoint leaves behind.
-fn log_record(dir: &Path, seq: u64, batches: &[Vec<StoreOp>]) {
+fn log_record(dir: &Path, seq: u64, batches: &[Vec<Op>]) {
     let mut log = wal::Wal::open(dir, wal::DEFAULT_WAL_FILE_BYTES, seq - 1).unwrap();
     let mut bytes = Vec::new();
     wal::encode(seq, &serde_json::to_vec(batches).unwrap(), &mut bytes);
@@ -654,7 +659,7 @@ async fn acknowledged_writes_still_only_in_the_log_are_replayed() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path()).unwrap();
     store
-        .apply(vec![StoreOp::PutService(service("web", [127, 77, 0, 1]))])
+        .apply(vec![Op::PutService(service("web", [127, 77, 0, 1]))])
         .wait()
         .await
         .unwrap();
@@ -665,10 +670,7 @@ async fn acknowledged_writes_still_only_in_the_log_are_replayed() {
     log_record(
         dir.path(),
         seq + 1,
-        &[vec![
-            StoreOp::PutInstance(late.clone()),
-            StoreOp::SetIndex(7),
-        ]],
+        &[vec![Op::PutInstance(late.clone()), Op::SetIndex(7)]],
     );
     let read = EmbeddedStore::read(dir.path()).unwrap();
     assert_eq!(read.instances, vec![late.clone()]);
@@ -688,7 +690,7 @@ async fn a_log_with_a_missing_record_is_refused() {
     log_record(
         dir.path(),
         seq + 2,
-        &[vec![StoreOp::PutService(service("web", [127, 77, 0, 1]))]],
+        &[vec![Op::PutService(service("web", [127, 77, 0, 1]))]],
     );
     match open_err(dir.path()) {
         StoreError::Corrupt(why) => assert!(why.contains("missing"), "{why}"),
@@ -707,7 +709,7 @@ async fn tiny_log_files_switch_often_and_lose_nothing() {
     };
     let store = std::sync::Arc::new(EmbeddedStore::open_with(dir.path(), options).unwrap());
     store
-        .apply(vec![StoreOp::PutService(service("web", [127, 77, 0, 1]))])
+        .apply(vec![Op::PutService(service("web", [127, 77, 0, 1]))])
         .wait()
         .await
         .unwrap();
@@ -719,7 +721,7 @@ async fn tiny_log_files_switch_often_and_lose_nothing() {
                 let id = format!("c{c}k{k}");
                 let rec = instance(&id, "web", 10_000 + c * 100 + k, unix_ms() + 60_000);
                 store
-                    .apply(vec![StoreOp::PutInstance(rec)])
+                    .apply(vec![Op::PutInstance(rec)])
                     .wait()
                     .await
                     .unwrap();
@@ -795,7 +797,7 @@ fn netsel_serve_exits_non_zero_on_a_bad_data_dir() {
     {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let ops = (0..500u16)
-            .map(|i| StoreOp::PutInstance(instance(&format!("{i:016x}"), "svc", i + 1, 0)))
+            .map(|i| Op::PutInstance(instance(&format!("{i:016x}"), "svc", i + 1, 0)))
             .collect();
         block_on(store.apply(ops).wait()).unwrap();
         store.close();

@@ -98,14 +98,19 @@ impl From<CatalogError> for ApiError {
                 };
                 ApiError::invalid(field, reason)
             }
-            CatalogError::UnknownInstance(_) | CatalogError::UnknownService(_) => {
-                ApiError::NotFound(message)
-            }
+            CatalogError::UnknownInstance(_)
+            | CatalogError::UnknownService(_)
+            | CatalogError::OwnedElsewhere { .. } => ApiError::NotFound(message),
             CatalogError::WrongSecret(_) | CatalogError::NotOwner { .. } => {
                 ApiError::Forbidden(message)
             }
             CatalogError::PortConflict { .. } => ApiError::Conflict(message),
-            CatalogError::Full(_) | CatalogError::Network(_) => ApiError::Unavailable(message),
+            CatalogError::Full(_)
+            | CatalogError::Network(_)
+            | CatalogError::Unavailable(_)
+            | CatalogError::Store(crate::store::StoreError::Unavailable(_)) => {
+                ApiError::Unavailable(message)
+            }
             CatalogError::Store(_) => {
                 tracing::error!(error = %message, "catalog write not persisted");
                 ApiError::Internal(message)

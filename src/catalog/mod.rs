@@ -1,9 +1,18 @@
 //! The catalog: the one source of truth for services, instances, leases and VIPs.
 //!
-//! * **Writes** (register, deregister, expire, health changes) take a short std `Mutex`,
-//!   update persistent maps, hand the store a batch of [`StoreOp`]s in order, publish a new
-//!   [`Snapshot`], bump the index and send [`Change`] events. The lock is never held across
-//!   an `.await`; durability is awaited after it is released, before the caller is told.
+//! It is a state machine over committed operations ([`Op`]):
+//!
+//! * **A write** (register, deregister, expire, health change) validates, allocates (VIP,
+//!   pool port) and *plans* operations; it changes nothing itself.
+//! * **The store commits them.** On a single node the store is the sequencer: the planned
+//!   batch is applied under a short std `Mutex`, handed to the store in order, and the
+//!   caller is answered once the store says it is durable (the lock is never held across
+//!   an `.await`, so a store can group-commit). In a cluster the batch becomes an etcd
+//!   transaction guarded by what the plan read ([`Expect`]); the node applies it when its
+//!   watch delivers it, and answers once its own view has reached that revision.
+//! * **Applying a committed operation** ([`State::apply`]) is the only way state changes,
+//!   on every node: a local write, the embedded store's restore and log replay (a fold of
+//!   the same apply over what was kept), and a cluster node's list and watch.
 //! * **Reads** load the current snapshot (`arc-swap`): no lock, never waiting for writers.
 //!   Snapshots share structure (`imbl`), so publishing one is cheap.
 //! * **Heartbeats** renew a lease with one atomic store on the instance's shared [`Lease`]:
@@ -16,7 +25,7 @@ mod metrics;
 mod model;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,11 +39,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::CatalogMetrics;
-pub use model::{Health, Instance, InstanceId, Lease, NameError, Secret, Service, ServiceName};
+pub use model::{Instance, Lease, Service};
 
+use crate::model::{AppProtocol, Check, InstanceRecord, Op, ServiceRecord, VipHold};
+pub use crate::model::{Health, InstanceId, NameError, NodeId, Secret, ServiceName};
 use crate::network::{NetworkError, PortPool, VipPool};
-use crate::protocol::{AppProtocol, Check, MAX_META, MAX_TAGS, MAX_VALUE_LEN};
-use crate::store::{InstanceRecord, Persisted, ServiceRecord, Store, StoreError, StoreOp, VipHold};
+use crate::protocol::{MAX_META, MAX_TAGS, MAX_VALUE_LEN};
+use crate::store::{
+    Backend, Cluster, Expect, Persisted, Proposal, ProposeError, Store, StoreError,
+};
 
 /// Settings the catalog needs; every default is in [`crate::config`].
 #[derive(Debug, Clone)]
@@ -111,6 +124,19 @@ pub enum CatalogError {
     /// Applied in memory but not made durable.
     #[error("not persisted: {0}")]
     Store(#[from] StoreError),
+    /// The cluster store cannot take writes now (no quorum, unreachable): nothing was
+    /// changed. Reads, DNS and the proxies go on from the last view.
+    #[error("cluster store unavailable: {0}")]
+    Unavailable(String),
+    /// The instance's lease is held by another cluster node: heartbeat it there, or
+    /// register again here.
+    #[error("unknown instance {id} on this node (its lease is held by node {owner})")]
+    OwnedElsewhere {
+        /// Instance id.
+        id: String,
+        /// The node that holds it.
+        owner: String,
+    },
 }
 
 impl CatalogError {
@@ -127,6 +153,8 @@ impl CatalogError {
             CatalogError::Full(_) => "catalog_full",
             CatalogError::Network(_) => "pool_exhausted",
             CatalogError::Store(_) => "store",
+            CatalogError::Unavailable(_) => "unavailable",
+            CatalogError::OwnedElsewhere { .. } => "owned_elsewhere",
         }
     }
 }
@@ -291,11 +319,18 @@ impl Snapshot {
     }
 }
 
+/// The catalog's state: what the operations applied so far add up to.
 struct State {
     index: u64,
+    /// Live services: those with at least one instance.
     services: imbl::OrdMap<ServiceName, Arc<Service>>,
     instances: imbl::HashMap<InstanceId, Arc<Instance>>,
     by_vip: imbl::HashMap<IpAddr, ServiceName>,
+    /// Every service record applied and not deleted, live or not, and since when (catalog
+    /// ms) it has had no instance. In a cluster a service's record outlives its last
+    /// instance by the VIP hold, so its name keeps its VIP cluster-wide; on a single node
+    /// a service with no instance is deleted in the same batch (and its VIP held).
+    records: HashMap<ServiceName, (ServiceRecord, Option<u64>)>,
     /// Which instance of a service a registration renews or takes over, without scanning
     /// the service's instances (registration stays O(log n) in a service of thousands).
     by_owner: HashMap<(ServiceName, OwnerKey), InstanceId>,
@@ -322,6 +357,47 @@ impl OwnerKey {
     }
 }
 
+/// What an apply needs besides the operation: the clocks (to turn stored wall-clock
+/// deadlines into catalog time), this node, and why instances leave.
+struct Ctx<'a> {
+    now_ms: u64,
+    unix_now: u64,
+    node: Option<&'a NodeId>,
+    removal: ChangeKind,
+}
+
+impl Ctx<'_> {
+    fn owns(&self, owner: Option<&NodeId>) -> bool {
+        owner == self.node
+    }
+
+    fn catalog_ms(&self, unix_ms: u64) -> u64 {
+        if unix_ms >= self.unix_now {
+            self.now_ms.saturating_add(unix_ms - self.unix_now)
+        } else {
+            self.now_ms.saturating_sub(self.unix_now - unix_ms)
+        }
+    }
+
+    fn unix_ms(&self, catalog_ms: u64) -> u64 {
+        if catalog_ms >= self.now_ms {
+            self.unix_now.saturating_add(catalog_ms - self.now_ms)
+        } else {
+            self.unix_now.saturating_sub(self.now_ms - catalog_ms)
+        }
+    }
+}
+
+/// What applying operations produced besides the new state.
+#[derive(Default)]
+struct Effects {
+    changes: Vec<Change>,
+    /// Lease timers to arm: instances this node now holds.
+    timers: Vec<(u64, InstanceId)>,
+    /// Instances that could not be applied (their service record is missing).
+    orphans: Vec<InstanceId>,
+}
+
 impl State {
     fn index_owner(&mut self, i: &Instance) {
         self.by_owner
@@ -334,6 +410,282 @@ impl State {
             self.by_owner.remove(&key);
         }
     }
+
+    /// Applies one committed operation. `op_index` is the index the operation committed
+    /// at (in a cluster, its key's revision), `index` the catalog index of the batch.
+    fn apply(&mut self, op: Op, op_index: u64, index: u64, ctx: &Ctx<'_>, fx: &mut Effects) {
+        match op {
+            Op::PutService(rec) => self.put_service(rec, op_index, ctx),
+            Op::DeleteService(name) => {
+                let Some((rec, _)) = self.records.remove(&name) else {
+                    return;
+                };
+                self.vips.free(rec.vip);
+                if let Some(svc) = self.services.remove(&name) {
+                    // Only a cluster can delete a service with instances (a relist that
+                    // lost it); its instances go with it.
+                    for i in svc.instances.iter() {
+                        self.instances.remove(&i.id);
+                        self.unindex_owner(i);
+                        if i.pool_port {
+                            self.ports.release(i.endpoint.port());
+                        }
+                    }
+                    self.by_vip.remove(&rec.vip);
+                    self.services_epoch += 1;
+                    fx.changes.push(Change {
+                        index,
+                        kind: ChangeKind::ServiceRemoved,
+                        service: name,
+                        instance: None,
+                    });
+                }
+            }
+            Op::PutInstance(rec) => self.put_instance(rec, op_index, index, ctx, fx),
+            Op::DeleteInstance(id) => self.delete_instance(&id, index, ctx, fx),
+            Op::PutHold(h) => self
+                .vips
+                .hold(h.vip, h.name, ctx.catalog_ms(h.until_unix_ms)),
+            Op::DeleteHold(ip) => self.vips.unhold(ip),
+            Op::SetIndex(i) => self.index = self.index.max(i),
+            Op::SetHealth { id, health } => {
+                let Some(inst) = self.instances.get(&id).cloned() else {
+                    return;
+                };
+                if inst.health == health {
+                    return;
+                }
+                let new = Arc::new(Instance {
+                    health,
+                    modify_index: op_index,
+                    ..Instance::clone(&inst)
+                });
+                self.replace_in_service(&new, index);
+                self.instances.insert(id.clone(), new);
+                fx.changes.push(Change {
+                    index,
+                    kind: ChangeKind::HealthChanged,
+                    service: inst.service.clone(),
+                    instance: Some(id),
+                });
+            }
+        }
+    }
+
+    fn put_service(&mut self, rec: ServiceRecord, op_index: u64, ctx: &Ctx<'_>) {
+        let created = if rec.created_index == 0 {
+            op_index
+        } else {
+            rec.created_index
+        };
+        let rec = ServiceRecord {
+            created_index: created,
+            ..rec
+        };
+        if let Some((old, _)) = self.records.get(&rec.name)
+            && old.vip != rec.vip
+        {
+            self.vips.free(old.vip);
+            if let Some(svc) = self.services.get(&rec.name) {
+                self.by_vip.remove(&svc.vip);
+                self.by_vip.insert(rec.vip, rec.name.clone());
+            }
+        }
+        if !self.vips.take(rec.vip, &rec.name) {
+            tracing::error!(service = %rec.name, vip = %rec.vip,
+                "a committed service record names a VIP another service has");
+        }
+        if let Some(svc) = self.services.get(&rec.name)
+            && (svc.port != rec.port || svc.vip != rec.vip)
+        {
+            let svc = Service {
+                port: rec.port,
+                vip: rec.vip,
+                ..Service::clone(svc)
+            };
+            self.services.insert(rec.name.clone(), Arc::new(svc));
+        }
+        let live = self.services.contains_key(&rec.name);
+        let empty_since = (!live).then_some(ctx.now_ms);
+        let name = rec.name.clone();
+        let since = match self.records.get(&name) {
+            Some((_, Some(since))) if !live => Some(*since),
+            _ => empty_since,
+        };
+        self.records.insert(name, (rec, since));
+    }
+
+    fn replace_in_service(&mut self, inst: &Arc<Instance>, index: u64) {
+        if let Some(svc) = self.services.get(&inst.service) {
+            let mut svc = Service::clone(svc);
+            if let Ok(pos) = svc.instances.binary_search_by(|i| i.id.cmp(&inst.id)) {
+                svc.instances[pos] = inst.clone();
+            }
+            svc.modify_index = index;
+            self.services.insert(inst.service.clone(), Arc::new(svc));
+        }
+    }
+
+    fn put_instance(
+        &mut self,
+        rec: InstanceRecord,
+        op_index: u64,
+        index: u64,
+        ctx: &Ctx<'_>,
+        fx: &mut Effects,
+    ) {
+        let Some((srec, _)) = self.records.get(&rec.service) else {
+            fx.orphans.push(rec.id);
+            return;
+        };
+        let (vip, port, created_index) = (srec.vip, srec.port, srec.created_index);
+        let previous = self.instances.get(&rec.id).cloned();
+        if let Some(prev) = &previous {
+            self.unindex_owner(prev);
+            if prev.pool_port && (!rec.pool_port || prev.endpoint.port() != rec.endpoint.port()) {
+                self.ports.release(prev.endpoint.port());
+            }
+        }
+        if rec.pool_port
+            && previous
+                .as_ref()
+                .is_none_or(|p| !p.pool_port || p.endpoint.port() != rec.endpoint.port())
+            && !self.ports.take(rec.endpoint.port())
+        {
+            tracing::warn!(instance = %rec.id, port = rec.endpoint.port(),
+                "a pool port is recorded for two instances");
+        }
+        let deadline = ctx.catalog_ms(rec.deadline_unix_ms);
+        let owned = ctx.owns(rec.owner.as_ref());
+        let lease = match &previous {
+            Some(prev) => {
+                if owned {
+                    prev.lease.renew(deadline);
+                }
+                prev.lease.clone()
+            }
+            None => Arc::new(Lease::new(deadline)),
+        };
+        if owned
+            && previous
+                .as_ref()
+                .is_none_or(|p| !ctx.owns(p.owner.as_ref()))
+        {
+            fx.timers.push((lease.deadline_ms(), rec.id.clone()));
+        }
+        let registered_index = match (&previous, rec.registered_index) {
+            (Some(prev), _) => prev.registered_index,
+            (None, 0) => op_index,
+            (None, i) => i,
+        };
+        let inst = Arc::new(Instance {
+            id: rec.id.clone(),
+            service: rec.service.clone(),
+            endpoint: rec.endpoint,
+            tags: rec.tags,
+            meta: rec.meta,
+            weight: rec.weight.max(1),
+            protocol: rec.protocol,
+            check: rec.check,
+            ttl: Duration::from_millis(rec.ttl_ms),
+            owner_peer: rec.owner_peer,
+            pool_port: rec.pool_port,
+            health: rec.health,
+            registered_index,
+            modify_index: op_index,
+            owner: rec.owner,
+            secret: rec.secret,
+            lease,
+        });
+        let mut svc = match self.services.get(&rec.service) {
+            Some(svc) => Service::clone(svc),
+            None => {
+                self.services_epoch += 1;
+                self.by_vip.insert(vip, rec.service.clone());
+                fx.changes.push(Change {
+                    index,
+                    kind: ChangeKind::ServiceCreated,
+                    service: rec.service.clone(),
+                    instance: None,
+                });
+                Service {
+                    name: rec.service.clone(),
+                    vip,
+                    port,
+                    created_index,
+                    modify_index: index,
+                    instances: imbl::Vector::new(),
+                }
+            }
+        };
+        match svc.instances.binary_search_by(|i| i.id.cmp(&inst.id)) {
+            Ok(pos) => svc.instances[pos] = inst.clone(),
+            Err(pos) => svc.instances.insert(pos, inst.clone()),
+        }
+        svc.modify_index = index;
+        if let Some((_, since)) = self.records.get_mut(&rec.service) {
+            *since = None;
+        }
+        self.services.insert(rec.service.clone(), Arc::new(svc));
+        self.index_owner(&inst);
+        self.instances.insert(rec.id.clone(), inst);
+        fx.changes.push(Change {
+            index,
+            kind: if previous.is_some() {
+                ChangeKind::InstanceUpdated
+            } else {
+                ChangeKind::InstanceRegistered
+            },
+            service: rec.service,
+            instance: Some(rec.id),
+        });
+    }
+
+    fn delete_instance(&mut self, id: &InstanceId, index: u64, ctx: &Ctx<'_>, fx: &mut Effects) {
+        let Some(inst) = self.instances.remove(id) else {
+            return;
+        };
+        self.unindex_owner(&inst);
+        if inst.pool_port {
+            self.ports.release(inst.endpoint.port());
+        }
+        fx.changes.push(Change {
+            index,
+            kind: ctx.removal,
+            service: inst.service.clone(),
+            instance: Some(id.clone()),
+        });
+        let Some(svc) = self.services.get(&inst.service) else {
+            return;
+        };
+        let mut svc = Service::clone(svc);
+        if let Ok(pos) = svc.instances.binary_search_by(|i| i.id.cmp(id)) {
+            svc.instances.remove(pos);
+        }
+        svc.modify_index = index;
+        if svc.instances.is_empty() {
+            self.services.remove(&svc.name);
+            self.services_epoch += 1;
+            self.by_vip.remove(&svc.vip);
+            if let Some((_, since)) = self.records.get_mut(&svc.name) {
+                *since = Some(ctx.now_ms);
+            }
+            fx.changes.push(Change {
+                index,
+                kind: ChangeKind::ServiceRemoved,
+                service: svc.name.clone(),
+                instance: None,
+            });
+        } else {
+            self.services.insert(svc.name.clone(), Arc::new(svc));
+        }
+    }
+}
+
+/// Whether writes are sequenced here (a local store) or in a cluster store.
+enum Writer {
+    Local(Arc<dyn Store>),
+    Cluster(Arc<dyn Cluster>),
 }
 
 struct Inner {
@@ -344,7 +696,12 @@ struct Inner {
     events: broadcast::Sender<Change>,
     index_tx: watch::Sender<u64>,
     services_tx: watch::Sender<u64>,
-    store: Arc<dyn Store>,
+    writer: Writer,
+    /// This node's id in a cluster; `None` on a single node.
+    node: Option<NodeId>,
+    /// Instances this node is expiring right now: their removal, when the watch delivers
+    /// it, is an expiry, not a deregistration.
+    expiring: Mutex<HashSet<InstanceId>>,
     timers: mpsc::UnboundedSender<(u64, InstanceId)>,
     timer_rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, InstanceId)>>>,
     metrics: CatalogMetrics,
@@ -360,7 +717,7 @@ impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Catalog")
             .field("index", &self.index())
-            .field("store", &self.inner.store.describe())
+            .field("store", &self.describe_store())
             .finish()
     }
 }
@@ -368,6 +725,13 @@ impl std::fmt::Debug for Catalog {
 /// Capacity of the change-event channel; a subscriber that falls further behind gets
 /// `Lagged` and should re-read the snapshot.
 const EVENT_CAPACITY: usize = 4096;
+
+/// How often a cluster write is planned again after a guard failed (another node wrote
+/// first), before it gives up.
+const MAX_CLUSTER_ATTEMPTS: usize = 16;
+
+/// How long a cluster write waits for this node's view to reach a revision.
+const VIEW_WAIT: Duration = Duration::from_secs(5);
 
 fn unix_now_ms() -> u64 {
     SystemTime::now()
@@ -380,6 +744,23 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What a write planned: the operations to commit, what a cluster transaction must find
+/// for them to hold, and what the caller is told once they are applied.
+struct Plan<T> {
+    ops: Vec<Op>,
+    expect: Vec<Expect>,
+    removal: ChangeKind,
+    answer: T,
+}
+
+/// How a write ended.
+enum Planned<T> {
+    /// Commit these operations.
+    Write(Plan<T>),
+    /// Nothing to commit: answer at once.
+    Done(T),
+}
+
 impl Catalog {
     /// A catalog over `store`, loaded with whatever the store kept.
     ///
@@ -387,37 +768,7 @@ impl Catalog {
     /// expires live clients en masse.
     pub fn new(settings: CatalogSettings, store: Arc<dyn Store>) -> Result<Self, CatalogError> {
         let persisted = store.load()?;
-        let mut vips = VipPool::new(settings.vip_cidr, ms(settings.vip_hold))?;
-        vips.set_probe_bind(settings.probe_vip_bind);
-        let ports = PortPool::new(settings.port_range.clone())?;
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let (timers, timer_rx) = mpsc::unbounded_channel();
-        let (index_tx, _) = watch::channel(persisted.index);
-        let (services_tx, _) = watch::channel(0);
-        let catalog = Catalog {
-            inner: Arc::new(Inner {
-                settings,
-                epoch: Instant::now(),
-                state: Mutex::new(State {
-                    index: persisted.index,
-                    services: imbl::OrdMap::new(),
-                    instances: imbl::HashMap::new(),
-                    by_vip: imbl::HashMap::new(),
-                    by_owner: HashMap::new(),
-                    services_epoch: 0,
-                    vips,
-                    ports,
-                }),
-                snapshot: ArcSwap::from_pointee(Snapshot::default()),
-                events,
-                index_tx,
-                services_tx,
-                store,
-                timers,
-                timer_rx: Mutex::new(Some(timer_rx)),
-                metrics: CatalogMetrics::default(),
-            }),
-        };
+        let catalog = Catalog::build(settings, Writer::Local(store), None)?;
         catalog.restore(persisted)?;
         Ok(catalog)
     }
@@ -427,104 +778,292 @@ impl Catalog {
         Catalog::new(settings, Arc::new(crate::store::MemoryStore))
     }
 
-    fn restore(&self, p: Persisted) -> Result<(), CatalogError> {
-        let now = self.now_ms();
-        let unix_now = unix_now_ms();
-        let grace = ms(self.inner.settings.restart_grace);
-        let mut st = self.lock();
-        let mut fixups = Vec::new();
-        for h in p.holds {
-            let until = now.saturating_add(h.until_unix_ms.saturating_sub(unix_now));
-            st.vips.restore_hold(h.vip, h.name, until);
+    /// A cluster node's catalog: empty until the cluster store's list arrives through
+    /// [`reset_view`](Self::reset_view), then fed by [`apply_committed`](Self::apply_committed).
+    /// Writes become transactions of `cluster`.
+    pub fn clustered(
+        settings: CatalogSettings,
+        cluster: Arc<dyn Cluster>,
+    ) -> Result<Self, CatalogError> {
+        let node = cluster.node().clone();
+        Catalog::build(settings, Writer::Cluster(cluster), Some(node))
+    }
+
+    /// A catalog over `backend`.
+    pub fn with_backend(settings: CatalogSettings, backend: Backend) -> Result<Self, CatalogError> {
+        match backend {
+            Backend::Local(store) => Catalog::new(settings, store),
+            Backend::Cluster(cluster) => Catalog::clustered(settings, cluster),
         }
-        let mut services: BTreeMap<ServiceName, Service> = BTreeMap::new();
+    }
+
+    fn build(
+        settings: CatalogSettings,
+        writer: Writer,
+        node: Option<NodeId>,
+    ) -> Result<Self, CatalogError> {
+        let mut vips = VipPool::new(settings.vip_cidr, ms(settings.vip_hold))?;
+        vips.set_probe_bind(settings.probe_vip_bind);
+        let ports = PortPool::new(settings.port_range.clone())?;
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (timers, timer_rx) = mpsc::unbounded_channel();
+        let (index_tx, _) = watch::channel(0);
+        let (services_tx, _) = watch::channel(0);
+        Ok(Catalog {
+            inner: Arc::new(Inner {
+                settings,
+                epoch: Instant::now(),
+                state: Mutex::new(State {
+                    index: 0,
+                    services: imbl::OrdMap::new(),
+                    instances: imbl::HashMap::new(),
+                    by_vip: imbl::HashMap::new(),
+                    records: HashMap::new(),
+                    by_owner: HashMap::new(),
+                    services_epoch: 0,
+                    vips,
+                    ports,
+                }),
+                snapshot: ArcSwap::from_pointee(Snapshot::default()),
+                events,
+                index_tx,
+                services_tx,
+                writer,
+                node,
+                expiring: Mutex::new(HashSet::new()),
+                timers,
+                timer_rx: Mutex::new(Some(timer_rx)),
+                metrics: CatalogMetrics::default(),
+            }),
+        })
+    }
+
+    fn ctx(&self, removal: ChangeKind) -> Ctx<'_> {
+        Ctx {
+            now_ms: self.now_ms(),
+            unix_now: unix_now_ms(),
+            node: self.inner.node.as_ref(),
+            removal,
+        }
+    }
+
+    /// Applies a batch of operations at catalog index `index` and arms the timers it asks
+    /// for. Every state change goes through here.
+    fn apply_batch(
+        &self,
+        st: &mut State,
+        index: u64,
+        ops: impl IntoIterator<Item = (u64, Op)>,
+        ctx: &Ctx<'_>,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        for (op_index, op) in ops {
+            st.apply(op, op_index, index, ctx, &mut fx);
+        }
+        st.index = st.index.max(index);
+        for t in fx.timers.drain(..) {
+            let _ = self.inner.timers.send(t);
+        }
+        fx
+    }
+
+    /// Restores what a local store kept: a fold of [`State::apply`] over it, then the
+    /// repairs a changed configuration needs, and the restart grace.
+    fn restore(&self, p: Persisted) -> Result<(), CatalogError> {
+        let ctx = self.ctx(ChangeKind::InstanceDeregistered);
+        let mut st = self.lock();
+        let index = p.index;
+        let mut fixups = Vec::new();
+        let mut ops: Vec<(u64, Op)> = Vec::new();
+        ops.extend(p.holds.into_iter().map(|h| (index, Op::PutHold(h))));
+        // Services whose stored VIP this pool cannot give them (the pool changed, or two
+        // records clash) get a new address rather than refusing to start.
+        let mut claimed: HashSet<IpAddr> = HashSet::new();
         for s in p.services {
-            let vip = if st.vips.restore(s.vip, &s.name) {
-                s.vip
-            } else {
-                // The pool changed under the stored data (or two records clash): give the
-                // service a new address rather than refuse to start.
-                let vip = st.vips.allocate(&s.name, now)?;
+            let vip = if claimed.contains(&s.vip) || !st.vips.net().contains(&s.vip) {
+                let mut probe = st.vips.clone();
+                for ip in &claimed {
+                    probe.take(*ip, &s.name);
+                }
+                let vip = probe.pick(&s.name, ctx.now_ms)?;
                 tracing::warn!(service = %s.name, old = %s.vip, new = %vip,
                     "stored VIP is outside the pool or taken; reassigned");
-                fixups.push(StoreOp::PutService(ServiceRecord { vip, ..s.clone() }));
+                fixups.push(Op::PutService(ServiceRecord { vip, ..s.clone() }));
                 vip
+            } else {
+                s.vip
             };
-            services.insert(
-                s.name.clone(),
-                Service {
-                    name: s.name,
-                    vip,
-                    port: s.port,
-                    created_index: s.created_index,
-                    modify_index: s.created_index,
-                    instances: imbl::Vector::new(),
-                },
-            );
+            claimed.insert(vip);
+            ops.push((s.created_index, Op::PutService(ServiceRecord { vip, ..s })));
         }
-        for r in p.instances {
-            let Some(svc) = services.get_mut(&r.service) else {
-                tracing::warn!(instance = %r.id, service = %r.service,
-                    "stored instance has no service; dropped");
-                fixups.push(StoreOp::DeleteInstance(r.id));
-                continue;
-            };
-            if r.pool_port && !st.ports.restore(r.endpoint.port()) {
-                tracing::warn!(instance = %r.id, port = r.endpoint.port(),
-                    "stored pool port is outside the pool or taken");
-            }
-            let remaining = r.deadline_unix_ms.saturating_sub(unix_now);
-            let deadline = now + remaining.max(grace);
-            let inst = Instance {
-                id: r.id,
-                service: r.service,
-                endpoint: r.endpoint,
-                tags: r.tags,
-                meta: r.meta,
-                weight: r.weight.max(1),
-                protocol: r.protocol,
-                check: r.check,
-                ttl: Duration::from_millis(r.ttl_ms),
-                owner_peer: r.owner_peer,
-                pool_port: r.pool_port,
-                health: Health::Passing,
-                registered_index: r.registered_index,
-                secret: r.secret,
-                lease: Arc::new(Lease::new(deadline)),
-            };
-            svc.modify_index = svc.modify_index.max(inst.registered_index);
-            let _ = self.inner.timers.send((deadline, inst.id.clone()));
-            svc.instances.push_back(Arc::new(inst));
+        ops.extend(
+            p.instances
+                .into_iter()
+                .map(|r| (r.registered_index, Op::PutInstance(r))),
+        );
+        let fx = self.apply_batch(&mut st, index, ops, &ctx);
+        for id in fx.orphans {
+            tracing::warn!(instance = %id, "stored instance has no service; dropped");
+            fixups.push(Op::DeleteInstance(id));
         }
-        for (name, mut svc) in services {
-            if svc.instances.is_empty() {
-                // A service is only kept while it has instances.
-                if let Some(until) = st.vips.release(svc.vip, now) {
-                    fixups.push(StoreOp::DeleteService(name.clone()));
-                    fixups.push(StoreOp::PutHold(VipHold {
-                        vip: svc.vip,
-                        name: name.clone(),
-                        until_unix_ms: unix_now + (until - now),
-                    }));
-                }
-                continue;
-            }
-            svc.instances.sort_by(|a, b| a.id.cmp(&b.id));
-            for i in &svc.instances {
-                st.instances.insert(i.id.clone(), i.clone());
-                st.index_owner(i);
-            }
-            st.by_vip.insert(svc.vip, name.clone());
-            st.services.insert(name, Arc::new(svc));
-            st.services_epoch += 1;
+        let fixed: Vec<(u64, Op)> = fixups.iter().map(|op| (index, op.clone())).collect();
+        self.apply_batch(&mut st, index, fixed, &ctx);
+        // A service is only kept while it has instances.
+        let dormant: Vec<ServiceRecord> = st
+            .records
+            .values()
+            .filter(|(_, since)| since.is_some())
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in dormant {
+            let until = ctx.now_ms + st.vips.hold_ms();
+            let ops = [
+                Op::DeleteService(r.name.clone()),
+                Op::PutHold(VipHold {
+                    vip: r.vip,
+                    name: r.name.clone(),
+                    until_unix_ms: ctx.unix_ms(until),
+                }),
+            ];
+            self.apply_batch(&mut st, index, ops.iter().map(|o| (index, o.clone())), &ctx);
+            fixups.extend(ops);
         }
-        if !fixups.is_empty() {
-            fixups.push(StoreOp::SetIndex(st.index));
+        // Every restored instance gets at least the grace to heartbeat again.
+        let grace = ctx.now_ms + ms(self.inner.settings.restart_grace);
+        for i in st.instances.values() {
+            i.lease.renew(grace);
+        }
+        if !fixups.is_empty()
+            && let Writer::Local(store) = &self.inner.writer
+        {
+            fixups.push(Op::SetIndex(st.index));
             // Start-up is not latency-sensitive; the fixups are best-effort repairs.
-            drop(self.inner.store.apply(fixups));
+            drop(store.apply(fixups));
         }
         self.publish(&st);
         Ok(())
+    }
+
+    /// Replaces a cluster node's view with a full list of the cluster store at `index`:
+    /// the operations that turn the current view into the listed one, applied as one
+    /// batch. Leases this node holds survive.
+    pub fn reset_view(
+        &self,
+        index: u64,
+        services: Vec<ServiceRecord>,
+        instances: Vec<(u64, InstanceRecord)>,
+    ) {
+        let ctx = self.ctx(ChangeKind::InstanceDeregistered);
+        let mut st = self.lock();
+        let listed_services: HashSet<ServiceName> =
+            services.iter().map(|s| s.name.clone()).collect();
+        let listed_instances: HashMap<InstanceId, u64> = instances
+            .iter()
+            .map(|(rev, r)| (r.id.clone(), *rev))
+            .collect();
+        let mut ops: Vec<(u64, Op)> = Vec::new();
+        for id in st.instances.keys() {
+            if !listed_instances.contains_key(id) {
+                ops.push((index, Op::DeleteInstance(id.clone())));
+            }
+        }
+        for name in st.records.keys() {
+            if !listed_services.contains(name) {
+                ops.push((index, Op::DeleteService(name.clone())));
+            }
+        }
+        for s in services {
+            let same = st.records.get(&s.name).is_some_and(|(r, _)| *r == s);
+            if !same {
+                ops.push((s.created_index, Op::PutService(s)));
+            }
+        }
+        for (rev, r) in instances {
+            let same = st
+                .instances
+                .get(&r.id)
+                .is_some_and(|i| i.modify_index == rev);
+            if !same {
+                ops.push((rev, Op::PutInstance(r)));
+            }
+        }
+        let fx = self.apply_batch(&mut st, index, ops, &ctx);
+        self.finish(&st, fx);
+    }
+
+    /// Applies operations a cluster store committed at `index` (its revision), in order.
+    /// Operations at or below the current index were applied already and are skipped.
+    pub fn apply_committed(&self, index: u64, ops: Vec<Op>) {
+        let mut expiring = self
+            .inner
+            .expiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let expired = ops.iter().any(|op| match op {
+            Op::DeleteInstance(id) => expiring.remove(id),
+            _ => false,
+        });
+        drop(expiring);
+        let removal = if expired {
+            ChangeKind::InstanceExpired
+        } else {
+            ChangeKind::InstanceDeregistered
+        };
+        let ctx = self.ctx(removal);
+        let mut st = self.lock();
+        if index <= st.index {
+            return;
+        }
+        let fx = self.apply_batch(&mut st, index, ops.into_iter().map(|op| (index, op)), &ctx);
+        self.finish(&st, fx);
+    }
+
+    /// Moves the index forward with no change (a cluster store's revision advanced for
+    /// keys the catalog does not hold), so index waiters see it.
+    pub fn advance_index(&self, index: u64) {
+        let mut st = self.lock();
+        if index > st.index {
+            st.index = index;
+            self.publish(&st);
+        }
+    }
+
+    fn finish(&self, st: &State, fx: Effects) {
+        self.publish(st);
+        for c in fx.changes {
+            let _ = self.inner.events.send(c);
+        }
+    }
+
+    /// Cluster service records with no instance since before `before_ms` (catalog time):
+    /// the services whose VIP hold has run out, ready to be collected.
+    pub fn dormant_services(&self, before_ms: u64) -> Vec<ServiceRecord> {
+        self.lock()
+            .records
+            .values()
+            .filter(|(_, since)| since.is_some_and(|s| s <= before_ms))
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// The records of the instances this node holds (all of them on a single node).
+    pub fn owned_records(&self) -> Vec<(u64, InstanceRecord)> {
+        let snap = self.snapshot();
+        let ctx = self.ctx(ChangeKind::InstanceDeregistered);
+        snap.instances()
+            .filter(|i| ctx.owns(i.owner.as_ref()))
+            .map(|i| (i.modify_index, record_of(i, &ctx, i.health)))
+            .collect()
+    }
+
+    /// Whether this node holds `instance`'s lease (always, on a single node).
+    pub fn owns(&self, instance: &Instance) -> bool {
+        instance.owner.as_ref() == self.inner.node.as_ref()
+    }
+
+    /// This node's id in a cluster.
+    pub fn node(&self) -> Option<&NodeId> {
+        self.inner.node.as_ref()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -547,6 +1086,22 @@ impl Catalog {
             *seen = epoch;
             changed
         });
+    }
+
+    /// A short description of the store (`memory`, `redb:/path`, `etcd:…`).
+    pub fn describe_store(&self) -> String {
+        match &self.inner.writer {
+            Writer::Local(s) => s.describe(),
+            Writer::Cluster(c) => c.describe(),
+        }
+    }
+
+    /// Whether the store can take writes now, and how old this node's view is.
+    pub fn store_health(&self) -> crate::store::StoreHealth {
+        match &self.inner.writer {
+            Writer::Local(_) => crate::store::StoreHealth::default(),
+            Writer::Cluster(c) => c.health(),
+        }
     }
 
     /// Registers the catalog's metrics (registrations, heartbeats, expiries,
@@ -669,7 +1224,109 @@ impl Catalog {
         Ok((name, ttl, weight))
     }
 
-    /// Registers an instance; durable before it returns.
+    /// Runs a write: plans it against the current state, commits what it planned, and
+    /// answers once that is applied here.
+    ///
+    /// On a single node plan and apply happen under one lock, and the store's durability
+    /// is awaited after it is released. In a cluster the plan becomes a guarded
+    /// transaction; when a guard fails (another node wrote first) the write waits for its
+    /// view to catch up and plans again.
+    async fn write<T>(
+        &self,
+        mut plan: impl FnMut(&Self, &mut State, &Ctx<'_>, u64) -> Result<Planned<T>, CatalogError>,
+    ) -> Result<T, CatalogError> {
+        match &self.inner.writer {
+            Writer::Local(store) => {
+                let (answer, commit) = {
+                    let mut ctx = self.ctx(ChangeKind::InstanceDeregistered);
+                    let mut st = self.lock();
+                    let index = st.index + 1;
+                    let p = match plan(self, &mut st, &ctx, index)? {
+                        Planned::Done(answer) => return Ok(answer),
+                        Planned::Write(p) => p,
+                    };
+                    ctx.removal = p.removal;
+                    let fx = self.apply_batch(
+                        &mut st,
+                        index,
+                        p.ops.iter().map(|op| (index, op.clone())),
+                        &ctx,
+                    );
+                    let mut ops = p.ops;
+                    ops.push(Op::SetIndex(index));
+                    let commit = store.apply(ops);
+                    self.finish(&st, fx);
+                    (p.answer, commit)
+                };
+                commit.wait().await?;
+                Ok(answer)
+            }
+            Writer::Cluster(cluster) => {
+                let mut last = String::new();
+                for _ in 0..MAX_CLUSTER_ATTEMPTS {
+                    let p = {
+                        let ctx = self.ctx(ChangeKind::InstanceDeregistered);
+                        let mut st = self.lock();
+                        let index = st.index;
+                        match plan(self, &mut st, &ctx, index)? {
+                            Planned::Done(answer) => return Ok(answer),
+                            Planned::Write(p) => p,
+                        }
+                    };
+                    if p.removal == ChangeKind::InstanceExpired {
+                        let mut expiring = self
+                            .inner
+                            .expiring
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        for op in &p.ops {
+                            if let Op::DeleteInstance(id) = op {
+                                expiring.insert(id.clone());
+                            }
+                        }
+                    }
+                    let proposal = Proposal {
+                        ops: p.ops,
+                        expect: p.expect,
+                    };
+                    match cluster.propose(proposal).await {
+                        Ok(revision) => {
+                            self.reach(revision).await?;
+                            return Ok(p.answer);
+                        }
+                        Err(ProposeError::Conflict { revision }) => {
+                            last = format!("another node changed it first (revision {revision})");
+                            self.reach(revision).await?;
+                        }
+                        Err(ProposeError::Unavailable(why)) => {
+                            return Err(CatalogError::Unavailable(why));
+                        }
+                    }
+                }
+                Err(CatalogError::Unavailable(format!(
+                    "the write kept conflicting after {MAX_CLUSTER_ATTEMPTS} attempts: {last}"
+                )))
+            }
+        }
+    }
+
+    /// Waits until this node's view has applied `revision` (read-your-writes).
+    async fn reach(&self, revision: u64) -> Result<(), CatalogError> {
+        if revision == 0 || self.index() >= revision {
+            return Ok(());
+        }
+        let reached = self.wait_for_index(revision - 1, VIEW_WAIT).await;
+        if reached >= revision {
+            Ok(())
+        } else {
+            Err(CatalogError::Unavailable(format!(
+                "committed at revision {revision}, but this node's view is still at {reached}"
+            )))
+        }
+    }
+
+    /// Registers an instance; durable (single node) or committed and visible here (cluster)
+    /// before it returns.
     ///
     /// * A pool registration repeated from the same peer renews and returns the same
     ///   assignment (the seed's behaviour).
@@ -677,223 +1334,217 @@ impl Catalog {
     ///   new details, a new secret (the old one stops working).
     pub async fn register(&self, reg: Registration) -> Result<Registered, CatalogError> {
         let (name, ttl, weight) = self.validate(&reg)?;
-        let (result, commit) = {
-            let mut st = self.lock();
-            let now = self.now_ms();
-            let deadline = now + ms(ttl);
-            let existing_svc = st.services.get(&name).cloned();
-            if let (Some(svc), Some(p)) = (&existing_svc, reg.service_port)
-                && svc.port != p
-            {
-                return Err(CatalogError::PortConflict {
-                    service: name.to_string(),
-                    existing: svc.port,
-                    requested: p,
-                });
-            }
-            // Find the instance this registration renews or takes over, if any.
-            let owner = match reg.endpoint {
-                Endpoint::Pool { peer, .. } => OwnerKey::Peer(peer),
-                Endpoint::Explicit(ep) => OwnerKey::Endpoint(ep),
-            };
-            let previous = st
-                .by_owner
-                .get(&(name.clone(), owner))
-                .and_then(|id| st.instances.get(id))
-                .cloned();
-            if let (Some(prev), Some(svc), Endpoint::Pool { .. }) =
-                (&previous, &existing_svc, reg.endpoint)
-                && prev.tags == reg.tags
-                && prev.meta == reg.meta
-                && prev.weight == weight
-                && prev.protocol == reg.protocol.unwrap_or_default()
-                && prev.check == reg.check
-                && prev.ttl == ttl
-            {
-                // The seed client registering again from the same address: a renewal.
-                drop(st);
-                self.renew(prev);
-                return Ok(Registered {
+        let request = self.next_request();
+        let (id, renewed) = self
+            .write(|cat, st, ctx, index| {
+                cat.plan_register(st, ctx, index, &reg, &name, ttl, weight, request.clone())
+            })
+            .await?;
+        if let Some(done) = renewed {
+            self.inner.metrics.registrations.inc();
+            return Ok(done);
+        }
+        let snap = self.snapshot();
+        let inst = snap
+            .instance(id.as_str())
+            .ok_or_else(|| CatalogError::UnknownInstance(id.to_string()))?;
+        let svc = snap
+            .service(inst.service.as_str())
+            .ok_or_else(|| CatalogError::UnknownService(inst.service.to_string()))?;
+        self.inner.metrics.registrations.inc();
+        Ok(Registered {
+            id: inst.id.clone(),
+            secret: inst.secret.clone(),
+            service: svc.name.clone(),
+            vip: svc.vip,
+            service_port: svc.port,
+            endpoint: inst.endpoint,
+            ttl: inst.ttl,
+            renewed: inst.registered_index != inst.modify_index,
+        })
+    }
+
+    fn next_request(&self) -> Option<String> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        self.inner.node.as_ref().map(|n| {
+            format!(
+                "{n}/{}",
+                SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plan_register(
+        &self,
+        st: &mut State,
+        ctx: &Ctx<'_>,
+        index: u64,
+        reg: &Registration,
+        name: &ServiceName,
+        ttl: Duration,
+        weight: u32,
+        request: Option<String>,
+    ) -> Result<Planned<(InstanceId, Option<Registered>)>, CatalogError> {
+        let cluster = self.inner.node.is_some();
+        let now = ctx.now_ms;
+        let deadline = now + ms(ttl);
+        let live = st.services.get(name).cloned();
+        let record = st.records.get(name).map(|(r, _)| r.clone());
+        if let (Some(svc), Some(p)) = (&live, reg.service_port)
+            && svc.port != p
+        {
+            return Err(CatalogError::PortConflict {
+                service: name.to_string(),
+                existing: svc.port,
+                requested: p,
+            });
+        }
+        // Find the instance this registration renews or takes over, if any.
+        let owner_key = match reg.endpoint {
+            Endpoint::Pool { peer, .. } => OwnerKey::Peer(peer),
+            Endpoint::Explicit(ep) => OwnerKey::Endpoint(ep),
+        };
+        let previous = st
+            .by_owner
+            .get(&(name.clone(), owner_key))
+            .and_then(|id| st.instances.get(id))
+            .cloned();
+        let protocol = reg.protocol.unwrap_or_default();
+        if let (Some(prev), Some(svc), Endpoint::Pool { .. }) = (&previous, &live, reg.endpoint)
+            && ctx.owns(prev.owner.as_ref())
+            && prev.tags == reg.tags
+            && prev.meta == reg.meta
+            && prev.weight == weight
+            && prev.protocol == protocol
+            && prev.check == reg.check
+            && prev.ttl == ttl
+        {
+            // The seed client registering again from the same address: a renewal.
+            self.renew(prev);
+            return Ok(Planned::Done((
+                prev.id.clone(),
+                Some(Registered {
                     id: prev.id.clone(),
                     secret: prev.secret.clone(),
-                    service: name,
+                    service: name.clone(),
                     vip: svc.vip,
                     service_port: svc.port,
                     endpoint: prev.endpoint,
                     ttl,
                     renewed: true,
-                });
-            }
-            if previous.is_none() && st.instances.len() >= self.inner.settings.max_instances {
-                return Err(CatalogError::Full(self.inner.settings.max_instances));
-            }
-            let mut ops = Vec::with_capacity(4);
-            let mut changes = Vec::with_capacity(2);
-            let (id, secret, endpoint, pool_port, owner_peer, lease, registered_index) =
-                match (&previous, reg.endpoint) {
-                    (Some(prev), Endpoint::Pool { .. }) => (
-                        prev.id.clone(),
-                        prev.secret.clone(),
-                        prev.endpoint,
-                        prev.pool_port,
-                        prev.owner_peer,
-                        prev.lease.clone(),
-                        prev.registered_index,
-                    ),
-                    (Some(prev), Endpoint::Explicit(ep)) => (
-                        prev.id.clone(),
-                        Secret::generate(),
-                        ep,
-                        false,
-                        None,
-                        prev.lease.clone(),
-                        prev.registered_index,
-                    ),
-                    (None, Endpoint::Pool { peer, hint }) => {
-                        let port = st.ports.allocate(hint)?;
-                        (
-                            InstanceId::generate(),
-                            Secret::generate(),
-                            SocketAddr::new(peer, port),
-                            true,
-                            Some(peer),
-                            Arc::new(Lease::new(deadline)),
-                            0,
-                        )
-                    }
-                    (None, Endpoint::Explicit(ep)) => (
-                        InstanceId::generate(),
-                        Secret::generate(),
-                        ep,
-                        false,
-                        None,
-                        Arc::new(Lease::new(deadline)),
-                        0,
-                    ),
-                };
-            st.index += 1;
-            let index = st.index;
-            let mut svc = match existing_svc {
-                Some(svc) => Service::clone(&svc),
-                None => {
-                    let vip = match st.vips.allocate(&name, now) {
-                        Ok(vip) => vip,
-                        Err(e) => {
-                            st.index -= 1;
-                            if pool_port && previous.is_none() {
-                                st.ports.release(endpoint.port());
-                            }
-                            return Err(e.into());
-                        }
-                    };
-                    ops.push(StoreOp::DeleteHold(vip));
-                    let svc = Service {
-                        name: name.clone(),
-                        vip,
-                        port: reg.service_port.unwrap_or(endpoint.port()),
-                        created_index: index,
-                        modify_index: index,
-                        instances: imbl::Vector::new(),
-                    };
-                    ops.push(StoreOp::PutService(ServiceRecord {
-                        name: name.clone(),
-                        vip,
-                        port: svc.port,
-                        created_index: index,
-                    }));
-                    changes.push(ChangeKind::ServiceCreated);
-                    st.services_epoch += 1;
-                    st.by_vip.insert(vip, name.clone());
-                    svc
-                }
-            };
-            lease.renew(deadline);
-            let inst = Arc::new(Instance {
-                id: id.clone(),
-                service: name.clone(),
-                endpoint,
-                tags: reg.tags,
-                meta: reg.meta,
-                weight,
-                protocol: reg.protocol.unwrap_or_default(),
-                check: reg.check,
-                ttl,
-                owner_peer,
-                pool_port,
-                health: previous.as_ref().map(|p| p.health).unwrap_or_default(),
-                registered_index: if previous.is_some() {
-                    registered_index
-                } else {
-                    index
-                },
-                secret: secret.clone(),
-                lease,
-            });
-            changes.push(match &previous {
-                None => ChangeKind::InstanceRegistered,
-                Some(_) => ChangeKind::InstanceUpdated,
-            });
-            match svc.instances.binary_search_by(|i| i.id.cmp(&id)) {
-                Ok(pos) => svc.instances[pos] = inst.clone(),
-                Err(pos) => svc.instances.insert(pos, inst.clone()),
-            }
-            svc.modify_index = index;
-            let vip = svc.vip;
-            let service_port = svc.port;
-            ops.push(StoreOp::PutInstance(self.record(&inst)));
-            ops.push(StoreOp::SetIndex(index));
-            st.instances.insert(id.clone(), inst.clone());
-            st.index_owner(&inst);
-            st.services.insert(name.clone(), Arc::new(svc));
-            let commit = self.inner.store.apply(ops);
-            self.publish(&st);
-            for kind in changes {
-                let _ = self.inner.events.send(Change {
-                    index,
-                    kind,
-                    service: name.clone(),
-                    instance: (kind != ChangeKind::ServiceCreated).then(|| id.clone()),
-                });
-            }
-            if previous.is_none() {
-                let _ = self.inner.timers.send((deadline, id.clone()));
-            }
-            (
-                Registered {
-                    id,
-                    secret,
-                    service: name,
-                    vip,
-                    service_port,
-                    endpoint,
-                    ttl,
-                    renewed: previous.is_some(),
-                },
-                commit,
-            )
-        };
-        commit.wait().await?;
-        self.inner.metrics.registrations.inc();
-        Ok(result)
-    }
-
-    fn record(&self, i: &Instance) -> InstanceRecord {
-        InstanceRecord {
-            id: i.id.clone(),
-            service: i.service.clone(),
-            endpoint: i.endpoint,
-            tags: i.tags.clone(),
-            meta: i.meta.clone(),
-            weight: i.weight,
-            protocol: i.protocol,
-            check: i.check.clone(),
-            ttl_ms: ms(i.ttl),
-            owner_peer: i.owner_peer,
-            pool_port: i.pool_port,
-            secret: i.secret.clone(),
-            registered_index: i.registered_index,
-            deadline_unix_ms: self.deadline_unix_ms(i.lease.deadline_ms()),
+                }),
+            )));
         }
+        if previous.is_none() && st.instances.len() >= self.inner.settings.max_instances {
+            return Err(CatalogError::Full(self.inner.settings.max_instances));
+        }
+        let mut ops = Vec::with_capacity(4);
+        let mut expect = Vec::with_capacity(3);
+        let (id, secret, endpoint, pool_port, owner_peer) = match (&previous, reg.endpoint) {
+            (Some(prev), Endpoint::Pool { .. }) => (
+                prev.id.clone(),
+                prev.secret.clone(),
+                prev.endpoint,
+                prev.pool_port,
+                prev.owner_peer,
+            ),
+            (Some(prev), Endpoint::Explicit(ep)) => {
+                (prev.id.clone(), Secret::generate(), ep, false, None)
+            }
+            (None, Endpoint::Pool { peer, hint }) => {
+                let port = st.ports.pick(hint)?;
+                if hint != Some(port) {
+                    st.ports.advance_past(port);
+                }
+                if cluster {
+                    expect.push(Expect::PortFree(port));
+                }
+                (
+                    InstanceId::generate(),
+                    Secret::generate(),
+                    SocketAddr::new(peer, port),
+                    true,
+                    Some(peer),
+                )
+            }
+            (None, Endpoint::Explicit(ep)) => {
+                (InstanceId::generate(), Secret::generate(), ep, false, None)
+            }
+        };
+        if let Some(prev) = &previous {
+            expect.push(Expect::InstanceIs {
+                service: name.clone(),
+                id: prev.id.clone(),
+                modify_index: prev.modify_index,
+                pool_port: prev.pool_port.then_some(prev.endpoint.port()),
+            });
+        }
+        let port = reg.service_port.unwrap_or(endpoint.port());
+        match (&live, &record) {
+            (Some(svc), _) => {
+                if cluster {
+                    expect.push(Expect::ServiceIs(name.clone(), svc.created_index));
+                }
+            }
+            (None, Some(rec)) => {
+                // A cluster service in its VIP hold: its name gets its VIP back.
+                expect.push(Expect::ServiceIs(name.clone(), rec.created_index));
+                if rec.port != port {
+                    ops.push(Op::PutService(ServiceRecord {
+                        port,
+                        ..rec.clone()
+                    }));
+                }
+            }
+            (None, None) => {
+                st.vips.prune(now);
+                let vip = st.vips.pick(name, now)?;
+                if cluster {
+                    expect.push(Expect::ServiceAbsent(name.clone()));
+                    expect.push(Expect::VipFree(vip));
+                } else {
+                    ops.push(Op::DeleteHold(vip));
+                }
+                ops.push(Op::PutService(ServiceRecord {
+                    name: name.clone(),
+                    vip,
+                    port,
+                    created_index: if cluster { 0 } else { index },
+                }));
+            }
+        }
+        let registered_index = match &previous {
+            Some(p) => p.registered_index,
+            None if cluster => 0,
+            None => index,
+        };
+        let rec = InstanceRecord {
+            id: id.clone(),
+            service: name.clone(),
+            endpoint,
+            tags: reg.tags.clone(),
+            meta: reg.meta.clone(),
+            weight,
+            protocol,
+            check: reg.check.clone(),
+            ttl_ms: ms(ttl),
+            owner_peer,
+            pool_port,
+            secret,
+            registered_index,
+            deadline_unix_ms: ctx.unix_ms(deadline),
+            owner: ctx.node.cloned(),
+            health: previous.as_ref().map(|p| p.health).unwrap_or_default(),
+            request,
+        };
+        ops.push(Op::PutInstance(rec));
+        Ok(Planned::Write(Plan {
+            ops,
+            expect,
+            removal: ChangeKind::InstanceDeregistered,
+            answer: (id, None),
+        }))
     }
 
     /// Renews an instance's lease. Lock-free: one snapshot load and one atomic store.
@@ -906,8 +1557,20 @@ impl Catalog {
         if !inst.secret_matches(secret) {
             return Err(CatalogError::WrongSecret(id.to_string()));
         }
+        self.check_owned(inst)?;
         self.renew(inst);
         Ok(inst.ttl)
+    }
+
+    fn check_owned(&self, inst: &Instance) -> Result<(), CatalogError> {
+        if self.owns(inst) {
+            Ok(())
+        } else {
+            Err(CatalogError::OwnedElsewhere {
+                id: inst.id.to_string(),
+                owner: inst.owner.as_deref().unwrap_or("none").to_string(),
+            })
+        }
     }
 
     /// The seed's name-only heartbeat: renews the instance of `name` registered from
@@ -925,6 +1588,7 @@ impl Catalog {
                 name: name.to_string(),
                 peer,
             })?;
+        self.check_owned(inst)?;
         self.renew(inst);
         Ok(inst.ttl)
     }
@@ -933,9 +1597,9 @@ impl Catalog {
         self.inner.metrics.heartbeats.inc();
         let deadline = self.now_ms() + ms(inst.ttl);
         inst.lease.renew(deadline);
-        self.inner
-            .store
-            .renew(&inst.id, self.deadline_unix_ms(deadline));
+        if let Writer::Local(store) = &self.inner.writer {
+            store.renew(&inst.id, self.deadline_unix_ms(deadline));
+        }
     }
 
     /// Deregisters an instance; durable before it returns.
@@ -950,8 +1614,7 @@ impl Catalog {
     }
 
     async fn remove_one(&self, id: &str, secret: Option<&str>) -> Result<(), CatalogError> {
-        let commit = {
-            let mut st = self.lock();
+        self.write(|cat, st, ctx, _| {
             let inst = st
                 .instances
                 .get(id)
@@ -962,149 +1625,161 @@ impl Catalog {
                 return Err(CatalogError::WrongSecret(id.to_string()));
             }
             let id = inst.id.clone();
-            self.remove_locked(&mut st, &[id], ChangeKind::InstanceDeregistered)
-        };
-        commit.wait().await?;
+            Ok(Planned::Write(cat.plan_remove(
+                st,
+                ctx,
+                &[id],
+                ChangeKind::InstanceDeregistered,
+            )))
+        })
+        .await?;
         self.inner.metrics.deregistrations.inc();
         Ok(())
     }
 
-    /// Expires every given instance whose lease has run out by now; skips the others.
-    /// Returns how many expired.
+    /// Plans removing instances; on a single node, a service losing its last instance is
+    /// deleted in the same batch and its VIP held back for its name.
+    fn plan_remove(
+        &self,
+        st: &State,
+        ctx: &Ctx<'_>,
+        ids: &[InstanceId],
+        removal: ChangeKind,
+    ) -> Plan<()> {
+        let mut ops = Vec::with_capacity(ids.len() + 2);
+        let mut expect = Vec::new();
+        let mut left: HashMap<&ServiceName, usize> = HashMap::new();
+        for id in ids {
+            let Some(inst) = st.instances.get(id) else {
+                continue;
+            };
+            ops.push(Op::DeleteInstance(id.clone()));
+            if self.inner.node.is_some() {
+                expect.push(Expect::InstanceIs {
+                    service: inst.service.clone(),
+                    id: id.clone(),
+                    modify_index: inst.modify_index,
+                    pool_port: inst.pool_port.then_some(inst.endpoint.port()),
+                });
+                continue;
+            }
+            let Some(svc) = st.services.get(&inst.service) else {
+                continue;
+            };
+            let n = left.entry(&svc.name).or_insert(svc.instances.len());
+            *n -= 1;
+            if *n == 0 {
+                ops.push(Op::DeleteService(svc.name.clone()));
+                ops.push(Op::PutHold(VipHold {
+                    vip: svc.vip,
+                    name: svc.name.clone(),
+                    until_unix_ms: ctx.unix_ms(ctx.now_ms + st.vips.hold_ms()),
+                }));
+            }
+        }
+        // A hold's operations go after every instance deletion of its service.
+        ops.sort_by_key(|op| !matches!(op, Op::DeleteInstance(_)));
+        Plan {
+            ops,
+            expect,
+            removal,
+            answer: (),
+        }
+    }
+
+    /// Expires every given instance whose lease has run out by now; skips the others (and,
+    /// in a cluster, those another node holds). Returns how many expired.
     pub async fn expire(&self, ids: &[InstanceId]) -> Result<usize, CatalogError> {
-        let (n, commit) = {
-            let mut st = self.lock();
-            let now = self.now_ms();
-            let due: Vec<InstanceId> = ids
+        let due = |st: &State, ctx: &Ctx<'_>, batch: &[InstanceId]| -> Vec<InstanceId> {
+            batch
                 .iter()
                 .filter(|id| {
-                    st.instances
-                        .get(*id)
-                        .is_some_and(|i| i.lease.deadline_ms() <= now)
+                    st.instances.get(*id).is_some_and(|i| {
+                        i.lease.deadline_ms() <= ctx.now_ms && ctx.owns(i.owner.as_ref())
+                    })
                 })
                 .cloned()
-                .collect();
-            if due.is_empty() {
-                return Ok(0);
-            }
-            for id in &due {
-                tracing::info!(instance = %id, "lease expired");
-            }
-            (
-                due.len(),
-                self.remove_locked(&mut st, &due, ChangeKind::InstanceExpired),
-            )
+                .collect()
         };
-        commit.wait().await?;
+        let batches: Vec<Vec<InstanceId>> = match &self.inner.writer {
+            Writer::Local(_) => vec![ids.to_vec()],
+            // In a cluster each removal is its own transaction: one instance taken over
+            // meanwhile must not hold back the others.
+            Writer::Cluster(_) => ids.iter().map(|id| vec![id.clone()]).collect(),
+        };
+        let mut n = 0;
+        for batch in batches {
+            let removed = self
+                .write(|cat, st, ctx, _| {
+                    let due = due(st, ctx, &batch);
+                    if due.is_empty() {
+                        return Ok(Planned::Done(0));
+                    }
+                    for id in &due {
+                        tracing::info!(instance = %id, "lease expired");
+                    }
+                    let plan = cat.plan_remove(st, ctx, &due, ChangeKind::InstanceExpired);
+                    Ok(Planned::Write(Plan {
+                        ops: plan.ops,
+                        expect: plan.expect,
+                        removal: plan.removal,
+                        answer: due.len(),
+                    }))
+                })
+                .await;
+            match removed {
+                Ok(k) => n += k,
+                Err(e) if n == 0 && ids.len() == 1 => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "expiring a lease"),
+            }
+        }
         self.inner.metrics.expiries.inc_by(n as u64);
         Ok(n)
     }
 
     /// Sets an instance's health (active checks). No-op if unchanged or unknown.
     pub async fn set_health(&self, id: &str, health: Health) -> Result<(), CatalogError> {
-        let commit = {
-            let mut st = self.lock();
-            let Some(inst) = st.instances.get(id).cloned() else {
-                return Ok(());
+        self.write(|_, st, ctx, _| {
+            let Some(inst) = st.instances.get(id) else {
+                return Ok(Planned::Done(()));
             };
             if inst.health == health {
-                return Ok(());
+                return Ok(Planned::Done(()));
             }
-            st.index += 1;
-            let index = st.index;
-            let new = Arc::new(Instance {
-                health,
-                ..Instance::clone(&inst)
-            });
-            let mut svc = Service::clone(&st.services[&inst.service]);
-            if let Ok(pos) = svc.instances.binary_search_by(|i| i.id.cmp(&inst.id)) {
-                svc.instances[pos] = new.clone();
-            }
-            svc.modify_index = index;
-            st.instances.insert(inst.id.clone(), new);
-            st.services.insert(inst.service.clone(), Arc::new(svc));
-            self.publish(&st);
-            let _ = self.inner.events.send(Change {
-                index,
-                kind: ChangeKind::HealthChanged,
-                service: inst.service.clone(),
-                instance: Some(inst.id.clone()),
-            });
-            // Health is not persisted: after a restart every instance starts passing and
-            // active checks re-establish it.
-            self.inner.store.apply(vec![StoreOp::SetIndex(index)])
-        };
-        commit.wait().await?;
-        Ok(())
-    }
-
-    fn remove_locked(
-        &self,
-        st: &mut State,
-        ids: &[InstanceId],
-        kind: ChangeKind,
-    ) -> crate::store::Commit {
-        st.index += 1;
-        let index = st.index;
-        let now = self.now_ms();
-        let mut ops = Vec::with_capacity(ids.len() + 3);
-        let mut changes = Vec::with_capacity(ids.len() + 1);
-        for id in ids {
-            let Some(inst) = st.instances.remove(id) else {
-                continue;
+            let (ops, expect) = match ctx.node {
+                // A single node keeps health in memory only: after a restart every
+                // instance starts passing and active checks re-establish it.
+                None => (
+                    vec![Op::SetHealth {
+                        id: inst.id.clone(),
+                        health,
+                    }],
+                    Vec::new(),
+                ),
+                // A cluster keeps it in the instance's record, so every node routes alike.
+                Some(_) => (
+                    vec![Op::PutInstance(record_of(inst, ctx, health))],
+                    vec![Expect::InstanceIs {
+                        service: inst.service.clone(),
+                        id: inst.id.clone(),
+                        modify_index: inst.modify_index,
+                        pool_port: inst.pool_port.then_some(inst.endpoint.port()),
+                    }],
+                ),
             };
-            st.unindex_owner(&inst);
-            if inst.pool_port {
-                st.ports.release(inst.endpoint.port());
-            }
-            ops.push(StoreOp::DeleteInstance(id.clone()));
-            changes.push(Change {
-                index,
-                kind,
-                service: inst.service.clone(),
-                instance: Some(id.clone()),
-            });
-            let Some(svc) = st.services.get(&inst.service) else {
-                continue;
-            };
-            let mut svc = Service::clone(svc);
-            if let Ok(pos) = svc.instances.binary_search_by(|i| i.id.cmp(id)) {
-                svc.instances.remove(pos);
-            }
-            svc.modify_index = index;
-            if svc.instances.is_empty() {
-                st.services.remove(&svc.name);
-                st.services_epoch += 1;
-                st.by_vip.remove(&svc.vip);
-                if let Some(until) = st.vips.release(svc.vip, now) {
-                    ops.push(StoreOp::PutHold(VipHold {
-                        vip: svc.vip,
-                        name: svc.name.clone(),
-                        until_unix_ms: self.deadline_unix_ms(until),
-                    }));
-                }
-                ops.push(StoreOp::DeleteService(svc.name.clone()));
-                changes.push(Change {
-                    index,
-                    kind: ChangeKind::ServiceRemoved,
-                    service: svc.name.clone(),
-                    instance: None,
-                });
-            } else {
-                st.services.insert(svc.name.clone(), Arc::new(svc));
-            }
-        }
-        ops.push(StoreOp::SetIndex(index));
-        let commit = self.inner.store.apply(ops);
-        self.publish(st);
-        for c in changes {
-            let _ = self.inner.events.send(c);
-        }
-        commit
+            Ok(Planned::Write(Plan {
+                ops,
+                expect,
+                removal: ChangeKind::InstanceDeregistered,
+                answer: (),
+            }))
+        })
+        .await
     }
 
     /// Runs lease expiry until `shutdown`: a timer per lease deadline, and a sweep every
-    /// `sweep_interval` as a backstop. Call once; later calls return at once.
+    /// `sweep_interval` as a backstop. Only leases this node holds expire here. Call once;
+    /// later calls return at once.
     pub async fn run(&self, shutdown: CancellationToken) {
         let Some(mut rx) = self
             .inner
@@ -1138,6 +1813,9 @@ impl Catalog {
                         }
                         let Some(Reverse((_, id))) = heap.pop() else { break };
                         let Some(inst) = snap.instance(id.as_str()) else { continue };
+                        if !self.owns(inst) {
+                            continue;
+                        }
                         let actual = inst.lease.deadline_ms();
                         if actual > now {
                             heap.push(Reverse((actual, id)));
@@ -1156,7 +1834,7 @@ impl Catalog {
                     let due: Vec<InstanceId> = self
                         .snapshot()
                         .instances()
-                        .filter(|i| i.lease.deadline_ms() <= now)
+                        .filter(|i| i.lease.deadline_ms() <= now && self.owns(i))
                         .map(|i| i.id.clone())
                         .collect();
                     if !due.is_empty() {
@@ -1168,6 +1846,29 @@ impl Catalog {
                 }
             }
         }
+    }
+}
+
+/// An instance as a record, with its lease deadline as wall-clock time.
+fn record_of(i: &Instance, ctx: &Ctx<'_>, health: Health) -> InstanceRecord {
+    InstanceRecord {
+        id: i.id.clone(),
+        service: i.service.clone(),
+        endpoint: i.endpoint,
+        tags: i.tags.clone(),
+        meta: i.meta.clone(),
+        weight: i.weight,
+        protocol: i.protocol,
+        check: i.check.clone(),
+        ttl_ms: ms(i.ttl),
+        owner_peer: i.owner_peer,
+        pool_port: i.pool_port,
+        secret: i.secret.clone(),
+        registered_index: i.registered_index,
+        deadline_unix_ms: ctx.unix_ms(i.lease.deadline_ms()),
+        owner: i.owner.clone(),
+        health,
+        request: None,
     }
 }
 

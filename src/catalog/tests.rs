@@ -326,7 +326,7 @@ async fn full_catalog_refuses_more() {
 
 #[tokio::test(start_paused = true)]
 async fn restart_restores_with_grace() {
-    use crate::store::{Commit, Persisted, Store, StoreOp};
+    use crate::store::{Commit, Op, Persisted, Store};
     use std::sync::Mutex as StdMutex;
 
     /// A store that keeps ops in memory and replays them: enough to test `restore`.
@@ -336,23 +336,24 @@ async fn restart_restores_with_grace() {
         fn load(&self) -> Result<Persisted, StoreError> {
             Ok(self.0.lock().unwrap().clone())
         }
-        fn apply(&self, batch: Vec<StoreOp>) -> Commit {
+        fn apply(&self, batch: Vec<Op>) -> Commit {
             let mut p = self.0.lock().unwrap();
             for op in batch {
                 match op {
-                    StoreOp::PutService(s) => {
+                    Op::PutService(s) => {
                         p.services.retain(|x| x.name != s.name);
                         p.services.push(s);
                     }
-                    StoreOp::DeleteService(n) => p.services.retain(|x| x.name != n),
-                    StoreOp::PutInstance(i) => {
+                    Op::DeleteService(n) => p.services.retain(|x| x.name != n),
+                    Op::PutInstance(i) => {
                         p.instances.retain(|x| x.id != i.id);
                         p.instances.push(i);
                     }
-                    StoreOp::DeleteInstance(id) => p.instances.retain(|x| x.id != id),
-                    StoreOp::PutHold(h) => p.holds.push(h),
-                    StoreOp::DeleteHold(ip) => p.holds.retain(|h| h.vip != ip),
-                    StoreOp::SetIndex(i) => p.index = i,
+                    Op::DeleteInstance(id) => p.instances.retain(|x| x.id != id),
+                    Op::PutHold(h) => p.holds.push(h),
+                    Op::DeleteHold(ip) => p.holds.retain(|h| h.vip != ip),
+                    Op::SetIndex(i) => p.index = i,
+                    Op::SetHealth { .. } => {}
                 }
             }
             Commit::Done(Ok(()))

@@ -41,10 +41,8 @@ use redb::{
 use tokio::sync::oneshot;
 
 use super::wal::{self, Wal};
-use super::{
-    Commit, InstanceRecord, Persisted, ServiceRecord, Store, StoreError, StoreOp, VipHold,
-};
-use crate::catalog::InstanceId;
+use super::{Commit, InstanceRecord, Op, Persisted, ServiceRecord, Store, StoreError, VipHold};
+use crate::model::InstanceId;
 
 /// The on-disk format this build reads and writes (2: redb plus the write-ahead log).
 pub const FORMAT_VERSION: u64 = 2;
@@ -92,7 +90,7 @@ impl Default for EmbeddedOptions {
 type Reply = oneshot::Sender<Result<(), String>>;
 
 enum Msg {
-    Apply(Vec<StoreOp>, Reply),
+    Apply(Vec<Op>, Reply),
     /// Checkpoint now (with pending renewals) and answer when durable.
     Flush(Reply),
     Load(mpsc::Sender<Result<Persisted, StoreError>>),
@@ -102,9 +100,9 @@ enum Msg {
 /// What the log writer tells the checkpointer, in log order.
 enum CpMsg {
     /// Batches now durable in the log, the last of them in record `seq`.
-    Logged(u64, Vec<Vec<StoreOp>>),
+    Logged(u64, Vec<Vec<Op>>),
     /// Batches too large for a log record: commit them straight into redb.
-    Direct(Vec<Vec<StoreOp>>, mpsc::Sender<Result<(), String>>),
+    Direct(Vec<Vec<Op>>, mpsc::Sender<Result<(), String>>),
     /// Checkpoint everything logged so far, then answer.
     Checkpoint(mpsc::Sender<Result<(), String>>),
     Flush(Reply),
@@ -468,7 +466,7 @@ fn recover(db: &Database, dir: &Path, shown: &str) -> Result<u64, StoreError> {
     let Some(&(last, _)) = records.last() else {
         return Ok(checkpointed);
     };
-    let batches: Vec<Vec<StoreOp>> = records.into_iter().flat_map(|(_, b)| b).collect();
+    let batches: Vec<Vec<Op>> = records.into_iter().flat_map(|(_, b)| b).collect();
     write_txn(db, &batches, &[], Some(last)).map_err(|e| db_err(shown, e))?;
     tracing::info!(path = %shown, records = last - checkpointed, batches = batches.len(),
         "replayed the write-ahead log");
@@ -533,7 +531,7 @@ fn hold_key(ip: &IpAddr) -> String {
 /// record it includes. Durable on `Ok`.
 fn write_txn(
     db: &Database,
-    batches: &[Vec<StoreOp>],
+    batches: &[Vec<Op>],
     renewals: &[(InstanceId, u64)],
     wal_seq: Option<u64>,
 ) -> Result<(), String> {
@@ -550,32 +548,35 @@ fn write_txn(
         let mut index = None;
         for op in batches.iter().flatten() {
             match op {
-                StoreOp::PutService(r) => {
+                Op::PutService(r) => {
                     services
                         .insert(r.name.as_str(), json(r)?.as_slice())
                         .map_err(|x| e(&x))?;
                 }
-                StoreOp::DeleteService(name) => {
+                Op::DeleteService(name) => {
                     services.remove(name.as_str()).map_err(|x| e(&x))?;
                 }
-                StoreOp::PutInstance(r) => {
+                Op::PutInstance(r) => {
                     instances
                         .insert(r.id.as_str(), json(r)?.as_slice())
                         .map_err(|x| e(&x))?;
                 }
-                StoreOp::DeleteInstance(id) => {
+                Op::DeleteInstance(id) => {
                     instances.remove(id.as_str()).map_err(|x| e(&x))?;
                     leases.remove(id.as_str()).map_err(|x| e(&x))?;
                 }
-                StoreOp::PutHold(h) => {
+                Op::PutHold(h) => {
                     holds
                         .insert(hold_key(&h.vip).as_str(), json(h)?.as_slice())
                         .map_err(|x| e(&x))?;
                 }
-                StoreOp::DeleteHold(ip) => {
+                Op::DeleteHold(ip) => {
                     holds.remove(hold_key(ip).as_str()).map_err(|x| e(&x))?;
                 }
-                StoreOp::SetIndex(i) => index = Some(*i),
+                Op::SetIndex(i) => index = Some(*i),
+                // Health is not kept on a single node: after a restart every instance
+                // starts passing and its active check re-establishes it.
+                Op::SetHealth { .. } => {}
             }
         }
         if let Some(i) = index {
@@ -664,7 +665,7 @@ struct Framed {
 
 /// Frames `batches` as log records numbered from `next_seq`, each payload at most
 /// [`wal::MAX_RECORD_PAYLOAD`] unless one batch alone is larger.
-fn frame(batches: &[Vec<StoreOp>], mut next_seq: u64) -> Result<Vec<Framed>, String> {
+fn frame(batches: &[Vec<Op>], mut next_seq: u64) -> Result<Vec<Framed>, String> {
     let mut records = Vec::new();
     let mut payload = Vec::with_capacity(4096);
     let seal = |payload: &mut Vec<u8>, seq: u64, end: usize| {
@@ -712,7 +713,7 @@ fn log_loop(
     progress: Arc<Progress>,
 ) {
     let mut last_seq = checkpointed;
-    let mut batches: Vec<Vec<StoreOp>> = Vec::new();
+    let mut batches: Vec<Vec<Op>> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
     let mut after: Vec<CpMsg> = Vec::new();
     loop {
@@ -781,7 +782,7 @@ fn log_loop(
 /// log record are committed straight into redb instead.
 fn write_log(
     log: &mut Wal,
-    batches: Vec<Vec<StoreOp>>,
+    batches: Vec<Vec<Op>>,
     last_seq: &mut u64,
     cp: &mpsc::Sender<CpMsg>,
 ) -> Result<(), String> {
@@ -826,10 +827,10 @@ fn checkpoint_loop(
     stats: Arc<StoreStats>,
     progress: Arc<Progress>,
 ) {
-    let mut pending: Vec<Vec<StoreOp>> = Vec::new();
+    let mut pending: Vec<Vec<Op>> = Vec::new();
     let mut pending_seq: Option<u64> = None;
     let mut last = Instant::now();
-    let checkpoint = |pending: &mut Vec<Vec<StoreOp>>,
+    let checkpoint = |pending: &mut Vec<Vec<Op>>,
                       pending_seq: &mut Option<u64>,
                       with_renewals: bool|
      -> Result<(), String> {
@@ -924,7 +925,7 @@ impl Store for EmbeddedStore {
         rx.recv().map_err(|_| StoreError::Closed)?
     }
 
-    fn apply(&self, batch: Vec<StoreOp>) -> Commit {
+    fn apply(&self, batch: Vec<Op>) -> Commit {
         if batch.is_empty() {
             return Commit::Done(Ok(()));
         }

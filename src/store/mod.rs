@@ -1,7 +1,7 @@
 //! Persistence behind the catalog.
 //!
 //! The catalog is the source of truth in memory; a [`Store`] makes its changes durable.
-//! The catalog hands the store batches of [`StoreOp`]s in the order it applied them, and
+//! The catalog hands the store batches of [`Op`]s in the order it applied them, and
 //! waits for [`Commit`] before acknowledging a registration or deregistration. Lease
 //! renewals go through [`Store::renew`], which a durable store may batch.
 //!
@@ -11,15 +11,13 @@
 pub mod embedded;
 pub mod wal;
 
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
-use crate::catalog::{InstanceId, Secret, ServiceName};
-use crate::protocol::{AppProtocol, Check};
+use crate::model::{InstanceId, NodeId, ServiceName};
+pub use crate::model::{InstanceRecord, Op, ServiceRecord, VipHold};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +37,9 @@ pub enum StoreError {
     /// The file is not a NetSel store: not a redb database, or one of another program.
     #[error("{0}")]
     NotAStore(String),
+    /// The cluster store cannot be reached or cannot take writes.
+    #[error("cluster store unavailable: {0}")]
+    Unavailable(String),
     /// The store was written in an on-disk format this version does not understand.
     #[error(
         "store {path} has format version {found}; this netsel reads version {supported} \
@@ -52,83 +53,6 @@ pub enum StoreError {
         /// The version this build reads and writes.
         supported: u64,
     },
-}
-
-/// A service as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceRecord {
-    /// Name.
-    pub name: ServiceName,
-    /// Its VIP.
-    pub vip: IpAddr,
-    /// Its port on the VIP.
-    pub port: u16,
-    /// Catalog index at creation.
-    pub created_index: u64,
-}
-
-/// An instance as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    /// Id.
-    pub id: InstanceId,
-    /// Service.
-    pub service: ServiceName,
-    /// Endpoint.
-    pub endpoint: SocketAddr,
-    /// Tags.
-    pub tags: Vec<String>,
-    /// Metadata.
-    pub meta: BTreeMap<String, String>,
-    /// Weight.
-    pub weight: u32,
-    /// Protocol.
-    pub protocol: AppProtocol,
-    /// Active health check.
-    #[serde(default)]
-    pub check: Option<Check>,
-    /// Lease TTL in milliseconds.
-    pub ttl_ms: u64,
-    /// Registering peer for bare-name registrations.
-    pub owner_peer: Option<IpAddr>,
-    /// Whether the port came from the pool.
-    pub pool_port: bool,
-    /// Owner secret.
-    pub secret: Secret,
-    /// Catalog index at registration.
-    pub registered_index: u64,
-    /// Lease deadline as wall-clock Unix milliseconds.
-    pub deadline_unix_ms: u64,
-}
-
-/// A VIP held back after its service went away.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipHold {
-    /// The address.
-    pub vip: IpAddr,
-    /// Who had it.
-    pub name: ServiceName,
-    /// Held until (wall-clock Unix milliseconds).
-    pub until_unix_ms: u64,
-}
-
-/// One change, in catalog order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StoreOp {
-    /// Create or replace a service.
-    PutService(ServiceRecord),
-    /// Remove a service.
-    DeleteService(ServiceName),
-    /// Create or replace an instance.
-    PutInstance(InstanceRecord),
-    /// Remove an instance.
-    DeleteInstance(InstanceId),
-    /// Record a VIP hold.
-    PutHold(VipHold),
-    /// Drop a VIP hold (the address was reused or the hold ended).
-    DeleteHold(IpAddr),
-    /// The catalog index after this batch.
-    SetIndex(u64),
 }
 
 /// Everything a store kept, handed to the catalog at start-up.
@@ -162,6 +86,90 @@ impl Commit {
     }
 }
 
+/// Where the catalog's state is kept and its writes are sequenced.
+pub enum Backend {
+    /// One node: the catalog sequences writes and a [`Store`] keeps them.
+    Local(Arc<dyn Store>),
+    /// A cluster: a [`Cluster`] store sequences writes for every node.
+    Cluster(Arc<dyn Cluster>),
+}
+
+/// What a cluster write expects to find when it commits: the reads its plan was based
+/// on. If any no longer holds, another node wrote first and the write is planned again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// No service of this name exists.
+    ServiceAbsent(ServiceName),
+    /// The service exists and is the incarnation created at this index.
+    ServiceIs(ServiceName, u64),
+    /// No service has this VIP.
+    VipFree(IpAddr),
+    /// No instance has this pool port.
+    PortFree(u16),
+    /// The instance is as last changed at `modify_index` (with its pool port, if any,
+    /// which the write moves or frees with it).
+    InstanceIs {
+        /// Its service.
+        service: ServiceName,
+        /// Its id.
+        id: InstanceId,
+        /// The index of its last change.
+        modify_index: u64,
+        /// Its pool port.
+        pool_port: Option<u16>,
+    },
+}
+
+/// A cluster write: operations to commit together, if what they expect holds.
+#[derive(Debug, Clone)]
+pub struct Proposal {
+    /// The operations, in order.
+    pub ops: Vec<Op>,
+    /// What must hold for them to commit.
+    pub expect: Vec<Expect>,
+}
+
+/// Why a cluster write did not commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    /// Something it expected had changed by `revision`: catch up to it and plan again.
+    Conflict {
+        /// The store's revision when the write was refused.
+        revision: u64,
+    },
+    /// The store cannot take writes (unreachable, no quorum, timed out): nothing changed.
+    Unavailable(String),
+}
+
+/// Whether a store can take writes, and how fresh this node's view of it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Writes fail now (a cluster store without quorum or out of reach).
+    pub degraded: bool,
+    /// Time since this node last heard from the cluster store (a cluster only).
+    pub view_age: Option<std::time::Duration>,
+    /// Why it is degraded.
+    pub detail: Option<String>,
+}
+
+/// A store shared by several nodes (etcd): it commits guarded transactions, and each node
+/// applies what was committed from its own list and watch
+/// ([`crate::catalog::Catalog::reset_view`], [`crate::catalog::Catalog::apply_committed`]).
+#[async_trait::async_trait]
+pub trait Cluster: Send + Sync + 'static {
+    /// This node's id.
+    fn node(&self) -> &NodeId;
+
+    /// Commits `proposal` as one transaction; returns the revision it committed at.
+    async fn propose(&self, proposal: Proposal) -> Result<u64, ProposeError>;
+
+    /// A short description for logs (`etcd:http://127.0.0.1:2379/netsel`).
+    fn describe(&self) -> String;
+
+    /// Whether it can take writes now, and the view's age.
+    fn health(&self) -> StoreHealth;
+}
+
 /// Where the catalog's state is kept.
 pub trait Store: Send + Sync + 'static {
     /// What was kept, read once at start-up.
@@ -170,7 +178,7 @@ pub trait Store: Send + Sync + 'static {
     /// Queues a batch of changes, in the order the catalog applied them. Called with the
     /// catalog's write lock held, so it must not block; the returned [`Commit`] is awaited
     /// after the lock is released.
-    fn apply(&self, batch: Vec<StoreOp>) -> Commit;
+    fn apply(&self, batch: Vec<Op>) -> Commit;
 
     /// Records a lease renewal. Need not be durable at once; a store may batch these.
     fn renew(&self, id: &InstanceId, deadline_unix_ms: u64);
@@ -192,7 +200,7 @@ impl Store for MemoryStore {
         Ok(Persisted::default())
     }
 
-    fn apply(&self, _batch: Vec<StoreOp>) -> Commit {
+    fn apply(&self, _batch: Vec<Op>) -> Commit {
         Commit::Done(Ok(()))
     }
 

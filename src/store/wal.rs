@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::StoreOp;
+use super::Op;
 
 /// The two log files in the data dir.
 pub const WAL_FILES: [&str; 2] = ["netsel.wal.0", "netsel.wal.1"];
@@ -81,7 +81,7 @@ pub fn scan(bytes: &[u8]) -> Vec<(u64, &[u8])> {
 }
 
 /// One decoded log record: its sequence number and the store batches it carries.
-pub type Replayed = (u64, Vec<Vec<StoreOp>>);
+pub type Replayed = (u64, Vec<Vec<Op>>);
 
 /// Every record newer than `after`, in order, decoded. `Err` says why the log cannot be
 /// trusted (a gap, or a record whose payload does not decode).
@@ -101,7 +101,7 @@ pub fn replay(dir: &Path, after: u64) -> Result<Vec<Replayed>, String> {
             if seq <= after {
                 continue;
             }
-            let batches: Vec<Vec<StoreOp>> = serde_json::from_slice(payload)
+            let batches: Vec<Vec<Op>> = serde_json::from_slice(payload)
                 .map_err(|e| format!("{}: record {seq} does not decode: {e}", path.display()))?;
             found.push((seq, batches));
         }
@@ -208,12 +208,12 @@ impl Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::InstanceId;
+    use crate::model::InstanceId;
 
     fn payload(n: u64) -> Vec<u8> {
         serde_json::to_vec(&vec![vec![
-            StoreOp::DeleteInstance(InstanceId::from(format!("i{n}").as_str())),
-            StoreOp::SetIndex(n),
+            Op::DeleteInstance(InstanceId::from(format!("i{n}").as_str())),
+            Op::SetIndex(n),
         ]])
         .unwrap()
     }
@@ -260,7 +260,7 @@ mod tests {
         std::fs::write(dir.path().join(WAL_FILES[1]), file(&[4, 5])).unwrap();
         let got = replay(dir.path(), 2).unwrap();
         assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4, 5]);
-        assert_eq!(got[0].1[0][1], StoreOp::SetIndex(3));
+        assert_eq!(got[0].1[0][1], Op::SetIndex(3));
         assert!(replay(dir.path(), 5).unwrap().is_empty());
         std::fs::write(dir.path().join(WAL_FILES[1]), file(&[5, 6])).unwrap();
         let err = replay(dir.path(), 2).unwrap_err();
