@@ -353,6 +353,8 @@ pub struct Settings {
     pub api_addr: SocketAddr,
     /// Where the embedded store lives; `None` keeps state in memory only.
     pub data_dir: Option<PathBuf>,
+    /// The cluster store (etcd); when set, `data_dir` is not used.
+    pub store: crate::store::StoreSettings,
     /// Virtual network.
     pub network: NetworkSettings,
     /// Registry limits.
@@ -393,6 +395,7 @@ impl From<NetSelConfig> for Settings {
             config,
             api_addr: SocketAddr::new(LOCAL, 9001),
             data_dir: None,
+            store: crate::store::StoreSettings::default(),
             network: NetworkSettings::default(),
             registry: RegistryLimits::default(),
             balance: BalanceSettings::default(),
@@ -422,6 +425,7 @@ struct FileConfig {
     max_heartbeat_age: Option<u64>,
     api_addr: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    store: Option<crate::store::StoreSettings>,
     min_ttl_ms: Option<u64>,
     max_ttl_secs: Option<u64>,
     max_instances: Option<usize>,
@@ -489,6 +493,17 @@ impl Settings {
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
         }
+        if let Some(store) = f.store {
+            s.store = store;
+            if let Some(url) = s.store.url.clone() {
+                s.store
+                    .set_url(&url)
+                    .map_err(|reason| ConfigError::Invalid {
+                        key: "store.url",
+                        reason,
+                    })?;
+            }
+        }
         s.validate()?;
         Ok(s)
     }
@@ -552,6 +567,9 @@ impl Settings {
             .validate()
             .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         self.validate_dns()?;
+        self.store
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         let t = &self.tcp_proxy;
         if t.idle_timeout_secs == 0 || t.connect_timeout_ms == 0 || t.name_timeout_ms == 0 {
             return bad("tcp_proxy timeouts", "must be greater than 0");

@@ -20,7 +20,7 @@ use crate::metrics::MetricsRegistry;
 use crate::proxy::balance::Balancer;
 use crate::proxy::tcp::TcpProxy;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{MemoryStore, Store, StoreError};
+use crate::store::{Cluster as _, MemoryStore, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -159,16 +159,46 @@ impl NetSelServer {
         let s = &self.settings;
         s.validate()?;
         let explicit = self.store.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let explicit_store = explicit.is_some();
         // An explicit store wins; else `data_dir` means the durable embedded store.
         let (store, owned_store): (Arc<dyn Store>, _) = match (explicit, &s.data_dir) {
             (Some(store), _) => (store, None),
+            (None, _) if s.store.is_cluster() => (Arc::new(MemoryStore), None),
             (None, Some(dir)) => {
                 let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir)?);
                 (store.clone(), Some(store))
             }
             (None, None) => (Arc::new(MemoryStore), None),
         };
-        let catalog = Catalog::new(s.catalog_settings(), store)?;
+        #[cfg(feature = "etcd")]
+        let mut cluster: Option<(Arc<crate::store::etcd::EtcdCluster>, u64)> = None;
+        let catalog = if s.store.is_cluster() && !explicit_store {
+            #[cfg(feature = "etcd")]
+            {
+                let c = crate::store::etcd::EtcdCluster::connect(&s.store).await?;
+                let catalog = Catalog::clustered(s.catalog_settings(), c.clone())?;
+                // Serve nothing before this node's view holds the whole catalog.
+                let revision = c.sync(&catalog).await?;
+                tracing::info!(store = %c.describe(), node = %c.node(), revision,
+                    services = catalog.snapshot().service_count(),
+                    instances = catalog.snapshot().instance_count(), "joined the cluster");
+                cluster = Some((c, revision + 1));
+                catalog
+            }
+            #[cfg(not(feature = "etcd"))]
+            {
+                drop(store);
+                return Err(ConfigError::Invalid {
+                    key: "store",
+                    reason: "this netsel was built without cluster support; build it with \
+                             `cargo build --release --features etcd` (needs protoc)"
+                        .into(),
+                }
+                .into());
+            }
+        } else {
+            Catalog::new(s.catalog_settings(), store)?
+        };
         // One balancer for both proxies: they share policies and passive ejection.
         let balancer = Arc::new(Balancer::new(catalog.clone(), s.balance.clone()));
         let mut registry_metrics = crate::metrics::new_registry();
@@ -271,6 +301,26 @@ impl NetSelServer {
         // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
         tasks.spawn(http_proxy.serve(http_listener, shutdown.clone()));
         tasks.spawn(tcp_proxy.clone().run(Some(tcp_gateway), shutdown.clone()));
+        #[cfg(feature = "etcd")]
+        if let Some((c, from)) = cluster {
+            let info = crate::store::etcd::NodeInfo {
+                id: c.node().to_string(),
+                addrs: bound
+                    .listing()
+                    .into_iter()
+                    .map(|(name, addr)| (name.to_string(), addr.to_string()))
+                    .collect(),
+                started_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            if let Err(e) = c.announce(info).await {
+                shutdown.cancel();
+                return Err(e.into());
+            }
+            c.spawn(catalog.clone(), from, &tasks, shutdown.clone());
+        }
         tasks.close();
         tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");
         *self.lock_running() = Some(Running {

@@ -409,12 +409,25 @@ pub(crate) async fn service(
 }
 
 fn health_view(state: &ApiState) -> (bool, HealthView) {
-    let snap = state.inner.catalog.snapshot();
-    let ready = !state.inner.shutdown.is_cancelled();
+    let catalog = &state.inner.catalog;
+    let snap = catalog.snapshot();
+    let store = catalog.store_health();
+    let stopping = state.inner.shutdown.is_cancelled();
+    let ready = !stopping && !store.degraded;
     (
         ready,
         HealthView {
-            status: if ready { "ok" } else { "shutting_down" },
+            status: if stopping {
+                "shutting_down"
+            } else if store.degraded {
+                "degraded"
+            } else {
+                "ok"
+            },
+            store: catalog.describe_store(),
+            store_error: store.detail,
+            view_age_ms: store.view_age.map(|a| a.as_millis() as u64),
+            node: catalog.node().map(|n| n.to_string()),
             live: true,
             ready,
             index: snap.index,

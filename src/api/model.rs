@@ -196,6 +196,9 @@ pub struct InstanceView {
     /// Its active health check, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckSpec>,
+    /// The cluster node that holds its lease and takes its heartbeats (cluster mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl InstanceView {
@@ -217,6 +220,7 @@ impl InstanceView {
             lease_remaining_ms: catalog.lease_remaining(i).as_millis() as u64,
             registered_index: i.registered_index,
             check: i.check.as_ref().map(CheckSpec::from_check),
+            owner: i.owner.as_deref().map(str::to_string),
         }
     }
 }
@@ -289,8 +293,20 @@ pub struct ServiceList {
 /// `GET /v1/health`.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthView {
-    /// `ok`, or `shutting_down`.
+    /// `ok`, `degraded` (the store cannot take writes; reads go on from the last view),
+    /// or `shutting_down`.
     pub status: &'static str,
+    /// The store (`memory`, `redb:…`, `etcd:…`).
+    pub store: String,
+    /// Why the store cannot take writes, while it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
+    /// Milliseconds since this node last heard from the cluster store (cluster mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub view_age_ms: Option<u64>,
+    /// This node's id (cluster mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The process answers.
     pub live: bool,
     /// It accepts registrations and answers queries.

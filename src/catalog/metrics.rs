@@ -70,6 +70,30 @@ impl Collector for InstanceCollector {
             None,
             services.metric_type(),
         )?)?;
+        let index = ConstGauge::new(i64::try_from(snap.index).unwrap_or(i64::MAX));
+        index.encode(encoder.encode_descriptor(
+            "catalog_index",
+            "Catalog index of this node's view (in a cluster, the etcd revision it applied)",
+            None,
+            index.metric_type(),
+        )?)?;
+        let health = self.catalog.store_health();
+        let degraded = ConstGauge::new(i64::from(health.degraded));
+        degraded.encode(encoder.encode_descriptor(
+            "store_degraded",
+            "1 while the store cannot take writes (a cluster store without quorum or out of reach)",
+            None,
+            degraded.metric_type(),
+        )?)?;
+        if let Some(age) = health.view_age {
+            let age = ConstGauge::new(age.as_secs_f64());
+            age.encode(encoder.encode_descriptor(
+                "store_view_age_seconds",
+                "Seconds since this node last heard from the cluster store",
+                None,
+                age.metric_type(),
+            )?)?;
+        }
         let mut family = encoder.encode_descriptor(
             "instances",
             "Registered instances per service and health state",

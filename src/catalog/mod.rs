@@ -696,6 +696,9 @@ struct Inner {
     events: broadcast::Sender<Change>,
     index_tx: watch::Sender<u64>,
     services_tx: watch::Sender<u64>,
+    /// Highest revision a cluster watch reported progress to (see
+    /// [`Catalog::note_progress`]).
+    progress_tx: watch::Sender<u64>,
     writer: Writer,
     /// This node's id in a cluster; `None` on a single node.
     node: Option<NodeId>,
@@ -809,6 +812,7 @@ impl Catalog {
         let (timers, timer_rx) = mpsc::unbounded_channel();
         let (index_tx, _) = watch::channel(0);
         let (services_tx, _) = watch::channel(0);
+        let (progress_tx, _) = watch::channel(0);
         Ok(Catalog {
             inner: Arc::new(Inner {
                 settings,
@@ -828,6 +832,7 @@ impl Catalog {
                 events,
                 index_tx,
                 services_tx,
+                progress_tx,
                 writer,
                 node,
                 expiring: Mutex::new(HashSet::new()),
@@ -1018,14 +1023,18 @@ impl Catalog {
         self.finish(&st, fx);
     }
 
-    /// Moves the index forward with no change (a cluster store's revision advanced for
-    /// keys the catalog does not hold), so index waiters see it.
-    pub fn advance_index(&self, index: u64) {
-        let mut st = self.lock();
-        if index > st.index {
-            st.index = index;
-            self.publish(&st);
-        }
+    /// Records that the cluster store's watch has reported progress up to `revision`
+    /// (every change up to it should have been delivered). Never moves the index: etcd
+    /// 3.4 can report progress before it has delivered every earlier event (etcd issue
+    /// #15220), so progress only tells a write that lost a race when to plan again.
+    pub fn note_progress(&self, revision: u64) {
+        self.inner.progress_tx.send_if_modified(|seen| {
+            let newer = revision > *seen;
+            if newer {
+                *seen = revision;
+            }
+            newer
+        });
     }
 
     fn finish(&self, st: &State, fx: Effects) {
@@ -1296,7 +1305,7 @@ impl Catalog {
                         }
                         Err(ProposeError::Conflict { revision }) => {
                             last = format!("another node changed it first (revision {revision})");
-                            self.reach(revision).await?;
+                            self.catch_up(revision).await;
                         }
                         Err(ProposeError::Unavailable(why)) => {
                             return Err(CatalogError::Unavailable(why));
@@ -1323,6 +1332,27 @@ impl Catalog {
                 "committed at revision {revision}, but this node's view is still at {reached}"
             )))
         }
+    }
+
+    /// After a write lost a race at `revision`: waits (briefly) until this node's view has
+    /// seen that revision, by its index or by the watch's progress report.
+    async fn catch_up(&self, revision: u64) {
+        let mut index = self.watch_index();
+        let mut progress = self.inner.progress_tx.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                if *index.borrow_and_update() >= revision
+                    || *progress.borrow_and_update() >= revision
+                {
+                    return;
+                }
+                tokio::select! {
+                    r = index.changed() => if r.is_err() { return },
+                    r = progress.changed() => if r.is_err() { return },
+                }
+            }
+        })
+        .await;
     }
 
     /// Registers an instance; durable (single node) or committed and visible here (cluster)

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Keep state in memory only: a restart forgets every registration.
     #[arg(long)]
     in_memory: bool,
+    /// Share one catalog with other nodes through etcd:
+    /// etcd://HOST:PORT[,HOST:PORT…][/PREFIX] (needs the `etcd` cargo feature).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["data_dir", "in_memory"])]
+    store: Option<String>,
     /// VIP pool [default: 127.77.0.0/16].
     #[arg(long, value_name = "CIDR")]
     vip_cidr: Option<IpNet>,
@@ -80,7 +84,18 @@ impl ServeArgs {
         if self.data_dir.is_some() {
             s.data_dir = self.data_dir.clone();
         }
-        if self.in_memory {
+        if let Some(url) = &self.store {
+            s.store
+                .set_url(url)
+                .map_err(|reason| crate::config::ConfigError::Invalid {
+                    key: "--store",
+                    reason,
+                })?;
+        }
+        if s.store.is_cluster() {
+            // The catalog lives in etcd; nothing is kept in a data dir.
+            s.data_dir = None;
+        } else if self.in_memory {
             s.data_dir = None;
         } else if s.data_dir.is_none() {
             // `netsel serve` is durable by default (see docs/store.md); the library's

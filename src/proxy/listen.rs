@@ -57,6 +57,17 @@ pub(crate) fn bind_listeners(
     Ok(out)
 }
 
+/// Binds `count` listening sockets on `addr` that join an `SO_REUSEPORT` group already
+/// there: the nodes of one cluster on one host all serve each VIP, and the kernel spreads
+/// new connections over every node's sockets (as kube-proxy runs on every host). An
+/// address another program holds without `SO_REUSEPORT` still fails to bind.
+pub(crate) fn bind_shared_listeners(
+    addr: SocketAddr,
+    count: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    (0..count.max(1)).map(|_| bind_one(addr, true)).collect()
+}
+
 /// Binds the first listener on `addr`. With `reuse_port`, a plain bind probes the address
 /// first, so the group never joins a socket another program holds with `SO_REUSEPORT`:
 /// a taken address fails here like any bind would.

@@ -9,7 +9,12 @@
 //! [`embedded::EmbeddedStore`] is the durable store (redb), used by `netsel serve`.
 
 pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod settings;
 pub mod wal;
+
+pub use settings::StoreSettings;
 
 use std::future::Future;
 use std::net::IpAddr;

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+#[cfg(feature = "etcd")]
+pub mod cluster;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AffectedService, Route, Shared, VipRoute, Worker, serve_on_workers};
 use crate::catalog::{Service, ServiceName};
-use crate::proxy::listen::bind_listeners;
+use crate::proxy::listen::{bind_listeners, bind_shared_listeners};
 
 /// How often listeners that could not be bound are tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
@@ -144,7 +144,13 @@ async fn reconcile(
             *o.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = svc;
             continue;
         }
-        match bind_listeners(addr, workers.len()) {
+        // Cluster nodes on one host share each VIP's listeners instead of fighting over them.
+        let bound = if shared.balancer.catalog().node().is_some() {
+            bind_shared_listeners(addr, workers.len())
+        } else {
+            bind_listeners(addr, workers.len())
+        };
+        match bound {
             Ok(listeners) => {
                 let stop = shutdown.child_token();
                 shared.add_own(addr);

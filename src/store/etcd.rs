@@ -1,0 +1,1159 @@
+//! The cluster store: several NetSel nodes share one catalog through etcd.
+//!
+//! * **Keys** (under the prefix, `/netsel` by default):
+//!   `services/<name>` → the [`ServiceRecord`] (no lease; its `created_index` is the key's
+//!   `create_revision`); `vips/<ip>` → the name, the uniqueness index of VIPs;
+//!   `instances/<name>/<id>` → the [`InstanceRecord`] with its owning node, attached to an
+//!   etcd lease of that node; `ports/<port>` → the instance id of a pool port, on the same
+//!   lease; `nodes/<id>` → the node's addresses, on its first lease.
+//! * **Writes** are transactions guarded by what the catalog's plan read ([`Expect`]): a
+//!   service's first registration creates `services/<name>` and `vips/<ip>` only if
+//!   neither exists, so one name never gets two VIPs and two names never share one; the
+//!   loser of a race catches up with its view and plans again (reusing the winner's VIP).
+//!   A write that timed out may have committed: its instance record carries the node and a
+//!   request id, and is read back before the write is retried on another member.
+//! * **Views**: each node lists the prefix, then watches from the next revision; the
+//!   revision is the catalog index. A compacted revision means list again (a fold of the
+//!   catalog's one apply over the listed records), never a gap.
+//! * **Liveness**: heartbeats stay in the owning node's memory. Each node holds a few
+//!   leases (at most `keys_per_lease` instances each: etcd 3.4 slows sharply when a key is
+//!   put on a lease that holds many), keeps them alive, and expires an instance by deleting
+//!   its key at the deadline. A dead node's leases run out and its instances leave every
+//!   view. A lease found gone is granted anew and its instances put back.
+//! * **Members**: one client per endpoint; an `Unavailable` (or timed-out) answer moves to
+//!   the next member, since etcd-client does not take a dead member out of rotation
+//!   (etcd-client issue #39). gRPC keep-alive pings are 10 s apart (etcd refuses pings
+//!   more often than `--grpc-keepalive-min-time`, 5 s).
+//!
+//! Hand-written because it is NetSel's own: the mapping of catalog operations to keys and
+//! transactions. The gRPC client is `etcd-client`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::settings::StoreSettings;
+use super::{Cluster, Expect, Op, Proposal, ProposeError, StoreError, StoreHealth};
+use crate::catalog::Catalog;
+use crate::model::{InstanceId, InstanceRecord, NodeId, ServiceName, ServiceRecord};
+
+/// What a node tells the others about itself (`nodes/<id>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: String,
+    /// Its addresses by part (`registry`, `api`, `dns`, …).
+    pub addrs: BTreeMap<String, String>,
+    /// When it started (Unix ms).
+    pub started_unix_ms: u64,
+    /// Its NetSel version.
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: i64,
+    keys: usize,
+}
+
+/// An instance this node holds: its lease and its record, to put back if the lease is
+/// lost.
+#[derive(Debug, Clone)]
+struct Owned {
+    lease: i64,
+    record: InstanceRecord,
+}
+
+#[derive(Default)]
+struct Leases {
+    slots: Vec<Slot>,
+    /// Instances on this node's leases.
+    owned: HashMap<InstanceId, Owned>,
+    /// Owned instances whose keys were deleted: by a deregistration elsewhere, or because
+    /// their lease ran out. The next keep-alive tells which: if the lease lives, they are
+    /// forgotten; if it is gone, they are put back on a new one.
+    limbo: HashMap<InstanceId, Owned>,
+}
+
+#[derive(Default)]
+struct Contact {
+    last_ok: Option<Instant>,
+    failing: Option<String>,
+}
+
+/// The etcd cluster store of one node.
+pub struct EtcdCluster {
+    settings: StoreSettings,
+    node: NodeId,
+    prefix: String,
+    clients: Vec<Client>,
+    current: AtomicUsize,
+    leases: tokio::sync::Mutex<Leases>,
+    contact: Mutex<Contact>,
+    nodes: Mutex<BTreeMap<String, NodeInfo>>,
+    progress_tx: mpsc::UnboundedSender<()>,
+    progress_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
+    info: Mutex<NodeInfo>,
+}
+
+impl std::fmt::Debug for EtcdCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// Why an etcd call failed.
+enum CallError {
+    /// Try another member (unreachable, no leader, timed out).
+    Transient(String),
+    /// The request itself is wrong; another member would say the same.
+    Fatal(String),
+}
+
+impl CallError {
+    fn message(&self) -> &str {
+        match self {
+            CallError::Transient(m) | CallError::Fatal(m) => m,
+        }
+    }
+}
+
+fn classify(e: etcd_client::Error) -> CallError {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(s) => match s.code() {
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::Aborted
+            | tonic::Code::ResourceExhausted => CallError::Transient(s.message().to_string()),
+            _ => CallError::Fatal(format!("{}: {}", s.code(), s.message())),
+        },
+        E::TransportError(t) => CallError::Transient(t.to_string()),
+        E::IoError(io) => CallError::Transient(io.to_string()),
+        E::WatchError(w) => CallError::Transient(w),
+        other => CallError::Fatal(other.to_string()),
+    }
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A node id: the host name and a random suffix.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(40)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string());
+    format!("{host}-{:06x}", fastrand::u32(..0x100_0000))
+}
+
+impl EtcdCluster {
+    /// Connects to etcd and checks that a member answers within the dial timeout. Nothing
+    /// is written yet.
+    pub async fn connect(settings: &StoreSettings) -> Result<Arc<EtcdCluster>, StoreError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(settings.dial_timeout())
+            .with_timeout(settings.request_timeout())
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if let (Some(user), Some(password)) = (&settings.username, &settings.password) {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if settings.tls() {
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &settings.ca_file {
+                let pem = std::fs::read(ca).map_err(|e| {
+                    StoreError::Io(format!("cannot read store.ca_file {}: {e}", ca.display()))
+                })?;
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+            }
+            if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
+                let read = |p: &std::path::PathBuf| {
+                    std::fs::read(p)
+                        .map_err(|e| StoreError::Io(format!("cannot read {}: {e}", p.display())))
+                };
+                tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
+        let scheme = if settings.tls() { "https" } else { "http" };
+        let mut clients = Vec::new();
+        let mut reachable = false;
+        let mut last_error = String::new();
+        for ep in &settings.endpoints {
+            let url = if ep.contains("://") {
+                ep.clone()
+            } else {
+                format!("{scheme}://{ep}")
+            };
+            let attempt = tokio::time::timeout(
+                settings.dial_timeout() + settings.request_timeout(),
+                async {
+                    let mut c = Client::connect([url.as_str()], Some(options.clone())).await?;
+                    let probe = c.status().await;
+                    Ok::<_, etcd_client::Error>((c, probe))
+                },
+            )
+            .await;
+            match attempt {
+                Ok(Ok((c, probe))) => {
+                    match probe {
+                        Ok(_) => reachable = true,
+                        Err(e) => last_error = format!("{ep}: {e}"),
+                    }
+                    clients.push(c);
+                }
+                Ok(Err(e)) => {
+                    last_error = format!("{ep}: {e}");
+                    // Authentication or TLS problems are the same on every member.
+                    if matches!(classify(e), CallError::Fatal(_)) {
+                        return Err(StoreError::Unavailable(format!(
+                            "cannot connect to etcd: {last_error}"
+                        )));
+                    }
+                }
+                Err(_) => last_error = format!("{ep}: no answer within the dial timeout"),
+            }
+        }
+        if !reachable || clients.is_empty() {
+            return Err(StoreError::Unavailable(format!(
+                "no etcd member of {} answered ({last_error})",
+                settings.endpoints.join(",")
+            )));
+        }
+        let node: NodeId = settings
+            .node_id
+            .clone()
+            .unwrap_or_else(default_node_id)
+            .into();
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        Ok(Arc::new(EtcdCluster {
+            settings: settings.clone(),
+            prefix: format!("{}/", settings.prefix.trim_end_matches('/')),
+            node,
+            clients,
+            current: AtomicUsize::new(0),
+            leases: tokio::sync::Mutex::new(Leases::default()),
+            contact: Mutex::new(Contact::default()),
+            nodes: Mutex::new(BTreeMap::new()),
+            progress_tx,
+            progress_rx: Mutex::new(Some(progress_rx)),
+            info: Mutex::new(NodeInfo::default()),
+        }))
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        k.push_str(&parts.join("/"));
+        k
+    }
+
+    fn service_key(&self, name: &ServiceName) -> String {
+        self.key(&["services", name.as_str()])
+    }
+
+    fn vip_key(&self, ip: std::net::IpAddr) -> String {
+        self.key(&["vips", &ip.to_string()])
+    }
+
+    fn instance_key(&self, service: &ServiceName, id: &InstanceId) -> String {
+        self.key(&["instances", service.as_str(), id.as_str()])
+    }
+
+    fn port_key(&self, port: u16) -> String {
+        self.key(&["ports", &port.to_string()])
+    }
+
+    fn node_key(&self, node: &str) -> String {
+        self.key(&["nodes", node])
+    }
+
+    fn client(&self) -> (usize, Client) {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        (i, self.clients[i].clone())
+    }
+
+    /// Moves to the next member after `failed` answered badly (unless another task moved
+    /// on already).
+    fn next_member(&self, failed: usize) {
+        let next = (failed + 1) % self.clients.len();
+        let _ = self
+            .current
+            .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn ok(&self) {
+        let mut c = self.contact.lock().unwrap_or_else(|e| e.into_inner());
+        c.last_ok = Some(Instant::now());
+        c.failing = None;
+    }
+
+    fn failed(&self, why: &str) {
+        let mut c = self.contact.lock().unwrap_or_else(|e| e.into_inner());
+        if c.failing.is_none() {
+            tracing::warn!(error = %why, "etcd is not answering");
+        }
+        c.failing = Some(why.to_string());
+    }
+
+    /// Runs `f` against the current member, moving to the next on a transient failure,
+    /// until it succeeds or `deadline` passes.
+    async fn call<T, F, Fut>(&self, deadline: tokio::time::Instant, f: F) -> Result<T, CallError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = String::from("no attempt made");
+        loop {
+            let (i, client) = self.client();
+            match tokio::time::timeout_at(deadline, f(client)).await {
+                Ok(Ok(v)) => {
+                    self.ok();
+                    return Ok(v);
+                }
+                Ok(Err(e)) => match classify(e) {
+                    CallError::Transient(m) => {
+                        last = m;
+                        self.next_member(i);
+                    }
+                    fatal => return Err(fatal),
+                },
+                Err(_) => {
+                    self.next_member(i);
+                    let why = format!("timed out ({last})");
+                    self.failed(&why);
+                    return Err(CallError::Transient(why));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.failed(&last);
+                return Err(CallError::Transient(last));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.settings.request_timeout()
+    }
+
+    /// Writes this node's entry (`nodes/<id>`) with its addresses.
+    pub async fn announce(&self, info: NodeInfo) -> Result<(), StoreError> {
+        *self.info.lock().unwrap_or_else(|e| e.into_inner()) = info.clone();
+        let lease = self.lease_with_room(None).await.map_err(unavailable)?;
+        let key = self.node_key(&self.node);
+        let value = serde_json::to_vec(&info).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.call(self.deadline(), |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await
+        .map_err(|e| unavailable(e.message().to_string()))?;
+        Ok(())
+    }
+
+    /// The cluster's nodes as this node's view has them.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A lease with room for one more key (`instance` keeps the one it is on), granting a
+    /// new one when every lease is full.
+    async fn lease_with_room(&self, instance: Option<&InstanceId>) -> Result<i64, String> {
+        let mut leases = self.leases.lock().await;
+        if let Some(id) = instance
+            && let Some(o) = leases.owned.get(id)
+        {
+            return Ok(o.lease);
+        }
+        let max = self.settings.keys_per_lease;
+        if let Some(slot) = leases.slots.iter_mut().find(|s| s.keys < max) {
+            if instance.is_some() {
+                slot.keys += 1;
+            }
+            return Ok(slot.id);
+        }
+        let ttl = self.settings.lease_ttl_secs as i64;
+        let granted = self
+            .call(self.deadline(), |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await
+            .map_err(|e| e.message().to_string())?;
+        let id = granted.id();
+        tracing::info!(lease = id, ttl, "granted an etcd lease");
+        leases.slots.push(Slot {
+            id,
+            keys: usize::from(instance.is_some()),
+        });
+        Ok(id)
+    }
+
+    fn compare(&self, e: &Expect) -> Compare {
+        match e {
+            Expect::ServiceAbsent(name) => {
+                Compare::create_revision(self.service_key(name), CompareOp::Equal, 0)
+            }
+            Expect::ServiceIs(name, created) => {
+                Compare::create_revision(self.service_key(name), CompareOp::Equal, *created as i64)
+            }
+            Expect::VipFree(ip) => Compare::create_revision(self.vip_key(*ip), CompareOp::Equal, 0),
+            Expect::PortFree(port) => {
+                Compare::create_revision(self.port_key(*port), CompareOp::Equal, 0)
+            }
+            Expect::InstanceIs {
+                service,
+                id,
+                modify_index,
+                ..
+            } => Compare::mod_revision(
+                self.instance_key(service, id),
+                CompareOp::Equal,
+                *modify_index as i64,
+            ),
+        }
+    }
+
+    /// The compares and operations of a proposal's transaction, and the instance records
+    /// it puts on this node's leases.
+    #[allow(clippy::type_complexity)]
+    async fn transaction(
+        &self,
+        p: &Proposal,
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>, Vec<(i64, InstanceRecord)>), ProposeError> {
+        let compares: Vec<Compare> = p.expect.iter().map(|e| self.compare(e)).collect();
+        let mut ops = Vec::new();
+        let mut puts = Vec::new();
+        for op in &p.ops {
+            match op {
+                Op::PutService(r) => {
+                    let rec = ServiceRecord {
+                        created_index: 0,
+                        ..r.clone()
+                    };
+                    ops.push(TxnOp::put(self.service_key(&r.name), json(&rec)?, None));
+                    ops.push(TxnOp::put(self.vip_key(r.vip), r.name.as_str(), None));
+                }
+                Op::PutInstance(r) => {
+                    let lease = if r.owner.as_ref() == Some(&self.node) {
+                        self.lease_with_room(Some(&r.id))
+                            .await
+                            .map_err(ProposeError::Unavailable)?
+                    } else {
+                        // Only the owner writes an instance on its own lease.
+                        return Err(ProposeError::Unavailable(format!(
+                            "instance {} is not this node's to write",
+                            r.id
+                        )));
+                    };
+                    let with_lease = Some(PutOptions::new().with_lease(lease));
+                    ops.push(TxnOp::put(
+                        self.instance_key(&r.service, &r.id),
+                        json(r)?,
+                        with_lease.clone(),
+                    ));
+                    if r.pool_port {
+                        ops.push(TxnOp::put(
+                            self.port_key(r.endpoint.port()),
+                            r.id.as_str(),
+                            with_lease,
+                        ));
+                    }
+                    puts.push((lease, r.clone()));
+                }
+                Op::DeleteInstance(id) => {
+                    let Some((service, pool_port)) = p.expect.iter().find_map(|e| match e {
+                        Expect::InstanceIs {
+                            service,
+                            id: i,
+                            pool_port,
+                            ..
+                        } if i == id => Some((service, *pool_port)),
+                        _ => None,
+                    }) else {
+                        return Err(ProposeError::Unavailable(format!(
+                            "removing {id} needs its service"
+                        )));
+                    };
+                    ops.push(TxnOp::delete(self.instance_key(service, id), None));
+                    if let Some(port) = pool_port {
+                        ops.push(TxnOp::delete(self.port_key(port), None));
+                    }
+                }
+                Op::DeleteService(name) => {
+                    ops.push(TxnOp::delete(self.service_key(name), None));
+                }
+                // Holds, health alone and the index are not kept as keys in a cluster: a
+                // service record outlives its last instance by the hold, health is in the
+                // instance record, and the index is the revision.
+                Op::PutHold(_) | Op::DeleteHold(_) | Op::SetIndex(_) | Op::SetHealth { .. } => {}
+            }
+        }
+        Ok((compares, ops, puts))
+    }
+
+    /// Whether the write of `record` (carrying its request id) committed, and at which
+    /// revision: read back after a timed-out attempt.
+    async fn committed(
+        &self,
+        record: &InstanceRecord,
+        deadline: tokio::time::Instant,
+    ) -> Option<u64> {
+        let key = self.instance_key(&record.service, &record.id);
+        let got = self
+            .call(deadline, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await
+            .ok()?;
+        let kv = got.kvs().first()?;
+        let stored: InstanceRecord = serde_json::from_slice(kv.value()).ok()?;
+        (stored.request.is_some() && stored.request == record.request)
+            .then_some(kv.mod_revision() as u64)
+    }
+
+    async fn remember(&self, p: &Proposal, puts: Vec<(i64, InstanceRecord)>) {
+        let mut leases = self.leases.lock().await;
+        for op in &p.ops {
+            if let Op::DeleteInstance(id) = op
+                && let Some(o) = leases.owned.remove(id)
+            {
+                release_slot(&mut leases.slots, o.lease);
+            }
+        }
+        for (lease, record) in puts {
+            leases
+                .owned
+                .insert(record.id.clone(), Owned { lease, record });
+        }
+    }
+
+    /// Lists the prefix: the revision, and the services and instances in it.
+    async fn list(&self) -> Result<(u64, Vec<ServiceRecord>, Vec<(u64, InstanceRecord)>), String> {
+        let prefix = self.prefix.clone();
+        let resp = self
+            .call(self.deadline() + Duration::from_secs(8), |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await
+            .map_err(|e| e.message().to_string())?;
+        let revision = resp.header().map_or(0, |h| h.revision()) as u64;
+        let mut services = Vec::new();
+        let mut instances = Vec::new();
+        let mut nodes = BTreeMap::new();
+        for kv in resp.kvs() {
+            match self.decode(kv) {
+                Decoded::Service(s) => services.push(s),
+                Decoded::Instance(i) => instances.push((kv.mod_revision() as u64, i)),
+                Decoded::Node(n) => {
+                    nodes.insert(n.id.clone(), n);
+                }
+                Decoded::Other | Decoded::Bad => {}
+            }
+        }
+        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
+        Ok((revision, services, instances))
+    }
+
+    fn decode(&self, kv: &KeyValue) -> Decoded {
+        let Some(rest) = kv.key().strip_prefix(self.prefix.as_bytes()) else {
+            return Decoded::Other;
+        };
+        let Ok(rest) = std::str::from_utf8(rest) else {
+            return Decoded::Other;
+        };
+        let bad = |e: serde_json::Error| {
+            tracing::warn!(key = rest, error = %e, "unreadable record in etcd; ignored");
+            Decoded::Bad
+        };
+        if rest.starts_with("services/") {
+            match serde_json::from_slice::<ServiceRecord>(kv.value()) {
+                Ok(s) => Decoded::Service(ServiceRecord {
+                    created_index: kv.create_revision() as u64,
+                    ..s
+                }),
+                Err(e) => bad(e),
+            }
+        } else if rest.starts_with("instances/") {
+            match serde_json::from_slice::<InstanceRecord>(kv.value()) {
+                Ok(i) => Decoded::Instance(i),
+                Err(e) => bad(e),
+            }
+        } else if rest.starts_with("nodes/") {
+            match serde_json::from_slice::<NodeInfo>(kv.value()) {
+                Ok(n) => Decoded::Node(n),
+                Err(e) => bad(e),
+            }
+        } else {
+            Decoded::Other
+        }
+    }
+
+    /// The operation a deleted key stands for.
+    fn deleted(&self, key: &[u8]) -> Option<Op> {
+        let rest = std::str::from_utf8(key.strip_prefix(self.prefix.as_bytes())?).ok()?;
+        let mut parts = rest.split('/');
+        match (parts.next()?, parts.next(), parts.next()) {
+            ("services", Some(name), None) => ServiceName::new(name).ok().map(Op::DeleteService),
+            ("instances", Some(_), Some(id)) => Some(Op::DeleteInstance(InstanceId::from(id))),
+            ("nodes", Some(node), None) => {
+                self.nodes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(node);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Lists, then watches, feeding `catalog`, until `shutdown`. The first list is done
+    /// before this returns the task; a compacted revision lists again.
+    pub async fn sync(self: &Arc<Self>, catalog: &Catalog) -> Result<u64, StoreError> {
+        let (revision, services, instances) = self.list().await.map_err(unavailable)?;
+        catalog.reset_view(revision, services, instances);
+        self.reconcile_owned(catalog).await;
+        Ok(revision)
+    }
+
+    /// Runs the watch, the lease keep-alives and the janitor until `shutdown`.
+    pub fn spawn(
+        self: &Arc<Self>,
+        catalog: Catalog,
+        from: u64,
+        tasks: &tokio_util::task::TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        tasks.spawn({
+            let this = self.clone();
+            let (catalog, shutdown) = (catalog.clone(), shutdown.clone());
+            async move { this.watch_loop(catalog, from, shutdown).await }
+        });
+        tasks.spawn({
+            let this = self.clone();
+            let (catalog, shutdown) = (catalog.clone(), shutdown.clone());
+            async move { this.keepalive_loop(catalog, shutdown).await }
+        });
+        tasks.spawn({
+            let this = self.clone();
+            async move { this.janitor_loop(catalog, shutdown).await }
+        });
+    }
+
+    async fn watch_loop(
+        self: Arc<Self>,
+        catalog: Catalog,
+        mut from: u64,
+        shutdown: CancellationToken,
+    ) {
+        let Some(mut progress_rx) = self
+            .progress_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let mut relist = false;
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            if relist {
+                match self.list().await {
+                    Ok((revision, services, instances)) => {
+                        tracing::info!(revision, "listed the cluster store again");
+                        catalog.reset_view(revision, services, instances);
+                        self.reconcile_owned(&catalog).await;
+                        from = revision + 1;
+                        relist = false;
+                    }
+                    Err(e) => {
+                        self.failed(&e);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            }
+            let (i, mut client) = self.client();
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(from as i64)
+                .with_progress_notify();
+            let opened = tokio::time::timeout(
+                self.settings.request_timeout(),
+                client.watch(self.prefix.clone(), Some(options)),
+            )
+            .await;
+            let stream = match opened {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    self.failed(classify(e).message());
+                    self.next_member(i);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(_) => {
+                    self.failed("opening the watch timed out");
+                    self.next_member(i);
+                    continue;
+                }
+            };
+            let (mut sender, mut responses) = stream.split();
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    Some(()) = progress_rx.recv() => {
+                        while progress_rx.try_recv().is_ok() {}
+                        let _ = sender.request_progress().await;
+                        continue;
+                    }
+                    msg = responses.message() => msg,
+                };
+                let resp = match msg {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => {
+                        self.failed("the watch stream ended");
+                        self.next_member(i);
+                        break;
+                    }
+                    Err(e) => {
+                        self.failed(classify(e).message());
+                        self.next_member(i);
+                        break;
+                    }
+                };
+                self.ok();
+                backoff = Duration::from_millis(100);
+                if resp.canceled() {
+                    if resp.compact_revision() > 0 {
+                        tracing::warn!(
+                            from,
+                            compacted = resp.compact_revision(),
+                            "the watch's revision was compacted; listing again"
+                        );
+                        relist = true;
+                    } else {
+                        self.failed(&format!("watch canceled: {}", resp.cancel_reason()));
+                        self.next_member(i);
+                    }
+                    break;
+                }
+                if resp.created() && resp.events().is_empty() {
+                    continue;
+                }
+                if resp.events().is_empty() {
+                    // A progress notification: every event up to here was delivered.
+                    if let Some(h) = resp.header() {
+                        catalog.note_progress(h.revision() as u64);
+                    }
+                    continue;
+                }
+                let mut batch: Vec<Op> = Vec::new();
+                let mut batch_rev = 0u64;
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let rev = kv.mod_revision() as u64;
+                    if rev != batch_rev && !batch.is_empty() {
+                        self.deliver(&catalog, batch_rev, std::mem::take(&mut batch))
+                            .await;
+                    }
+                    batch_rev = rev;
+                    match ev.event_type() {
+                        EventType::Put => match self.decode(kv) {
+                            Decoded::Service(s) => batch.push(Op::PutService(s)),
+                            Decoded::Instance(i) => batch.push(Op::PutInstance(i)),
+                            Decoded::Node(n) => {
+                                self.nodes
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(n.id.clone(), n);
+                            }
+                            Decoded::Other | Decoded::Bad => {}
+                        },
+                        EventType::Delete => batch.extend(self.deleted(kv.key())),
+                    }
+                }
+                if batch_rev > 0 {
+                    self.deliver(&catalog, batch_rev, batch).await;
+                    from = batch_rev + 1;
+                }
+            }
+        }
+    }
+
+    /// Applies one revision's operations: services first, then instances, then service
+    /// deletions, so an instance always finds its service.
+    async fn deliver(&self, catalog: &Catalog, revision: u64, mut ops: Vec<Op>) {
+        ops.sort_by_key(|op| match op {
+            Op::PutService(_) => 0,
+            Op::DeleteService(_) => 2,
+            _ => 1,
+        });
+        {
+            let mut leases = self.leases.lock().await;
+            for op in &ops {
+                match op {
+                    // Another node took one of ours over: it is no longer ours.
+                    Op::PutInstance(r) if r.owner.as_ref() != Some(&self.node) => {
+                        if let Some(o) = leases.owned.remove(&r.id) {
+                            release_slot(&mut leases.slots, o.lease);
+                        }
+                        leases.limbo.remove(&r.id);
+                    }
+                    Op::DeleteInstance(id) => {
+                        if let Some(o) = leases.owned.remove(id) {
+                            leases.limbo.insert(id.clone(), o);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        catalog.apply_committed(revision, ops);
+    }
+
+    /// Brings the owned set in line with the view: instances another node took over are
+    /// forgotten; instances the view says are ours but are not known here (a write whose
+    /// answer was lost) are adopted.
+    async fn reconcile_owned(&self, catalog: &Catalog) {
+        let snap = catalog.snapshot();
+        let mut leases = self.leases.lock().await;
+        let gone: Vec<InstanceId> = leases
+            .owned
+            .iter()
+            .filter(|(id, _)| {
+                snap.instance(id.as_str())
+                    .is_some_and(|i| i.owner.as_ref() != Some(&self.node))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some(o) = leases.owned.remove(&id) {
+                release_slot(&mut leases.slots, o.lease);
+            }
+        }
+    }
+
+    async fn keepalive_loop(self: Arc<Self>, catalog: Catalog, shutdown: CancellationToken) {
+        let every = Duration::from_secs(self.settings.lease_ttl_secs)
+            .div_f64(3.0)
+            .min(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let slots: Vec<i64> = self
+                .leases
+                .lock()
+                .await
+                .slots
+                .iter()
+                .map(|s| s.id)
+                .collect();
+            for lease in slots {
+                let outcome = self
+                    .call(self.deadline(), |mut c| async move {
+                        match c.lease_keep_alive(lease).await {
+                            Ok(_) => Ok(true),
+                            Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+                            Err(e) => Err(e),
+                        }
+                    })
+                    .await;
+                match outcome {
+                    Ok(true) => {
+                        // The lease lives: its deleted keys were deregistrations.
+                        let mut leases = self.leases.lock().await;
+                        leases.limbo.retain(|_, o| o.lease != lease);
+                    }
+                    Ok(false) => self.lease_lost(lease, &catalog).await,
+                    Err(e) => {
+                        tracing::debug!(lease, error = e.message(), "lease keep-alive failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A lease ran out (the node was cut off from etcd for longer than the TTL): grant a
+    /// new one and put its instances back, unless another node has taken them meanwhile.
+    async fn lease_lost(&self, lease: i64, catalog: &Catalog) {
+        tracing::warn!(
+            lease,
+            "an etcd lease of this node is gone; putting its instances back"
+        );
+        let lost: Vec<Owned> = {
+            let mut leases = self.leases.lock().await;
+            leases.slots.retain(|s| s.id != lease);
+            let mut lost: Vec<Owned> = Vec::new();
+            let ids: Vec<InstanceId> = leases
+                .owned
+                .iter()
+                .filter(|(_, o)| o.lease == lease)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in ids {
+                lost.extend(leases.owned.remove(&id));
+            }
+            let ids: Vec<InstanceId> = leases
+                .limbo
+                .iter()
+                .filter(|(_, o)| o.lease == lease)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in ids {
+                lost.extend(leases.limbo.remove(&id));
+            }
+            lost
+        };
+        let info = self.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !info.id.is_empty()
+            && let Err(e) = self.announce(info).await
+        {
+            tracing::warn!(error = %e, "announcing this node again");
+        }
+        for o in lost {
+            let mut record = o.record;
+            // The lease ran out with the key; the heartbeats did not stop: a fresh TTL.
+            record.deadline_unix_ms = unix_now_ms() + record.ttl_ms;
+            let key = self.instance_key(&record.service, &record.id);
+            let p = Proposal {
+                ops: vec![Op::PutInstance(record)],
+                expect: Vec::new(),
+            };
+            let Ok((_, ops, puts)) = self.transaction(&p).await else {
+                continue;
+            };
+            // Unless someone registered it again meanwhile (then that one stands).
+            let txn = Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then(ops);
+            let done = self
+                .call(self.deadline(), |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await;
+            if let Ok(r) = done
+                && r.succeeded()
+            {
+                self.remember(&p, puts).await;
+            }
+        }
+        let _ = catalog;
+    }
+
+    /// Collects service records whose VIP hold ran out, and keeps the owned set honest.
+    async fn janitor_loop(self: Arc<Self>, catalog: Catalog, shutdown: CancellationToken) {
+        let hold = catalog.settings().vip_hold;
+        let every = (hold / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let before = catalog
+                .now_ms()
+                .saturating_sub(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
+            for rec in catalog.dormant_services(before) {
+                self.collect(&rec).await;
+            }
+            self.reconcile_owned(&catalog).await;
+        }
+    }
+
+    /// Deletes a service record and its VIP key if it is still the same incarnation and
+    /// has no instance: any node may run it, and several at once free it exactly once.
+    async fn collect(&self, rec: &ServiceRecord) {
+        let service = self.service_key(&rec.name);
+        let instances = self.key(&["instances", rec.name.as_str(), ""]);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(
+                    service.clone(),
+                    CompareOp::Equal,
+                    rec.created_index as i64,
+                ),
+                Compare::create_revision(instances, CompareOp::Equal, 0).with_prefix(),
+            ])
+            .and_then([
+                TxnOp::delete(service, None),
+                TxnOp::delete(self.vip_key(rec.vip), None),
+            ]);
+        match self
+            .call(self.deadline(), |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+        {
+            Ok(r) if r.succeeded() => {
+                tracing::info!(service = %rec.name, vip = %rec.vip, "VIP hold ended; released");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(service = %rec.name, error = e.message(), "collecting a service")
+            }
+        }
+    }
+
+    /// Revokes this node's leases (its instances leave every view at once): a clean
+    /// shutdown. Best effort, bounded by the request timeout.
+    pub async fn close(&self) {
+        let slots: Vec<i64> = self
+            .leases
+            .lock()
+            .await
+            .slots
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        for lease in slots {
+            let _ = self
+                .call(self.deadline(), |mut c| async move {
+                    c.lease_revoke(lease).await
+                })
+                .await;
+        }
+    }
+}
+
+enum Decoded {
+    Service(ServiceRecord),
+    Instance(InstanceRecord),
+    Node(NodeInfo),
+    Other,
+    Bad,
+}
+
+fn release_slot(slots: &mut [Slot], lease: i64) {
+    if let Some(s) = slots.iter_mut().find(|s| s.id == lease) {
+        s.keys = s.keys.saturating_sub(1);
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, ProposeError> {
+    serde_json::to_vec(v).map_err(|e| ProposeError::Unavailable(format!("encoding a record: {e}")))
+}
+
+fn unavailable(why: impl Into<String>) -> StoreError {
+    StoreError::Unavailable(why.into())
+}
+
+#[async_trait::async_trait]
+impl Cluster for EtcdCluster {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    async fn propose(&self, p: Proposal) -> Result<u64, ProposeError> {
+        let deadline = self.deadline();
+        // Leave time to read back an attempt that timed out.
+        let attempt_deadline = deadline - (self.settings.request_timeout() / 4);
+        let (compares, ops, puts) = self.transaction(&p).await?;
+        let txn = Txn::new().when(compares).and_then(ops);
+        let mut last;
+        loop {
+            let (i, mut client) = self.client();
+            match tokio::time::timeout_at(attempt_deadline, client.txn(txn.clone())).await {
+                Ok(Ok(resp)) => {
+                    self.ok();
+                    let revision = resp.header().map_or(0, |h| h.revision()) as u64;
+                    if resp.succeeded() {
+                        self.remember(&p, puts).await;
+                        return Ok(revision);
+                    }
+                    // Let the watch confirm it has delivered everything up to here.
+                    let _ = self.progress_tx.send(());
+                    return Err(ProposeError::Conflict { revision });
+                }
+                Ok(Err(e)) => match classify(e) {
+                    CallError::Transient(m) => {
+                        last = m;
+                        self.next_member(i);
+                    }
+                    CallError::Fatal(m) => return Err(ProposeError::Unavailable(m)),
+                },
+                Err(_) => {
+                    last = format!("no answer within {:?}", self.settings.request_timeout());
+                    self.next_member(i);
+                }
+            }
+            // The attempt may have committed: read back before trying again.
+            for (_, record) in &puts {
+                if let Some(revision) = self.committed(record, deadline).await {
+                    self.remember(&p, puts.clone()).await;
+                    return Ok(revision);
+                }
+            }
+            if tokio::time::Instant::now() >= attempt_deadline {
+                self.failed(&last);
+                return Err(ProposeError::Unavailable(last));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "etcd:{}{}",
+            self.settings.endpoints.join(","),
+            self.prefix.trim_end_matches('/')
+        )
+    }
+
+    fn health(&self) -> StoreHealth {
+        let c = self.contact.lock().unwrap_or_else(|e| e.into_inner());
+        StoreHealth {
+            degraded: c.failing.is_some(),
+            view_age: c.last_ok.map(|t| t.elapsed()),
+            detail: c.failing.clone(),
+        }
+    }
+}

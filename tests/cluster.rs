@@ -1,0 +1,416 @@
+//! Cluster mode against a real etcd (Debian's `etcd-server`) and real `netsel serve` nodes
+//! on loopback. Outside CI, without an `etcd` binary, each test says SKIPPED and passes; in
+//! CI a missing etcd fails.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::cluster::{ClusterConfig, Etcd, Node, ask, dns_a, get};
+use netsel::ServiceClient;
+
+/// `REGISTERED|id|secret|vip|port|endpoint|ttl` → (id, secret, vip).
+fn registered(answer: &str) -> (String, String, IpAddr) {
+    let f: Vec<&str> = answer.split('|').collect();
+    assert_eq!(f[0], "REGISTERED", "{answer}");
+    (f[1].into(), f[2].into(), f[3].parse().unwrap())
+}
+
+/// The VIP a node's `RESOLVE` gives `name`, if it knows it.
+async fn resolve(node: &Node, name: &str) -> Option<(IpAddr, usize)> {
+    let a = ask(node.registry, &format!("RESOLVE|{name}")).await;
+    let f: Vec<&str> = a.split('|').collect();
+    (f[0] == "RESOLVED").then(|| (f[2].parse().unwrap(), f[4].parse().unwrap()))
+}
+
+/// `{name: vip}` and the index of a node's `/v1/services`.
+async fn view(node: &Node) -> (u64, BTreeMap<String, String>) {
+    let (status, body) = get(node.api, "/v1/services").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let index = v["index"].as_u64().unwrap();
+    let services = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                format!(
+                    "{} {}",
+                    s["vip"].as_str().unwrap(),
+                    s["instance_count"].as_u64().unwrap()
+                ),
+            )
+        })
+        .collect();
+    (index, services)
+}
+
+async fn until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        common::eventually(timeout, &mut check).await,
+        "{what} within {timeout:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_on_one_node_is_answered_by_another_within_200ms() {
+    let Some(etcd) = Etcd::start(1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let a = Node::start(&cfg, "a");
+    let b = Node::start(&cfg, "b");
+
+    let started = Instant::now();
+    let (_, _, vip) = registered(&ask(a.registry, "REGISTER|web|127.0.0.1:39001").await);
+    let mut seen = None;
+    while started.elapsed() < Duration::from_secs(5) {
+        if let Some((v, n)) = resolve(&b, "web").await {
+            seen = Some((v, n, started.elapsed()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (v, n, took) = seen.expect("node b answers RESOLVE for web");
+    assert_eq!((v, n), (vip, 1));
+    assert!(
+        took < Duration::from_millis(200),
+        "propagation took {took:?}"
+    );
+    // DNS and the API on b agree.
+    assert_eq!(dns_a(b.dns, "web").await, vec![vip]);
+    let (status, body) = get(b.api, "/v1/services/web").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&vip.to_string()) && body.contains("127.0.0.1:39001"),
+        "{body}"
+    );
+    // Both views stand at the same index.
+    assert_eq!(view(&a).await, view(&b).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_stay_with_the_owner_and_a_deregistration_anywhere_is_seen_everywhere() {
+    let Some(etcd) = Etcd::start(1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let a = Node::start(&cfg, "a");
+    let b = Node::start(&cfg, "b");
+    let (id, secret, _) = registered(&ask(a.registry, "REGISTER|api|127.0.0.1:39002").await);
+    assert_eq!(
+        ask(a.registry, &format!("HEARTBEAT|{id}|{secret}")).await,
+        "HEARTBEAT_OK"
+    );
+    until(Duration::from_secs(2), "b sees api", || async {
+        resolve(&b, "api").await.is_some()
+    })
+    .await;
+    // b does not hold the lease: the client is told to register again there.
+    let hb = ask(b.registry, &format!("HEARTBEAT|{id}|{secret}")).await;
+    assert!(hb.starts_with("FAILED|unknown instance"), "{hb}");
+    // A wrong secret is refused anywhere.
+    let bad = ask(b.registry, &format!("DEREGISTER|{id}|nope")).await;
+    assert!(bad.starts_with("FAILED|wrong secret"), "{bad}");
+    // The right one works from any node, and every view loses the instance.
+    assert_eq!(
+        ask(b.registry, &format!("DEREGISTER|{id}|{secret}")).await,
+        "OK"
+    );
+    until(Duration::from_secs(2), "a drops api", || async {
+        resolve(&a, "api").await.is_none()
+    })
+    .await;
+    assert!(resolve(&b, "api").await.is_none(), "read-your-writes on b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_names_across_three_nodes_get_a_hundred_vips_and_one_view() {
+    let Some(etcd) = Etcd::start(3).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let nodes = [
+        Node::start(&cfg, "a"),
+        Node::start(&cfg, "b"),
+        Node::start(&cfg, "c"),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..100u16 {
+        let addr = nodes[usize::from(i) % 3].registry;
+        tasks.push(tokio::spawn(async move {
+            let a = ask(addr, &format!("REGISTER|svc-{i}|127.0.0.1:{}", 40000 + i)).await;
+            (format!("svc-{i}"), registered(&a).2)
+        }));
+    }
+    let mut vips: HashMap<String, IpAddr> = HashMap::new();
+    for t in tasks {
+        let (name, vip) = t.await.unwrap();
+        vips.insert(name, vip);
+    }
+    let distinct: BTreeSet<IpAddr> = vips.values().copied().collect();
+    assert_eq!(distinct.len(), 100, "every name its own VIP");
+    let mut views = Vec::new();
+    for n in &nodes {
+        until(
+            Duration::from_secs(3),
+            "every node holds 100 services",
+            || async { view(n).await.1.len() == 100 },
+        )
+        .await;
+        views.push(view(n).await);
+    }
+    assert_eq!(views[0], views[1]);
+    assert_eq!(views[1], views[2]);
+    for (name, vip) in &vips {
+        assert_eq!(views[0].1[name], format!("{vip} 1"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_name_registered_on_three_nodes_at_once_gets_one_vip() {
+    let Some(etcd) = Etcd::start(3).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let nodes = [
+        Node::start(&cfg, "a"),
+        Node::start(&cfg, "b"),
+        Node::start(&cfg, "c"),
+    ];
+    let mut all: BTreeSet<IpAddr> = BTreeSet::new();
+    for round in 0..20u16 {
+        let name = format!("race-{round}");
+        let mut tasks = Vec::new();
+        for (k, n) in nodes.iter().enumerate() {
+            let (addr, name) = (n.registry, name.clone());
+            let port = 41000 + round * 3 + k as u16;
+            tasks.push(tokio::spawn(async move {
+                registered(&ask(addr, &format!("REGISTER|{name}|127.0.0.1:{port}")).await).2
+            }));
+        }
+        let mut got = BTreeSet::new();
+        for t in tasks {
+            got.insert(t.await.unwrap());
+        }
+        assert_eq!(got.len(), 1, "round {round}: one VIP, got {got:?}");
+        let vip = *got.iter().next().unwrap();
+        assert!(
+            all.insert(vip),
+            "round {round}: {vip} was given to another name"
+        );
+        for n in &nodes {
+            assert_eq!(resolve(n, &name).await, Some((vip, 3)), "round {round}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_takes_its_instances_and_its_clients_move_keeping_their_vip() {
+    let Some(etcd) = Etcd::start(1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let mut a = Node::start(&cfg, "a");
+    let b = Node::start(&cfg, "b");
+    let c = Node::start(&cfg, "c");
+
+    // An instance registered on a by line, and a client library given a then b.
+    let (_, _, vip) = registered(&ask(a.registry, "REGISTER|lost|127.0.0.1:39101").await);
+    let mut client = ServiceClient::builder("moving")
+        .registry(a.registry)
+        .registry(b.registry)
+        .endpoint("127.0.0.1:39102".parse().unwrap())
+        .heartbeat_interval(Duration::from_millis(300))
+        .build();
+    let (moving_vip, _) = client.register().await.unwrap();
+    let heartbeats = client.start_heartbeats();
+    until(Duration::from_secs(2), "b and c see both", || async {
+        resolve(&b, "lost").await.is_some() && resolve(&c, "moving").await.is_some()
+    })
+    .await;
+
+    a.kill9();
+    let killed = Instant::now();
+    // b and c keep answering throughout, and the orphan leaves within TTL + 2 s.
+    let limit = Duration::from_secs(cfg.lease_ttl_secs + 2);
+    loop {
+        assert_eq!(
+            dns_a(c.dns, "moving").await,
+            vec![moving_vip],
+            "c answers throughout"
+        );
+        let gone_b = resolve(&b, "lost").await.is_none();
+        let gone_c = resolve(&c, "lost").await.is_none();
+        if gone_b && gone_c {
+            break;
+        }
+        assert!(
+            killed.elapsed() < limit,
+            "lost still listed after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = vip;
+    // The client re-registered through b: same VIP, and b holds its lease now.
+    until(Duration::from_secs(5), "moving is held by b", || async {
+        let (s, body) = get(b.api, "/v1/services/moving").await;
+        s == 200 && body.contains("\"owner\":\"b\"")
+    })
+    .await;
+    assert_eq!(resolve(&c, "moving").await, Some((moving_vip, 1)));
+    assert_eq!(client.get_assigned_addr().unwrap().ip(), moving_vip);
+    heartbeats.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_reads_go_on_and_writes_fail_fast_then_converge() {
+    let Some(etcd) = Etcd::start(3).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let a = Node::start(&cfg, "a");
+    let b = Node::start(&cfg, "b");
+    let (id, secret, vip) = registered(&ask(a.registry, "REGISTER|steady|127.0.0.1:39201").await);
+    until(Duration::from_secs(2), "b sees steady", || async {
+        resolve(&b, "steady").await.is_some()
+    })
+    .await;
+
+    // Two of three members stop: no quorum.
+    etcd.signal(1, "-STOP");
+    etcd.signal(2, "-STOP");
+    let started = Instant::now();
+    let answer = ask(a.registry, "REGISTER|newcomer|127.0.0.1:39202").await;
+    let took = started.elapsed();
+    assert!(
+        answer.starts_with("FAILED|cluster store unavailable"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_millis(2500), "failed after {took:?}");
+    // Reads, DNS and heartbeats go on from the last view.
+    assert_eq!(dns_a(b.dns, "steady").await, vec![vip]);
+    assert_eq!(resolve(&a, "steady").await, Some((vip, 1)));
+    assert_eq!(
+        ask(a.registry, &format!("HEARTBEAT|{id}|{secret}")).await,
+        "HEARTBEAT_OK"
+    );
+    // The API says so.
+    until(Duration::from_secs(5), "readiness turns 503", || async {
+        get(a.api, "/v1/health/ready").await.0 == 503
+    })
+    .await;
+    let (status, body) = get(a.api, "/v1/services/newcomer").await;
+    assert_eq!(status, 404, "{body}");
+
+    etcd.signal(1, "-CONT");
+    etcd.signal(2, "-CONT");
+    let back = Instant::now();
+    until(Duration::from_secs(5), "writes work again", || async {
+        ask(b.registry, "REGISTER|newcomer|127.0.0.1:39202")
+            .await
+            .starts_with("REGISTERED")
+    })
+    .await;
+    until(Duration::from_secs(5), "a converges", || async {
+        resolve(&a, "newcomer").await.is_some() && get(a.api, "/v1/health/ready").await.0 == 200
+    })
+    .await;
+    assert!(
+        back.elapsed() < Duration::from_secs(5),
+        "converged in {:?}",
+        back.elapsed()
+    );
+    assert_eq!(view(&a).await, view(&b).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_lists_again_after_compaction_and_converges() {
+    let Some(mut etcd) = Etcd::start(1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let a = Node::start(&cfg, "a");
+    let b = Node::start(&cfg, "b");
+    registered(&ask(a.registry, "REGISTER|before|127.0.0.1:39301").await);
+    until(Duration::from_secs(2), "b sees before", || async {
+        resolve(&b, "before").await.is_some()
+    })
+    .await;
+
+    // b stops; etcd restarts under it (b's watch stream breaks, unseen); the catalog
+    // changes and etcd compacts: b must watch again from a revision that is gone.
+    b.signal("-STOP");
+    etcd.kill(0);
+    etcd.restart(0);
+    etcd.wait_writable(Duration::from_secs(20)).await;
+    until(Duration::from_secs(10), "a writes again", || async {
+        ask(a.registry, "REGISTER|during|127.0.0.1:39302")
+            .await
+            .starts_with("REGISTERED")
+    })
+    .await;
+    let (id, secret, _) = registered(&ask(a.registry, "REGISTER|during|127.0.0.1:39302").await);
+    assert_eq!(
+        ask(a.registry, &format!("DEREGISTER|{id}|{secret}")).await,
+        "OK"
+    );
+    registered(&ask(a.registry, "REGISTER|after|127.0.0.1:39303").await);
+    let mut c = etcd.client().await;
+    let rev = c.get("/", None).await.unwrap().header().unwrap().revision();
+    c.compact(rev, None).await.unwrap();
+    b.signal("-CONT");
+    until(Duration::from_secs(10), "b converges", || async {
+        resolve(&b, "after").await.is_some()
+            && resolve(&b, "during").await.is_none()
+            && view(&b).await == view(&a).await
+    })
+    .await;
+    assert!(
+        b.log().contains("listing again"),
+        "b listed again:\n{}",
+        b.log()
+    );
+}
+
+/// The same name keeps its VIP through its hold across the cluster, and another name
+/// never gets it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_is_held_for_its_name_cluster_wide() {
+    let Some(etcd) = Etcd::start(1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let a = Node::start(&cfg, "a");
+    let b = Node::start(&cfg, "b");
+    let (id, secret, vip) = registered(&ask(a.registry, "REGISTER|held|127.0.0.1:39401").await);
+    assert_eq!(
+        ask(a.registry, &format!("DEREGISTER|{id}|{secret}")).await,
+        "OK"
+    );
+    until(Duration::from_secs(2), "b drops held", || async {
+        resolve(&b, "held").await.is_none()
+    })
+    .await;
+    // Back on the other node: the same address.
+    let (_, _, again) = registered(&ask(b.registry, "REGISTER|held|127.0.0.1:39402").await);
+    assert_eq!(again, vip);
+    let addr: SocketAddr = b.registry;
+    let _ = addr;
+}
