@@ -20,7 +20,9 @@ use crate::metrics::MetricsRegistry;
 use crate::proxy::balance::Balancer;
 use crate::proxy::tcp::TcpProxy;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Cluster as _, MemoryStore, Store, StoreError};
+#[cfg(feature = "etcd")]
+use crate::store::Cluster as _;
+use crate::store::{MemoryStore, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
