@@ -19,9 +19,9 @@ use crate::config::{ConfigError, NetSelConfig, Settings};
 use crate::metrics::MetricsRegistry;
 use crate::proxy::balance::Balancer;
 use crate::proxy::tcp::TcpProxy;
-use crate::store::embedded::EmbeddedStore;
 #[cfg(feature = "etcd")]
 use crate::store::Cluster as _;
+use crate::store::embedded::EmbeddedStore;
 use crate::store::{MemoryStore, Store, StoreError};
 
 /// Why the server could not start.

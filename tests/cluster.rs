@@ -414,3 +414,147 @@ async fn a_vip_is_held_for_its_name_cluster_wide() {
     let addr: SocketAddr = b.registry;
     let _ = addr;
 }
+
+/// What a load test saw: acknowledged registrations and the views nodes answered.
+#[derive(Default)]
+struct History {
+    /// (name, instance id, VIP) of every acknowledged registration.
+    acks: Vec<(String, String, IpAddr)>,
+    /// (name, VIP) answered by any node's RESOLVE during the run.
+    observed: Vec<(String, IpAddr)>,
+}
+
+impl History {
+    /// VIP uniqueness and stability: one VIP per name, one name per VIP, over every
+    /// acknowledgement and every observation.
+    fn check_vips(&self) {
+        let mut by_name: HashMap<&str, IpAddr> = HashMap::new();
+        let mut by_vip: HashMap<IpAddr, &str> = HashMap::new();
+        let seen = self
+            .acks
+            .iter()
+            .map(|(n, _, v)| (n.as_str(), *v))
+            .chain(self.observed.iter().map(|(n, v)| (n.as_str(), *v)));
+        for (name, vip) in seen {
+            let first = *by_name.entry(name).or_insert(vip);
+            assert_eq!(first, vip, "{name} had {first} and then {vip}");
+            let owner = *by_vip.entry(vip).or_insert(name);
+            assert_eq!(owner, name, "{vip} was given to {owner} and to {name}");
+        }
+    }
+
+    /// No lost acknowledgement: every acknowledged instance is in `instances`.
+    fn check_acks(&self, node: &str, instances: &BTreeSet<String>) {
+        for (name, id, _) in &self.acks {
+            assert!(
+                instances.contains(id),
+                "{node} lost acknowledged {name} {id}"
+            );
+        }
+    }
+}
+
+/// Every instance id a node's API lists.
+async fn instance_ids(node: &Node) -> BTreeSet<String> {
+    let (status, body) = get(node.api, "/v1/services?detail=true").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_under_load_loses_no_acknowledged_registration() {
+    let Some(mut etcd) = Etcd::start(3).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let nodes = [
+        Node::start(&cfg, "a"),
+        Node::start(&cfg, "b"),
+        Node::start(&cfg, "c"),
+    ];
+    let registries: Vec<SocketAddr> = nodes.iter().map(|n| n.registry).collect();
+    let history = std::sync::Arc::new(std::sync::Mutex::new(History::default()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6u16 {
+        let (registries, history, stop) = (registries.clone(), history.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut k = 0u16;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Names shared between workers race for one VIP; ports keep instances apart.
+                let name = format!("load-{}", (w + k) % 40);
+                let port = 42000 + w * 1000 + k;
+                let node = registries[usize::from(w + k) % registries.len()];
+                let answer = ask(node, &format!("REGISTER|{name}|127.0.0.1:{port}")).await;
+                if answer.starts_with("REGISTERED") {
+                    let (id, _, vip) = registered(&answer);
+                    history.lock().unwrap().acks.push((name.clone(), id, vip));
+                } else {
+                    assert!(
+                        answer.starts_with("FAILED|cluster store unavailable"),
+                        "{answer}"
+                    );
+                }
+                if let Some(r) = ask(node, &format!("RESOLVE|{name}"))
+                    .await
+                    .strip_prefix("RESOLVED|")
+                    .map(str::to_string)
+                {
+                    let vip = r.split('|').nth(1).unwrap().parse().unwrap();
+                    history.lock().unwrap().observed.push((name, vip));
+                }
+                k += 1;
+            }
+        }));
+    }
+    until(Duration::from_secs(10), "some registrations", || async {
+        history.lock().unwrap().acks.len() >= 50
+    })
+    .await;
+    let leader = etcd.leader().await;
+    etcd.kill(leader);
+    let acked_at_kill = history.lock().unwrap().acks.len();
+    until(
+        Duration::from_secs(10),
+        "registrations go on after the kill",
+        || async { history.lock().unwrap().acks.len() >= acked_at_kill + 50 },
+    )
+    .await;
+    etcd.restart(leader);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let history = history.lock().unwrap();
+    history.check_vips();
+    // Every node converges on one view holding every acknowledged instance.
+    until(
+        Duration::from_secs(5),
+        "the three views converge",
+        || async {
+            let mut views = Vec::new();
+            for n in &nodes {
+                views.push((view(n).await, instance_ids(n).await));
+            }
+            views[0] == views[1] && views[1] == views[2]
+        },
+    )
+    .await;
+    for n in &nodes {
+        history.check_acks(&n.log.display().to_string(), &instance_ids(n).await);
+    }
+    eprintln!(
+        "{} acknowledged registrations, {} observations",
+        history.acks.len(),
+        history.observed.len()
+    );
+}
