@@ -385,6 +385,19 @@ mod server_model {
             health: Health,
         },
     }
+
+    /// What a node tells the others about itself (`nodes/<id>`).
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct NodeInfo {
+        /// Node id.
+        pub id: String,
+        /// Its addresses by part (`registry`, `api`, `dns`, …).
+        pub addrs: BTreeMap<String, String>,
+        /// When it started (Unix ms).
+        pub started_unix_ms: u64,
+        /// Its NetSel version.
+        pub version: String,
+    }
 }
 
 #[cfg(all(test, feature = "server"))]

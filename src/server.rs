@@ -303,20 +303,21 @@ impl NetSelServer {
         // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
         tasks.spawn(http_proxy.serve(http_listener, shutdown.clone()));
         tasks.spawn(tcp_proxy.clone().run(Some(tcp_gateway), shutdown.clone()));
+        let info = crate::model::NodeInfo {
+            id: catalog.self_info().id,
+            addrs: bound
+                .listing()
+                .into_iter()
+                .map(|(name, addr)| (name.to_string(), addr.to_string()))
+                .collect(),
+            started_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        catalog.set_self_info(info.clone());
         #[cfg(feature = "etcd")]
         if let Some((c, from)) = cluster {
-            let info = crate::store::etcd::NodeInfo {
-                id: c.node().to_string(),
-                addrs: bound
-                    .listing()
-                    .into_iter()
-                    .map(|(name, addr)| (name.to_string(), addr.to_string()))
-                    .collect(),
-                started_unix_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-            };
             if let Err(e) = c.announce(info).await {
                 shutdown.cancel();
                 return Err(e.into());

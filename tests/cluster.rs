@@ -96,6 +96,40 @@ async fn a_registration_on_one_node_is_answered_by_another_within_200ms() {
     );
     // Both views stand at the same index.
     assert_eq!(view(&a).await, view(&b).await);
+
+    // Every node lists both nodes, and which holds the instance.
+    let (status, body) = get(b.api, "/v1/nodes").await;
+    assert_eq!(status, 200, "{body}");
+    let nodes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(nodes["node"], "b");
+    let list = nodes["nodes"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{body}");
+    assert_eq!(list[0]["id"], "a");
+    assert_eq!(list[0]["instances"], 1);
+    assert_eq!(list[0]["addrs"]["registry"], a.registry.to_string());
+    assert_eq!(list[1]["self"], true);
+    // The CLI too, failing over from an address that answers nothing.
+    let dead = common::cluster::free_port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args([
+            "nodes",
+            "--api-addr",
+            &format!("127.0.0.1:{dead},{}", b.api),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("NODE") && text.contains("b *"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("a ") && l.contains(&a.registry.to_string())),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -516,3 +516,60 @@ mod tests {
         );
     }
 }
+
+/// One node of `GET /v1/nodes`.
+#[derive(serde::Serialize)]
+struct NodeView {
+    id: String,
+    /// `alive`, or for this node `degraded` while its store cannot take writes.
+    state: &'static str,
+    /// Whether it is the node that answered.
+    #[serde(rename = "self")]
+    is_self: bool,
+    /// Instances whose lease it holds.
+    instances: usize,
+    addrs: BTreeMap<String, String>,
+    started_unix_ms: u64,
+    version: String,
+}
+
+/// `GET /v1/nodes`: the nodes serving this catalog (one, unless in a cluster), with their
+/// addresses and how many instances each holds.
+pub(crate) async fn nodes(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let acl = &state.inner.acl;
+    if !acl.can_read_all(caller) {
+        return Err(acl.denied(caller, "list nodes"));
+    }
+    let catalog = &state.inner.catalog;
+    let snap = catalog.snapshot();
+    let me = catalog.self_info().id;
+    let degraded = catalog.store_health().degraded;
+    let mut owned: BTreeMap<&str, usize> = BTreeMap::new();
+    for i in snap.instances() {
+        *owned
+            .entry(i.owner.as_deref().unwrap_or("local"))
+            .or_default() += 1;
+    }
+    let nodes: Vec<NodeView> = catalog
+        .nodes()
+        .into_iter()
+        .map(|n| NodeView {
+            state: if n.id == me && degraded {
+                "degraded"
+            } else {
+                "alive"
+            },
+            is_self: n.id == me,
+            instances: owned.get(n.id.as_str()).copied().unwrap_or(0),
+            id: n.id,
+            addrs: n.addrs,
+            started_unix_ms: n.started_unix_ms,
+            version: n.version,
+        })
+        .collect();
+    let body = serde_json::json!({ "index": snap.index, "node": me, "nodes": nodes });
+    Ok((index_header(snap.index), Json(body)).into_response())
+}

@@ -141,6 +141,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/instances/{id}/heartbeat", put(handlers::heartbeat))
         .route("/v1/services", get(handlers::services))
+        .route("/v1/nodes", get(handlers::nodes))
         .route("/v1/services/{name}", get(handlers::service))
         .route("/v1/events", get(watch::events))
         .route_layer(axum::middleware::from_fn_with_state(

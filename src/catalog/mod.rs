@@ -42,7 +42,7 @@ pub use metrics::CatalogMetrics;
 pub use model::{Instance, Lease, Service};
 
 use crate::model::{AppProtocol, Check, InstanceRecord, Op, ServiceRecord, VipHold};
-pub use crate::model::{Health, InstanceId, NameError, NodeId, Secret, ServiceName};
+pub use crate::model::{Health, InstanceId, NameError, NodeId, NodeInfo, Secret, ServiceName};
 use crate::network::{NetworkError, PortPool, VipPool};
 use crate::protocol::{MAX_META, MAX_TAGS, MAX_VALUE_LEN};
 use crate::store::{
@@ -702,6 +702,8 @@ struct Inner {
     writer: Writer,
     /// This node's id in a cluster; `None` on a single node.
     node: Option<NodeId>,
+    /// This node's description (`nodes/<id>` in a cluster).
+    self_info: Mutex<NodeInfo>,
     /// Instances this node is expiring right now: their removal, when the watch delivers
     /// it, is an expiry, not a deregistration.
     expiring: Mutex<HashSet<InstanceId>>,
@@ -813,6 +815,11 @@ impl Catalog {
         let (index_tx, _) = watch::channel(0);
         let (services_tx, _) = watch::channel(0);
         let (progress_tx, _) = watch::channel(0);
+        let self_info = NodeInfo {
+            id: node.as_deref().unwrap_or("local").to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..NodeInfo::default()
+        };
         Ok(Catalog {
             inner: Arc::new(Inner {
                 settings,
@@ -835,6 +842,7 @@ impl Catalog {
                 progress_tx,
                 writer,
                 node,
+                self_info: Mutex::new(self_info),
                 expiring: Mutex::new(HashSet::new()),
                 timers,
                 timer_rx: Mutex::new(Some(timer_rx)),
@@ -1102,6 +1110,32 @@ impl Catalog {
         match &self.inner.writer {
             Writer::Local(s) => s.describe(),
             Writer::Cluster(c) => c.describe(),
+        }
+    }
+
+    /// What this node tells others about itself (set by the server once it is bound).
+    pub fn set_self_info(&self, info: NodeInfo) {
+        *self
+            .inner
+            .self_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = info;
+    }
+
+    /// This node as it describes itself.
+    pub fn self_info(&self) -> NodeInfo {
+        self.inner
+            .self_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The nodes serving this catalog: the cluster's live nodes, or this one alone.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        match &self.inner.writer {
+            Writer::Local(_) => vec![self.self_info()],
+            Writer::Cluster(c) => c.nodes(),
         }
     }
 

@@ -17,7 +17,8 @@ pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Flags every API verb takes.
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
-    /// The NetSel API to talk to.
+    /// The NetSel API to talk to; several, comma-separated (the nodes of a cluster), are
+    /// tried in turn when one cannot be reached.
     #[arg(
         long,
         env = "NETSEL_API_ADDR",
@@ -103,17 +104,19 @@ pub(crate) struct Answer {
     pub(crate) body: Value,
 }
 
-/// The API at one address.
+/// The API at one or more addresses (the nodes of a cluster): requests go to the current
+/// one and move on to the next when it cannot be reached.
 #[derive(Clone)]
 pub(crate) struct Api {
-    pub(crate) addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: Option<String>,
 }
 
 impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Api")
-            .field("addr", &self.addr)
+            .field("addrs", &self.addrs)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .finish()
     }
@@ -121,10 +124,38 @@ impl std::fmt::Debug for Api {
 
 impl Api {
     pub(crate) async fn new(args: &ApiArgs) -> Result<Api, Failure> {
+        let mut addrs = Vec::new();
+        for a in args
+            .api_addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
+            let a = a.strip_prefix("http://").unwrap_or(a).trim_end_matches('/');
+            addrs.push(resolve_addr("--api-addr", a).await?);
+        }
+        if addrs.is_empty() {
+            return Err(Failure::Usage("--api-addr names no address".into()));
+        }
         Ok(Api {
-            addr: resolve_addr("--api-addr", &args.api_addr).await?,
+            addrs,
+            current: Default::default(),
             token: args.token.clone(),
         })
+    }
+
+    /// The address requests go to now.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.addrs[i % self.addrs.len()]
+    }
+
+    /// Moves on to the next address, after the current one could not be reached.
+    pub(crate) fn fail_over(&self) {
+        if self.addrs.len() > 1 {
+            self.current
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn request<'a>(&'a self, method: &'a str, path: &'a str) -> HttpRequest<'a> {
@@ -142,16 +173,29 @@ impl Api {
         req: HttpRequest<'_>,
         timeout: Duration,
     ) -> Result<Answer, Failure> {
-        let r = http::send(self.addr, &req, timeout).await.map_err(|e| {
-            Failure::Unreachable(format!("cannot reach the NetSel API at {}: {e}", self.addr))
-        })?;
+        let mut tried = 0;
+        let (addr, r) = loop {
+            let addr = self.addr();
+            match http::send(addr, &req, timeout).await {
+                Ok(r) => break (addr, r),
+                Err(e) => {
+                    tried += 1;
+                    if tried >= self.addrs.len() {
+                        return Err(Failure::Unreachable(format!(
+                            "cannot reach the NetSel API at {addr}: {e}"
+                        )));
+                    }
+                    self.fail_over();
+                }
+            }
+        };
         let body = if r.body.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&r.body).map_err(|_| {
                 Failure::Unreachable(format!(
-                    "the API at {} answered HTTP {} with something that is not JSON",
-                    self.addr, r.status
+                    "the API at {addr} answered HTTP {} with something that is not JSON",
+                    r.status
                 ))
             })?
         };

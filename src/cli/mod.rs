@@ -7,6 +7,7 @@
 
 mod api_client;
 mod deregister;
+mod nodes;
 mod register;
 mod resolve;
 mod run;
@@ -37,6 +38,9 @@ pub enum Command {
     Services(services::ServicesArgs),
     /// Show one service: its VIP and instances.
     Resolve(resolve::ResolveArgs),
+    /// List the nodes serving the catalog (a cluster's nodes, or this one), marking the
+    /// one that answered with `*`.
+    Nodes(nodes::NodesArgs),
     /// Print catalog changes as they happen.
     Watch(watch::WatchArgs),
     /// Register an instance and keep it alive until interrupted.
@@ -69,6 +73,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Services(args) => services::run(args).await,
             Command::Resolve(args) => resolve::run(args).await,
+            Command::Nodes(args) => nodes::run(args).await,
             Command::Watch(args) => watch::run(args).await,
             Command::Register(args) => register::run(args).await,
             Command::Deregister(args) => deregister::run(args).await,

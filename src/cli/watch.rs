@@ -36,9 +36,12 @@ async fn watch(args: &WatchArgs) -> Result<(), Failure> {
         None => "/v1/events".to_string(),
     };
     let unreachable = |e: http::HttpError| {
-        Failure::Unreachable(format!("cannot reach the NetSel API at {}: {e}", api.addr))
+        Failure::Unreachable(format!(
+            "cannot reach the NetSel API at {}: {e}",
+            api.addr()
+        ))
     };
-    let mut stream = http::open(api.addr, &api.request("GET", &path))
+    let mut stream = http::open(api.addr(), &api.request("GET", &path))
         .await
         .map_err(unreachable)?;
     if stream.status != 200 {

@@ -37,27 +37,14 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
     TxnOp, WatchOptions,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::settings::StoreSettings;
 use super::{Cluster, Expect, Op, Proposal, ProposeError, StoreError, StoreHealth};
 use crate::catalog::Catalog;
-use crate::model::{InstanceId, InstanceRecord, NodeId, ServiceName, ServiceRecord};
-
-/// What a node tells the others about itself (`nodes/<id>`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// Node id.
-    pub id: String,
-    /// Its addresses by part (`registry`, `api`, `dns`, …).
-    pub addrs: BTreeMap<String, String>,
-    /// When it started (Unix ms).
-    pub started_unix_ms: u64,
-    /// Its NetSel version.
-    pub version: String,
-}
+use crate::model::{InstanceId, InstanceRecord, NodeId, NodeInfo, ServiceName, ServiceRecord};
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -376,16 +363,6 @@ impl EtcdCluster {
         .await
         .map_err(|e| unavailable(e.message().to_string()))?;
         Ok(())
-    }
-
-    /// The cluster's nodes as this node's view has them.
-    pub fn nodes(&self) -> Vec<NodeInfo> {
-        self.nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
     }
 
     /// A lease with room for one more key (`instance` keeps the one it is on), granting a
@@ -1146,6 +1123,15 @@ impl Cluster for EtcdCluster {
             self.settings.endpoints.join(","),
             self.prefix.trim_end_matches('/')
         )
+    }
+
+    fn nodes(&self) -> Vec<NodeInfo> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn health(&self) -> StoreHealth {

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::model::{InstanceId, NodeId, ServiceName};
+use crate::model::{InstanceId, NodeId, NodeInfo, ServiceName};
 pub use crate::model::{InstanceRecord, Op, ServiceRecord, VipHold};
 
 /// Why the store failed.
@@ -173,6 +173,9 @@ pub trait Cluster: Send + Sync + 'static {
 
     /// Whether it can take writes now, and the view's age.
     fn health(&self) -> StoreHealth;
+
+    /// The cluster's live nodes as this node's view has them.
+    fn nodes(&self) -> Vec<NodeInfo>;
 }
 
 /// Where the catalog's state is kept.
