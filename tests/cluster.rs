@@ -568,7 +568,7 @@ async fn killing_the_etcd_leader_under_load_loses_no_acknowledged_registration()
     for w in workers {
         w.await.unwrap();
     }
-    let history = history.lock().unwrap();
+    let history = std::mem::take(&mut *history.lock().unwrap());
     history.check_vips();
     // Every node converges on one view holding every acknowledged instance.
     until(
