@@ -322,7 +322,7 @@ impl NetSelServer {
                 shutdown.cancel();
                 return Err(e.into());
             }
-            c.spawn(catalog.clone(), from, &tasks, shutdown.clone());
+            c.spawn(Arc::new(catalog.clone()), from, &tasks, shutdown.clone());
         }
         tasks.close();
         tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");

@@ -1913,6 +1913,34 @@ impl Catalog {
     }
 }
 
+impl crate::store::Replica for Catalog {
+    fn reset(&self, index: u64, services: Vec<ServiceRecord>, instances: Vec<(u64, InstanceRecord)>) {
+        self.reset_view(index, services, instances);
+    }
+
+    fn apply(&self, index: u64, ops: Vec<Op>) {
+        self.apply_committed(index, ops);
+    }
+
+    fn progress(&self, revision: u64) {
+        self.note_progress(revision);
+    }
+
+    fn owner_of(&self, id: &InstanceId) -> Option<Option<NodeId>> {
+        self.snapshot()
+            .instance(id.as_str())
+            .map(|i| i.owner.clone())
+    }
+
+    fn expired_holds(&self, held: Duration) -> Vec<ServiceRecord> {
+        self.dormant_services(self.now_ms().saturating_sub(ms(held)))
+    }
+
+    fn vip_hold(&self) -> Duration {
+        self.inner.settings.vip_hold
+    }
+}
+
 /// An instance as a record, with its lease deadline as wall-clock time.
 fn record_of(i: &Instance, ctx: &Ctx<'_>, health: Health) -> InstanceRecord {
     InstanceRecord {

@@ -42,8 +42,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::settings::StoreSettings;
-use super::{Cluster, Expect, Op, Proposal, ProposeError, StoreError, StoreHealth};
-use crate::catalog::Catalog;
+use super::{Cluster, Expect, Op, Proposal, ProposeError, Replica, StoreError, StoreHealth};
 use crate::model::{InstanceId, InstanceRecord, NodeId, NodeInfo, ServiceName, ServiceRecord};
 
 #[derive(Debug, Clone, Copy)]
@@ -619,9 +618,9 @@ impl EtcdCluster {
 
     /// Lists, then watches, feeding `catalog`, until `shutdown`. The first list is done
     /// before this returns the task; a compacted revision lists again.
-    pub async fn sync(self: &Arc<Self>, catalog: &Catalog) -> Result<u64, StoreError> {
+    pub async fn sync(self: &Arc<Self>, catalog: &dyn Replica) -> Result<u64, StoreError> {
         let (revision, services, instances) = self.list().await.map_err(unavailable)?;
-        catalog.reset_view(revision, services, instances);
+        catalog.reset(revision, services, instances);
         self.reconcile_owned(catalog).await;
         Ok(revision)
     }
@@ -629,7 +628,7 @@ impl EtcdCluster {
     /// Runs the watch, the lease keep-alives and the janitor until `shutdown`.
     pub fn spawn(
         self: &Arc<Self>,
-        catalog: Catalog,
+        catalog: Arc<dyn Replica>,
         from: u64,
         tasks: &tokio_util::task::TaskTracker,
         shutdown: CancellationToken,
@@ -652,7 +651,7 @@ impl EtcdCluster {
 
     async fn watch_loop(
         self: Arc<Self>,
-        catalog: Catalog,
+        catalog: Arc<dyn Replica>,
         mut from: u64,
         shutdown: CancellationToken,
     ) {
@@ -671,8 +670,8 @@ impl EtcdCluster {
                 match self.list().await {
                     Ok((revision, services, instances)) => {
                         tracing::info!(revision, "listed the cluster store again");
-                        catalog.reset_view(revision, services, instances);
-                        self.reconcile_owned(&catalog).await;
+                        catalog.reset(revision, services, instances);
+                        self.reconcile_owned(catalog.as_ref()).await;
                         from = revision + 1;
                         relist = false;
                     }
@@ -761,7 +760,7 @@ impl EtcdCluster {
                 if resp.events().is_empty() {
                     // A progress notification: every event up to here was delivered.
                     if let Some(h) = resp.header() {
-                        catalog.note_progress(h.revision() as u64);
+                        catalog.progress(h.revision() as u64);
                     }
                     continue;
                 }
@@ -771,7 +770,7 @@ impl EtcdCluster {
                     let Some(kv) = ev.kv() else { continue };
                     let rev = kv.mod_revision() as u64;
                     if rev != batch_rev && !batch.is_empty() {
-                        self.deliver(&catalog, batch_rev, std::mem::take(&mut batch))
+                        self.deliver(catalog.as_ref(), batch_rev, std::mem::take(&mut batch))
                             .await;
                     }
                     batch_rev = rev;
@@ -791,7 +790,7 @@ impl EtcdCluster {
                     }
                 }
                 if batch_rev > 0 {
-                    self.deliver(&catalog, batch_rev, batch).await;
+                    self.deliver(catalog.as_ref(), batch_rev, batch).await;
                     from = batch_rev + 1;
                 }
             }
@@ -800,7 +799,7 @@ impl EtcdCluster {
 
     /// Applies one revision's operations: services first, then instances, then service
     /// deletions, so an instance always finds its service.
-    async fn deliver(&self, catalog: &Catalog, revision: u64, mut ops: Vec<Op>) {
+    async fn deliver(&self, catalog: &dyn Replica, revision: u64, mut ops: Vec<Op>) {
         ops.sort_by_key(|op| match op {
             Op::PutService(_) => 0,
             Op::DeleteService(_) => 2,
@@ -826,21 +825,21 @@ impl EtcdCluster {
                 }
             }
         }
-        catalog.apply_committed(revision, ops);
+        catalog.apply(revision, ops);
     }
 
     /// Brings the owned set in line with the view: instances another node took over are
     /// forgotten; instances the view says are ours but are not known here (a write whose
     /// answer was lost) are adopted.
-    async fn reconcile_owned(&self, catalog: &Catalog) {
-        let snap = catalog.snapshot();
+    async fn reconcile_owned(&self, catalog: &dyn Replica) {
         let mut leases = self.leases.lock().await;
         let gone: Vec<InstanceId> = leases
             .owned
             .iter()
             .filter(|(id, _)| {
-                snap.instance(id.as_str())
-                    .is_some_and(|i| i.owner.as_ref() != Some(&self.node))
+                catalog
+                    .owner_of(id)
+                    .is_some_and(|owner| owner.as_ref() != Some(&self.node))
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -851,7 +850,7 @@ impl EtcdCluster {
         }
     }
 
-    async fn keepalive_loop(self: Arc<Self>, catalog: Catalog, shutdown: CancellationToken) {
+    async fn keepalive_loop(self: Arc<Self>, catalog: Arc<dyn Replica>, shutdown: CancellationToken) {
         let every = Duration::from_secs(self.settings.lease_ttl_secs)
             .div_f64(3.0)
             .min(Duration::from_secs(1));
@@ -886,7 +885,7 @@ impl EtcdCluster {
                         let mut leases = self.leases.lock().await;
                         leases.limbo.retain(|_, o| o.lease != lease);
                     }
-                    Ok(false) => self.lease_lost(lease, &catalog).await,
+                    Ok(false) => self.lease_lost(lease, catalog.as_ref()).await,
                     Err(e) => {
                         tracing::debug!(lease, error = e.message(), "lease keep-alive failed");
                         break;
@@ -898,7 +897,7 @@ impl EtcdCluster {
 
     /// A lease ran out (the node was cut off from etcd for longer than the TTL): grant a
     /// new one and put its instances back, unless another node has taken them meanwhile.
-    async fn lease_lost(&self, lease: i64, catalog: &Catalog) {
+    async fn lease_lost(&self, lease: i64, catalog: &dyn Replica) {
         tracing::warn!(
             lease,
             "an etcd lease of this node is gone; putting its instances back"
@@ -965,8 +964,8 @@ impl EtcdCluster {
     }
 
     /// Collects service records whose VIP hold ran out, and keeps the owned set honest.
-    async fn janitor_loop(self: Arc<Self>, catalog: Catalog, shutdown: CancellationToken) {
-        let hold = catalog.settings().vip_hold;
+    async fn janitor_loop(self: Arc<Self>, catalog: Arc<dyn Replica>, shutdown: CancellationToken) {
+        let hold = catalog.vip_hold();
         let every = (hold / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -975,13 +974,10 @@ impl EtcdCluster {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let before = catalog
-                .now_ms()
-                .saturating_sub(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
-            for rec in catalog.dormant_services(before) {
+            for rec in catalog.expired_holds(hold) {
                 self.collect(&rec).await;
             }
-            self.reconcile_owned(&catalog).await;
+            self.reconcile_owned(catalog.as_ref()).await;
         }
     }
 

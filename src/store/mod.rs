@@ -178,6 +178,23 @@ pub trait Cluster: Send + Sync + 'static {
     fn nodes(&self) -> Vec<NodeInfo>;
 }
 
+/// What a cluster store feeds: a node's view of the catalog. The catalog implements it;
+/// the store never depends on the catalog itself.
+pub trait Replica: Send + Sync + 'static {
+    /// Replaces the view with a full list at `index`.
+    fn reset(&self, index: u64, services: Vec<ServiceRecord>, instances: Vec<(u64, InstanceRecord)>);
+    /// Applies what was committed at `index`, in order.
+    fn apply(&self, index: u64, ops: Vec<Op>);
+    /// The watch reported progress up to `revision`.
+    fn progress(&self, revision: u64);
+    /// Who holds an instance's lease: `None` if the view has no such instance.
+    fn owner_of(&self, id: &InstanceId) -> Option<Option<NodeId>>;
+    /// Service records that have had no instance for at least `held`.
+    fn expired_holds(&self, held: std::time::Duration) -> Vec<ServiceRecord>;
+    /// How long a service's VIP is held after its last instance leaves.
+    fn vip_hold(&self) -> std::time::Duration;
+}
+
 /// Where the catalog's state is kept.
 pub trait Store: Send + Sync + 'static {
     /// What was kept, read once at start-up.
