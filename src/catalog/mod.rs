@@ -1337,9 +1337,9 @@ impl Catalog {
                             self.reach(revision).await?;
                             return Ok(p.answer);
                         }
-                        Err(ProposeError::Conflict { revision }) => {
+                        Err(ProposeError::Conflict { revision, seen }) => {
                             last = format!("another node changed it first (revision {revision})");
-                            self.catch_up(revision).await;
+                            self.catch_up(revision, seen).await;
                         }
                         Err(ProposeError::Unavailable(why)) => {
                             return Err(CatalogError::Unavailable(why));
@@ -1369,9 +1369,13 @@ impl Catalog {
     }
 
     /// After a write lost a race at `revision`: waits (briefly) until this node's view has
-    /// seen that revision, by its index or by the watch's progress report.
-    async fn catch_up(&self, revision: u64) {
+    /// applied `seen`, the newest change to what the write expected, and then until it has
+    /// seen `revision`, by its index or by the watch's progress report.
+    async fn catch_up(&self, revision: u64, seen: u64) {
         let mut index = self.watch_index();
+        if seen > 0 {
+            let _ = tokio::time::timeout(VIEW_WAIT, index.wait_for(|i| *i >= seen)).await;
+        }
         let mut progress = self.inner.progress_tx.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             loop {
@@ -1914,7 +1918,12 @@ impl Catalog {
 }
 
 impl crate::store::Replica for Catalog {
-    fn reset(&self, index: u64, services: Vec<ServiceRecord>, instances: Vec<(u64, InstanceRecord)>) {
+    fn reset(
+        &self,
+        index: u64,
+        services: Vec<ServiceRecord>,
+        instances: Vec<(u64, InstanceRecord)>,
+    ) {
         self.reset_view(index, services, instances);
     }
 

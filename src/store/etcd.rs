@@ -396,6 +396,16 @@ impl EtcdCluster {
         Ok(id)
     }
 
+    /// The key an expectation is about.
+    fn expect_key(&self, e: &Expect) -> String {
+        match e {
+            Expect::ServiceAbsent(name) | Expect::ServiceIs(name, _) => self.service_key(name),
+            Expect::VipFree(ip) => self.vip_key(*ip),
+            Expect::PortFree(port) => self.port_key(*port),
+            Expect::InstanceIs { service, id, .. } => self.instance_key(service, id),
+        }
+    }
+
     fn compare(&self, e: &Expect) -> Compare {
         match e {
             Expect::ServiceAbsent(name) => {
@@ -850,7 +860,11 @@ impl EtcdCluster {
         }
     }
 
-    async fn keepalive_loop(self: Arc<Self>, catalog: Arc<dyn Replica>, shutdown: CancellationToken) {
+    async fn keepalive_loop(
+        self: Arc<Self>,
+        catalog: Arc<dyn Replica>,
+        shutdown: CancellationToken,
+    ) {
         let every = Duration::from_secs(self.settings.lease_ttl_secs)
             .div_f64(3.0)
             .min(Duration::from_secs(1));
@@ -1070,7 +1084,14 @@ impl Cluster for EtcdCluster {
         // Leave time to read back an attempt that timed out.
         let attempt_deadline = deadline - (self.settings.request_timeout() / 4);
         let (compares, ops, puts) = self.transaction(&p).await?;
-        let txn = Txn::new().when(compares).and_then(ops);
+        // When a compare fails, read what it compared, so the node knows which revision
+        // its view must reach before planning again.
+        let reads: Vec<TxnOp> = p
+            .expect
+            .iter()
+            .map(|e| TxnOp::get(self.expect_key(e), None))
+            .collect();
+        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
         let mut last;
         loop {
             let (i, mut client) = self.client();
@@ -1082,9 +1103,20 @@ impl Cluster for EtcdCluster {
                         self.remember(&p, puts).await;
                         return Ok(revision);
                     }
+                    let seen = resp
+                        .op_responses()
+                        .into_iter()
+                        .filter_map(|r| match r {
+                            etcd_client::TxnOpResponse::Get(g) => {
+                                g.kvs().iter().map(|kv| kv.mod_revision() as u64).max()
+                            }
+                            _ => None,
+                        })
+                        .max()
+                        .unwrap_or(0);
                     // Let the watch confirm it has delivered everything up to here.
                     let _ = self.progress_tx.send(());
-                    return Err(ProposeError::Conflict { revision });
+                    return Err(ProposeError::Conflict { revision, seen });
                 }
                 Ok(Err(e)) => match classify(e) {
                     CallError::Transient(m) => {

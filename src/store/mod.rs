@@ -137,10 +137,14 @@ pub struct Proposal {
 /// Why a cluster write did not commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProposeError {
-    /// Something it expected had changed by `revision`: catch up to it and plan again.
+    /// Something it expected had changed by `revision`: catch up and plan again.
     Conflict {
         /// The store's revision when the write was refused.
         revision: u64,
+        /// The newest change to any key the write expected something of: once the view
+        /// has applied it, planning again sees what made the write fail (0 when every
+        /// such key is gone).
+        seen: u64,
     },
     /// The store cannot take writes (unreachable, no quorum, timed out): nothing changed.
     Unavailable(String),
@@ -182,7 +186,12 @@ pub trait Cluster: Send + Sync + 'static {
 /// the store never depends on the catalog itself.
 pub trait Replica: Send + Sync + 'static {
     /// Replaces the view with a full list at `index`.
-    fn reset(&self, index: u64, services: Vec<ServiceRecord>, instances: Vec<(u64, InstanceRecord)>);
+    fn reset(
+        &self,
+        index: u64,
+        services: Vec<ServiceRecord>,
+        instances: Vec<(u64, InstanceRecord)>,
+    );
     /// Applies what was committed at `index`, in order.
     fn apply(&self, index: u64, ops: Vec<Op>);
     /// The watch reported progress up to `revision`.
