@@ -790,6 +790,23 @@ mod tests {
     #[test]
     fn example_config_parses() {
         let text = include_str!("../examples/netsel.toml");
-        Settings::from_toml(text).unwrap();
+        let s = Settings::from_toml(text).unwrap();
+        assert_eq!(s.store, crate::store::StoreSettings::default());
+    }
+
+    #[test]
+    fn store_url_in_the_file_sets_endpoints_and_prefix() {
+        let s = Settings::from_toml(
+            "[store]\nurl = \"etcd://127.0.0.1:2379,127.0.0.2:2379/a\"\nlease_ttl_secs = 5",
+        )
+        .unwrap();
+        assert!(s.store.is_cluster());
+        assert_eq!(s.store.endpoints, ["127.0.0.1:2379", "127.0.0.2:2379"]);
+        assert_eq!((s.store.prefix.as_str(), s.store.lease_ttl_secs), ("/a", 5));
+        let e = Settings::from_toml("[store]\nurl = \"etcd://nohost\"").unwrap_err();
+        assert!(e.to_string().contains("store.url"), "{e}");
+        let e =
+            Settings::from_toml("[store]\nendpoints = [\"a:1\"]\nlease_ttl_secs = 0").unwrap_err();
+        assert!(e.to_string().contains("lease_ttl_secs"), "{e}");
     }
 }

@@ -186,6 +186,52 @@ fn config_file_validate_and_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
+/// `--store` takes a cluster URL: a bad one is a usage error naming the flag; one with no
+/// etcd behind it fails start-up saying so (or, in a build without the `etcd` feature, how
+/// to get one).
+#[test]
+fn store_flag_errors_are_clear() {
+    let mut args: Vec<String> = serve_args(&[]);
+    args.retain(|a| a != "--in-memory");
+    let run = |extra: &[&str]| {
+        let mut a = args.clone();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+            .args(&a)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--store", "http://127.0.0.1:2379"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--store") && err.contains("etcd://"), "{err}");
+    let (code, err) = run(&["--store", "etcd://127.0.0.1:2379", "--data-dir", "/tmp/x"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--data-dir"), "{err}");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let started = std::time::Instant::now();
+    let (code, err) = run(&["--store", &format!("etcd://127.0.0.1:{port}")]);
+    assert_eq!(code, Some(1), "{err}");
+    if cfg!(feature = "etcd") {
+        assert!(
+            err.contains("no etcd member") && err.contains(&port.to_string()),
+            "{err}"
+        );
+    } else {
+        assert!(err.contains("--features etcd"), "{err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gave up in {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn port_conflict_fails_start_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

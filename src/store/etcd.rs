@@ -89,6 +89,8 @@ pub struct EtcdCluster {
     progress_tx: mpsc::UnboundedSender<()>,
     progress_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     info: Mutex<NodeInfo>,
+    /// Proposals waiting for a group commit, once the committers run.
+    queue: Mutex<Option<mpsc::UnboundedSender<Job>>>,
 }
 
 impl std::fmt::Debug for EtcdCluster {
@@ -248,6 +250,7 @@ impl EtcdCluster {
             progress_tx,
             progress_rx: Mutex::new(Some(progress_rx)),
             info: Mutex::new(NodeInfo::default()),
+            queue: Mutex::new(None),
         }))
     }
 
@@ -431,16 +434,23 @@ impl EtcdCluster {
         }
     }
 
-    /// The compares and operations of a proposal's transaction, and the instance records
+    /// A proposal as the parts of an etcd transaction: its compares, its operations, the
+    /// reads that explain a failed compare, every key it touches, and the instance records
     /// it puts on this node's leases.
-    #[allow(clippy::type_complexity)]
-    async fn transaction(
-        &self,
-        p: &Proposal,
-    ) -> Result<(Vec<Compare>, Vec<TxnOp>, Vec<(i64, InstanceRecord)>), ProposeError> {
-        let compares: Vec<Compare> = p.expect.iter().map(|e| self.compare(e)).collect();
-        let mut ops = Vec::new();
-        let mut puts = Vec::new();
+    async fn transaction(&self, p: &Proposal) -> Result<Parts, ProposeError> {
+        let mut parts = Parts {
+            compares: Vec::with_capacity(p.expect.len()),
+            ops: Vec::with_capacity(p.ops.len() + 2),
+            reads: Vec::with_capacity(p.expect.len()),
+            keys: Vec::with_capacity(p.expect.len() + p.ops.len() + 2),
+            puts: Vec::new(),
+        };
+        for e in &p.expect {
+            let key = self.expect_key(e);
+            parts.compares.push(self.compare(e));
+            parts.reads.push(TxnOp::get(key.clone(), None));
+            parts.keys.push(key);
+        }
         for op in &p.ops {
             match op {
                 Op::PutService(r) => {
@@ -448,35 +458,41 @@ impl EtcdCluster {
                         created_index: 0,
                         ..r.clone()
                     };
-                    ops.push(TxnOp::put(self.service_key(&r.name), json(&rec)?, None));
-                    ops.push(TxnOp::put(self.vip_key(r.vip), r.name.as_str(), None));
+                    let (service, vip) = (self.service_key(&r.name), self.vip_key(r.vip));
+                    parts
+                        .ops
+                        .push(TxnOp::put(service.clone(), json(&rec)?, None));
+                    parts
+                        .ops
+                        .push(TxnOp::put(vip.clone(), r.name.as_str(), None));
+                    parts.keys.extend([service, vip]);
                 }
                 Op::PutInstance(r) => {
-                    let lease = if r.owner.as_ref() == Some(&self.node) {
-                        self.lease_with_room(Some(&r.id))
-                            .await
-                            .map_err(ProposeError::Unavailable)?
-                    } else {
-                        // Only the owner writes an instance on its own lease.
+                    if r.owner.as_ref() != Some(&self.node) {
+                        // Only the owner writes an instance, on its own lease.
                         return Err(ProposeError::Unavailable(format!(
                             "instance {} is not this node's to write",
                             r.id
                         )));
-                    };
-                    let with_lease = Some(PutOptions::new().with_lease(lease));
-                    ops.push(TxnOp::put(
-                        self.instance_key(&r.service, &r.id),
-                        json(r)?,
-                        with_lease.clone(),
-                    ));
-                    if r.pool_port {
-                        ops.push(TxnOp::put(
-                            self.port_key(r.endpoint.port()),
-                            r.id.as_str(),
-                            with_lease,
-                        ));
                     }
-                    puts.push((lease, r.clone()));
+                    let lease = self
+                        .lease_with_room(Some(&r.id))
+                        .await
+                        .map_err(ProposeError::Unavailable)?;
+                    let with_lease = Some(PutOptions::new().with_lease(lease));
+                    let key = self.instance_key(&r.service, &r.id);
+                    parts
+                        .ops
+                        .push(TxnOp::put(key.clone(), json(r)?, with_lease.clone()));
+                    parts.keys.push(key);
+                    if r.pool_port {
+                        let port = self.port_key(r.endpoint.port());
+                        parts
+                            .ops
+                            .push(TxnOp::put(port.clone(), r.id.as_str(), with_lease));
+                        parts.keys.push(port);
+                    }
+                    parts.puts.push((lease, r.clone()));
                 }
                 Op::DeleteInstance(id) => {
                     let Some((service, pool_port)) = p.expect.iter().find_map(|e| match e {
@@ -492,13 +508,19 @@ impl EtcdCluster {
                             "removing {id} needs its service"
                         )));
                     };
-                    ops.push(TxnOp::delete(self.instance_key(service, id), None));
+                    let key = self.instance_key(service, id);
+                    parts.ops.push(TxnOp::delete(key.clone(), None));
+                    parts.keys.push(key);
                     if let Some(port) = pool_port {
-                        ops.push(TxnOp::delete(self.port_key(port), None));
+                        let port = self.port_key(port);
+                        parts.ops.push(TxnOp::delete(port.clone(), None));
+                        parts.keys.push(port);
                     }
                 }
                 Op::DeleteService(name) => {
-                    ops.push(TxnOp::delete(self.service_key(name), None));
+                    let key = self.service_key(name);
+                    parts.ops.push(TxnOp::delete(key.clone(), None));
+                    parts.keys.push(key);
                 }
                 // Holds, health alone and the index are not kept as keys in a cluster: a
                 // service record outlives its last instance by the hold, health is in the
@@ -506,7 +528,7 @@ impl EtcdCluster {
                 Op::PutHold(_) | Op::DeleteHold(_) | Op::SetIndex(_) | Op::SetHealth { .. } => {}
             }
         }
-        Ok((compares, ops, puts))
+        Ok(parts)
     }
 
     /// Whether the write of `record` (carrying its request id) committed, and at which
@@ -643,6 +665,7 @@ impl EtcdCluster {
         tasks: &tokio_util::task::TaskTracker,
         shutdown: CancellationToken,
     ) {
+        self.start_committers(tasks, &shutdown);
         tasks.spawn({
             let this = self.clone();
             let (catalog, shutdown) = (catalog.clone(), shutdown.clone());
@@ -955,13 +978,14 @@ impl EtcdCluster {
                 ops: vec![Op::PutInstance(record)],
                 expect: Vec::new(),
             };
-            let Ok((_, ops, puts)) = self.transaction(&p).await else {
+            let Ok(parts) = self.transaction(&p).await else {
                 continue;
             };
+            let puts = parts.puts;
             // Unless someone registered it again meanwhile (then that one stands).
             let txn = Txn::new()
                 .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                .and_then(ops);
+                .and_then(parts.ops);
             let done = self
                 .call(self.deadline(), |mut c| {
                     let txn = txn.clone();
@@ -1073,24 +1097,51 @@ fn unavailable(why: impl Into<String>) -> StoreError {
     StoreError::Unavailable(why.into())
 }
 
-#[async_trait::async_trait]
-impl Cluster for EtcdCluster {
-    fn node(&self) -> &NodeId {
-        &self.node
-    }
+/// A proposal as the parts of an etcd transaction.
+struct Parts {
+    compares: Vec<Compare>,
+    ops: Vec<TxnOp>,
+    /// Reads of every compared key, run when a compare fails.
+    reads: Vec<TxnOp>,
+    /// Every key compared or written (a batch never holds two proposals on one key: etcd
+    /// refuses a transaction that writes a key twice).
+    keys: Vec<String>,
+    puts: Vec<(i64, InstanceRecord)>,
+}
 
-    async fn propose(&self, p: Proposal) -> Result<u64, ProposeError> {
-        let deadline = self.deadline();
+/// A proposal waiting for a group commit.
+struct Job {
+    proposal: Proposal,
+    parts: Parts,
+    deadline: tokio::time::Instant,
+    reply: tokio::sync::oneshot::Sender<Result<u64, ProposeError>>,
+}
+
+/// Most operations (and compares) in one transaction: etcd's `--max-txn-ops` default.
+const MAX_TXN_OPS: usize = 128;
+/// Transactions a node keeps in flight at once, each a group of proposals.
+const COMMITTERS: usize = 4;
+
+impl EtcdCluster {
+    /// Commits one proposal on its own: retried on other members until `deadline`, and
+    /// read back after an attempt that timed out (it may have committed).
+    async fn commit_one(
+        &self,
+        p: &Proposal,
+        parts: Parts,
+        deadline: tokio::time::Instant,
+    ) -> Result<u64, ProposeError> {
         // Leave time to read back an attempt that timed out.
         let attempt_deadline = deadline - (self.settings.request_timeout() / 4);
-        let (compares, ops, puts) = self.transaction(&p).await?;
+        let Parts {
+            compares,
+            ops,
+            reads,
+            puts,
+            ..
+        } = parts;
         // When a compare fails, read what it compared, so the node knows which revision
         // its view must reach before planning again.
-        let reads: Vec<TxnOp> = p
-            .expect
-            .iter()
-            .map(|e| TxnOp::get(self.expect_key(e), None))
-            .collect();
         let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
         let mut last;
         loop {
@@ -1100,7 +1151,7 @@ impl Cluster for EtcdCluster {
                     self.ok();
                     let revision = resp.header().map_or(0, |h| h.revision()) as u64;
                     if resp.succeeded() {
-                        self.remember(&p, puts).await;
+                        self.remember(p, puts).await;
                         return Ok(revision);
                     }
                     let seen = resp
@@ -1133,7 +1184,7 @@ impl Cluster for EtcdCluster {
             // The attempt may have committed: read back before trying again.
             for (_, record) in &puts {
                 if let Some(revision) = self.committed(record, deadline).await {
-                    self.remember(&p, puts.clone()).await;
+                    self.remember(p, puts.clone()).await;
                     return Ok(revision);
                 }
             }
@@ -1143,6 +1194,153 @@ impl Cluster for EtcdCluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Group commit: concurrent proposals on disjoint keys go to etcd as one transaction
+    /// (etcd's cost is per transaction, not per key), a few transactions in flight. A
+    /// group whose compares fail is committed proposal by proposal, so one lost race
+    /// never fails the others.
+    fn start_committers(
+        self: &Arc<Self>,
+        tasks: &tokio_util::task::TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel::<Job>();
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        for _ in 0..COMMITTERS {
+            let (this, rx, shutdown) = (self.clone(), rx.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                let mut held: Option<Job> = None;
+                loop {
+                    let mut group: Vec<Job> = Vec::new();
+                    // A job held back from the last group goes first, without waiting for
+                    // the queue (another committer may be parked on it).
+                    let first = match held.take() {
+                        Some(j) => j,
+                        None => {
+                            let mut queue = rx.lock().await;
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                j = queue.recv() => match j {
+                                    Some(j) => j,
+                                    None => break,
+                                },
+                            }
+                        }
+                    };
+                    let mut keys: std::collections::HashSet<String> =
+                        first.parts.keys.iter().cloned().collect();
+                    let (mut ops, mut compares) =
+                        (first.parts.ops.len(), first.parts.compares.len());
+                    group.push(first);
+                    if let Ok(mut queue) = rx.try_lock() {
+                        while let Ok(j) = queue.try_recv() {
+                            let fits = ops + j.parts.ops.len() <= MAX_TXN_OPS
+                                && compares + j.parts.compares.len() <= MAX_TXN_OPS;
+                            if !fits || j.parts.keys.iter().any(|k| keys.contains(k)) {
+                                held = Some(j);
+                                break;
+                            }
+                            ops += j.parts.ops.len();
+                            compares += j.parts.compares.len();
+                            keys.extend(j.parts.keys.iter().cloned());
+                            group.push(j);
+                        }
+                    }
+                    this.commit_group(group).await;
+                }
+                // Stopping: whatever waits is told so.
+                if let Some(j) = held {
+                    let _ = j.reply.send(Err(ProposeError::Unavailable(
+                        "the node is stopping".into(),
+                    )));
+                }
+            });
+        }
+    }
+
+    async fn commit_group(&self, mut group: Vec<Job>) {
+        if group.len() == 1 {
+            let j = group.pop().expect("one job");
+            let r = self.commit_one(&j.proposal, j.parts, j.deadline).await;
+            let _ = j.reply.send(r);
+            return;
+        }
+        let deadline = group.iter().map(|j| j.deadline).min().expect("a job");
+        let attempt_deadline = deadline - (self.settings.request_timeout() / 4);
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        for j in &group {
+            compares.extend(j.parts.compares.iter().cloned());
+            ops.extend(j.parts.ops.iter().cloned());
+        }
+        let txn = Txn::new().when(compares).and_then(ops);
+        let (i, mut client) = self.client();
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout_at(attempt_deadline, client.txn(txn)).await;
+        tracing::debug!(proposals = group.len(), took = ?started.elapsed(), ok = matches!(&outcome, Ok(Ok(r)) if r.succeeded()), "group commit");
+        match outcome {
+            Ok(Ok(resp)) if resp.succeeded() => {
+                self.ok();
+                let revision = resp.header().map_or(0, |h| h.revision()) as u64;
+                for j in group {
+                    self.remember(&j.proposal, j.parts.puts).await;
+                    let _ = j.reply.send(Ok(revision));
+                }
+                return;
+            }
+            Ok(Ok(_)) => self.ok(),
+            Ok(Err(e)) => {
+                if matches!(classify(e), CallError::Transient(_)) {
+                    self.next_member(i);
+                }
+            }
+            Err(_) => self.next_member(i),
+        }
+        // A compare failed, or the attempt did: each proposal on its own (a timed-out
+        // attempt may have committed, which commit_one's read-back finds out).
+        let each = group.into_iter().map(|j| async move {
+            for (_, record) in &j.parts.puts {
+                if let Some(revision) = self.committed(record, j.deadline).await {
+                    self.remember(&j.proposal, j.parts.puts.clone()).await;
+                    let _ = j.reply.send(Ok(revision));
+                    return;
+                }
+            }
+            let r = self.commit_one(&j.proposal, j.parts, j.deadline).await;
+            let _ = j.reply.send(r);
+        });
+        futures_util::future::join_all(each).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Cluster for EtcdCluster {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    async fn propose(&self, p: Proposal) -> Result<u64, ProposeError> {
+        let deadline = self.deadline();
+        let parts = self.transaction(&p).await?;
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(queue) = queue else {
+            return self.commit_one(&p, parts, deadline).await;
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            proposal: p,
+            parts,
+            deadline,
+            reply,
+        };
+        if let Err(mpsc::error::SendError(job)) = queue.send(job) {
+            return self.commit_one(&job.proposal, job.parts, deadline).await;
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(ProposeError::Unavailable("the node is stopping".into())))
     }
 
     fn describe(&self) -> String {

@@ -302,7 +302,10 @@ impl Node {
             cmd.args([flag, "127.0.0.1:0"]);
         }
         let mut child = cmd
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("NETSEL_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -360,6 +363,11 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // Keep the node's log for a post-mortem when asked to.
+        if let Some(dir) = std::env::var_os("NETSEL_TEST_LOG_DIR") {
+            let name = self.log.file_name().unwrap_or_default().to_owned();
+            let _ = std::fs::copy(&self.log, std::path::Path::new(&dir).join(name));
+        }
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = Command::new("kill")
                 .args(["-CONT", &self.child.id().to_string()])
