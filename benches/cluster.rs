@@ -6,11 +6,14 @@
 //! 2. `prop`: propagation, a registration acknowledged by node A to node B's DNS answer,
 //!    p50/p99 over `BENCH_SAMPLES` registrations;
 //! 3. `hb`: heartbeats/s on a cluster node against a single in-memory node (same binary,
-//!    same clients).
+//!    same clients);
+//! 4. `size`: `BENCH_INSTANCES` instances (default 100,000) in 1,000 services registered
+//!    through the nodes: etcd's keys and database size, each node's resident memory, and
+//!    how long a new node takes to list them and serve.
 //!
 //! `cargo bench --features etcd --bench cluster` (env: `BENCH_SECS` per run, default 5;
 //! `BENCH_CLIENTS`, default 64; `BENCH_SAMPLES`, default 300; `BENCH_ONLY`, a
-//! comma-separated subset of `reg,prop,hb`).
+//! comma-separated subset of `reg,prop,hb,size`).
 
 #![allow(clippy::print_stdout)]
 
@@ -114,6 +117,22 @@ async fn etcd_rate(etcd: &Etcd, clients: usize, secs: u64, round: u64) -> f64 {
     .await
 }
 
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Registrations/s through the nodes: each client its own connection to one node,
 /// registering distinct endpoints of 100 services.
 async fn netsel_rate(nodes: &[SocketAddr], clients: usize, secs: u64, round: u64) -> f64 {
@@ -210,6 +229,7 @@ async fn main() {
     let mut cfg = ClusterConfig::new(&etcd, dir.path());
     cfg.max_heartbeat_age = 600;
     cfg.lease_ttl_secs = 10;
+    cfg.vip_cidr = format!("127.{}.0.0/16", fastrand::u8(100..=250));
     let nodes = [
         Node::start(&cfg, "a"),
         Node::start(&cfg, "b"),
@@ -221,9 +241,27 @@ async fn main() {
     if wanted("reg") {
         let mut e = Vec::new();
         let mut n = Vec::new();
+        let pids = |etcd: &Etcd| -> Vec<u32> {
+            etcd.members
+                .iter()
+                .filter_map(|m| m.child.as_ref().map(|c| c.id()))
+                .collect()
+        };
+        let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
+        let etcd_pids = pids(&etcd);
+        let node_pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
         for round in 0..2 {
+            let e0 = cpu(&etcd_pids);
             e.push(etcd_rate(&etcd, clients, secs, round).await);
+            let (e1, n1) = (cpu(&etcd_pids), cpu(&node_pids));
             n.push(netsel_rate(&registries, clients, secs, round).await);
+            let (e2, n2) = (cpu(&etcd_pids), cpu(&node_pids));
+            println!(
+                "round {round}: CPU s: etcd run: etcd {:.1}; netsel run: etcd {:.1} + nodes {:.1}",
+                e1 - e0,
+                e2 - e1,
+                n2 - n1
+            );
             println!(
                 "round {round}: etcd create-if-absent txn {:.0}/s, netsel registrations {:.0}/s",
                 e[round as usize], n[round as usize]
@@ -264,6 +302,11 @@ async fn main() {
         );
     }
 
+    if wanted("size") {
+        let total = env_num("BENCH_INSTANCES", 100_000);
+        sizing(&etcd, &cfg, &nodes, total).await;
+    }
+
     if wanted("hb") {
         let (mut single, single_addr) = spawn_single();
         let mut c = Vec::new();
@@ -280,6 +323,119 @@ async fn main() {
         let _ = single.kill();
         let _ = single.wait();
     }
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Registers `total` instances in 1,000 services through `nodes`, then reports etcd's
+/// size, each node's memory, and a new node's start-up.
+async fn sizing(etcd: &Etcd, cfg: &ClusterConfig, nodes: &[Node], total: u64) {
+    let before: Vec<u64> = nodes.iter().map(|n| rss_kib(n.child.id())).collect();
+    let registries: Vec<SocketAddr> = nodes.iter().map(|n| n.registry).collect();
+    let next = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..64usize {
+        let (next, addr) = (next.clone(), registries[c % registries.len()]);
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let ip = format!("127.{}.{}.{}", 10 + i / 60000, (i / 250) % 240, i % 250 + 1);
+                let line = format!(
+                    "REGISTER|size-{}|{ip}:{}|ttl=600s\n",
+                    i % 1000,
+                    1000 + i % 50000
+                );
+                let a = conn.ask(&line).await;
+                assert!(a.starts_with("REGISTERED"), "{a}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = t0.elapsed();
+    println!(
+        "size: {total} instances in 1000 services registered in {took:.1?} ({:.0}/s)",
+        total as f64 / took.as_secs_f64()
+    );
+    let mut c = etcd.client().await;
+    let status = c.status().await.unwrap();
+    let keys = c
+        .get(
+            cfg.prefix.clone(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap()
+        .count();
+    let mut values = 0usize;
+    let mut from = format!("{}/", cfg.prefix).into_bytes();
+    let end = format!("{}0", cfg.prefix).into_bytes();
+    loop {
+        let page = c
+            .get(
+                from.clone(),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_range(end.clone())
+                        .with_limit(2000),
+                ),
+            )
+            .await
+            .unwrap();
+        values += page
+            .kvs()
+            .iter()
+            .map(|kv| kv.key().len() + kv.value().len())
+            .sum::<usize>();
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    println!(
+        "size: etcd keys under the prefix {keys}, key+value bytes {values} ({:.0} per instance), db size {} bytes (in use {})",
+        values as f64 / total as f64,
+        status.db_size(),
+        status.raft_used_db_size()
+    );
+    for (n, b) in nodes.iter().zip(before) {
+        let after = rss_kib(n.child.id());
+        println!(
+            "size: node rss {b} KiB -> {after} KiB: {:.0} bytes per instance",
+            (after.saturating_sub(b) * 1024) as f64 / total as f64
+        );
+    }
+    let t0 = Instant::now();
+    let joiner = Node::start(cfg, "joiner");
+    println!(
+        "size: a new node listed {total} instances and was ready in {:.2?}, rss {} KiB",
+        t0.elapsed(),
+        rss_kib(joiner.child.id())
+    );
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -597,3 +597,40 @@ async fn killing_the_etcd_leader_under_load_loses_no_acknowledged_registration()
         history.observed.len()
     );
 }
+
+/// A node that joins lists the catalog in pages (one answer would exceed gRPC's message
+/// limit on a large catalog) and holds all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_lists_a_catalog_larger_than_one_page() {
+    let Some(etcd) = Etcd::start(1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ClusterConfig::new(&etcd, dir.path());
+    cfg.max_heartbeat_age = 300;
+    let a = Node::start(&cfg, "a");
+    let total = 2500u32;
+    let mut tasks = Vec::new();
+    for w in 0..25u32 {
+        let addr = a.registry;
+        tasks.push(tokio::spawn(async move {
+            let mut line = common::Line::connect(addr).await;
+            for k in 0..total / 25 {
+                let i = w * (total / 25) + k;
+                let ip = format!("127.1.{}.{}", i / 250, i % 250 + 1);
+                let answer = line
+                    .ask(&format!("REGISTER|page-{}|{ip}:7000", i % 50))
+                    .await;
+                assert!(answer.starts_with("REGISTERED"), "{answer}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let joiner = Node::start(&cfg, "joiner");
+    let ids = instance_ids(&joiner).await;
+    assert_eq!(ids.len(), total as usize);
+    assert_eq!(ids, instance_ids(&a).await);
+    assert_eq!(view(&joiner).await, view(&a).await);
+}

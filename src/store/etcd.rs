@@ -569,31 +569,53 @@ impl EtcdCluster {
     }
 
     /// Lists the prefix: the revision, and the services and instances in it.
+    /// Lists the prefix at one revision, in pages of [`LIST_PAGE`] keys (a large catalog
+    /// would exceed gRPC's message limit in one answer): the revision, and the services
+    /// and instances in it.
+    #[allow(clippy::type_complexity)]
     async fn list(&self) -> Result<(u64, Vec<ServiceRecord>, Vec<(u64, InstanceRecord)>), String> {
-        let prefix = self.prefix.clone();
-        let resp = self
-            .call(self.deadline() + Duration::from_secs(8), |mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await
-            .map_err(|e| e.message().to_string())?;
-        let revision = resp.header().map_or(0, |h| h.revision()) as u64;
+        let end = prefix_end(self.prefix.as_bytes());
+        let mut from = self.prefix.as_bytes().to_vec();
+        let mut revision = 0i64;
         let mut services = Vec::new();
         let mut instances = Vec::new();
         let mut nodes = BTreeMap::new();
-        for kv in resp.kvs() {
-            match self.decode(kv) {
-                Decoded::Service(s) => services.push(s),
-                Decoded::Instance(i) => instances.push((kv.mod_revision() as u64, i)),
-                Decoded::Node(n) => {
-                    nodes.insert(n.id.clone(), n);
+        loop {
+            let (key, end_key) = (from.clone(), end.clone());
+            let page = self
+                .call(self.deadline() + Duration::from_secs(8), |mut c| {
+                    let (key, end_key) = (key.clone(), end_key.clone());
+                    let mut options = GetOptions::new().with_range(end_key).with_limit(LIST_PAGE);
+                    if revision > 0 {
+                        options = options.with_revision(revision);
+                    }
+                    async move { c.get(key, Some(options)).await }
+                })
+                .await
+                .map_err(|e| e.message().to_string())?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            for kv in page.kvs() {
+                match self.decode(kv) {
+                    Decoded::Service(s) => services.push(s),
+                    Decoded::Instance(i) => instances.push((kv.mod_revision() as u64, i)),
+                    Decoded::Node(n) => {
+                        nodes.insert(n.id.clone(), n);
+                    }
+                    Decoded::Other | Decoded::Bad => {}
                 }
-                Decoded::Other | Decoded::Bad => {}
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
             }
         }
         *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
-        Ok((revision, services, instances))
+        Ok((revision as u64, services, instances))
     }
 
     fn decode(&self, kv: &KeyValue) -> Decoded {
@@ -1083,6 +1105,21 @@ enum Decoded {
     Bad,
 }
 
+/// Keys per page of a list.
+const LIST_PAGE: i64 = 2000;
+
+/// The first key after every key that starts with `prefix` (etcd's range end of a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 fn release_slot(slots: &mut [Slot], lease: i64) {
     if let Some(s) = slots.iter_mut().find(|s| s.id == lease) {
         s.keys = s.keys.saturating_sub(1);
@@ -1277,10 +1314,7 @@ impl EtcdCluster {
         }
         let txn = Txn::new().when(compares).and_then(ops);
         let (i, mut client) = self.client();
-        let started = std::time::Instant::now();
-        let outcome = tokio::time::timeout_at(attempt_deadline, client.txn(txn)).await;
-        tracing::debug!(proposals = group.len(), took = ?started.elapsed(), ok = matches!(&outcome, Ok(Ok(r)) if r.succeeded()), "group commit");
-        match outcome {
+        match tokio::time::timeout_at(attempt_deadline, client.txn(txn)).await {
             Ok(Ok(resp)) if resp.succeeded() => {
                 self.ok();
                 let revision = resp.header().map_or(0, |h| h.revision()) as u64;
@@ -1367,5 +1401,17 @@ impl Cluster for EtcdCluster {
             view_age: c.last_ok.map(|t| t.elapsed()),
             detail: c.failing.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_after_its_last_key() {
+        assert_eq!(prefix_end(b"/netsel/"), b"/netsel0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }

@@ -134,10 +134,12 @@
       '<td>' + esc(i.protocol) + '</td>' +
       '<td>' + tags(i.tags) + '</td>' +
       '<td class="num lease" data-deadline="' + i.deadline + '"></td>' +
+      '<td class="mono">' + esc(i.owner || '') + '</td>' +
       '</tr>').join('');
     return '<tr class="instances" data-instances-of="' + esc(s.name) + '"><td colspan="6">' +
       '<table class="inner"><thead><tr><th>Instance</th><th>Endpoint</th><th>Health</th>' +
-      '<th class="num">Weight</th><th>Protocol</th><th>Tags</th><th class="num">Lease</th></tr></thead>' +
+      '<th class="num">Weight</th><th>Protocol</th><th>Tags</th><th class="num">Lease</th>' +
+      '<th title="the cluster node that holds its lease">Node</th></tr></thead>' +
       '<tbody>' + rows + '</tbody></table></td></tr>';
   }
 
@@ -262,6 +264,28 @@
     if (state.open.has(name)) state.open.delete(name); else state.open.add(name);
     render();
   });
+
+  // The store's state: which store, this node, and in a cluster whether etcd takes writes
+  // and how old this node's view is.
+  async function storeStatus() {
+    try {
+      const r = await fetch('/v1/health', { cache: 'no-store' });
+      const h = await r.json();
+      const el = $('store');
+      let text = h.store + (h.node ? ' · node ' + h.node : '');
+      if (h.status === 'degraded') {
+        const age = h.view_age_ms === undefined ? '' : ' · view ' + Math.round(h.view_age_ms / 1000) + 's old';
+        text = 'store degraded: ' + (h.store_error || 'cannot take writes') + age;
+      }
+      el.textContent = text;
+      el.className = h.status === 'degraded' ? 'status offline' : 'muted';
+      el.title = 'writes ' + (h.status === 'degraded' ? 'fail; reads, DNS and proxies go on from the last view' : 'accepted');
+    } catch (e) {
+      // The status badge already says offline.
+    }
+  }
+  storeStatus();
+  setInterval(storeStatus, 5000);
 
   setInterval(tick, 1000);
   // Heartbeats renew leases without change events: refresh open services often and the
