@@ -218,6 +218,13 @@ impl ServiceClientBuilder {
         self
     }
 
+    /// The ACL token that allows registering this name, when the registry has `[acl]` on
+    /// (sent as the `token=` option; never logged).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.options.token = Some(crate::protocol::Token(token.into()));
+        self
+    }
+
     /// How often the heartbeat handle heartbeats (default 10 s). Keep it well under the
     /// TTL.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {

@@ -304,8 +304,8 @@ impl Default for DnsSettings {
     }
 }
 
-/// Access control for the HTTP API (`[acl]` table). Off by default.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Access control for the HTTP API and the line protocol (`[acl]` table). Off by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AclSettings {
     /// Whether tokens are required.
@@ -315,6 +315,24 @@ pub struct AclSettings {
     pub anonymous_read: bool,
     /// The tokens.
     pub tokens: Vec<AclToken>,
+    /// Where seed-form frames (a bare name; `HEARTBEAT|<name>`), which carry no token, are
+    /// accepted from while ACLs are on. Default: loopback (`127.0.0.0/8`, `::1/128`).
+    pub trusted_cidrs: Vec<IpNet>,
+}
+
+impl Default for AclSettings {
+    fn default() -> Self {
+        AclSettings {
+            enabled: false,
+            anonymous_read: false,
+            tokens: Vec::new(),
+            trusted_cidrs: vec![
+                IpNet::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0)), 8)
+                    .unwrap_or_default(),
+                IpNet::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128).unwrap_or_default(),
+            ],
+        }
+    }
 }
 
 /// One ACL token and what it may do. Rights are service-name prefixes; `""` or `"*"`

@@ -93,6 +93,18 @@ pub struct RegisterOptions {
     pub protocol: Option<AppProtocol>,
     /// An active health check.
     pub check: Option<Check>,
+    /// The ACL token that allows this registration (when the registry has `[acl]` on).
+    pub token: Option<Token>,
+}
+
+/// An ACL token on the wire. It never prints: `Debug` shows `Token(***)`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(***)")
+    }
 }
 
 /// A parsed request.
@@ -137,6 +149,11 @@ pub enum Request {
     Resolve {
         /// Service name as sent.
         name: String,
+    },
+    /// `AUTH|<token>`: the ACL token for the rest of the connection.
+    Auth {
+        /// The token.
+        token: Token,
     },
 }
 
@@ -364,6 +381,16 @@ pub fn parse_line(line: &[u8]) -> Result<Request, ProtocolError> {
                 expected: "<id>|<secret>",
             }),
         },
+        "AUTH" => match fields.as_slice() {
+            [token] if token.is_empty() => Err(ProtocolError::EmptyField("token")),
+            [token] => Ok(Request::Auth {
+                token: Token(percent_decode(token)?),
+            }),
+            _ => Err(ProtocolError::Arity {
+                command: "AUTH",
+                expected: "<token>",
+            }),
+        },
         "RESOLVE" => match fields.as_slice() {
             [name] if name.trim().is_empty() => Err(ProtocolError::EmptyField("service name")),
             [name] => Ok(Request::Resolve {
@@ -478,6 +505,12 @@ fn parse_register(fields: &[&str]) -> Result<Request, ProtocolError> {
             "check" => {
                 let c: Check = value.parse()?;
                 set_once(&mut options.check, c, key)?;
+            }
+            "token" => {
+                if value.is_empty() {
+                    return Err(bad(key, "empty token".into()));
+                }
+                set_once(&mut options.token, Token(value), key)?;
             }
             _ => {
                 if let Some(mkey) = key.strip_prefix("meta.") {
@@ -660,11 +693,15 @@ impl fmt::Display for Request {
                 if let Some(c) = &options.check {
                     write!(f, "|check={}", percent_encode(&c.to_wire()))?;
                 }
+                if let Some(t) = &options.token {
+                    write!(f, "|token={}", percent_encode(&t.0))?;
+                }
                 Ok(())
             }
             Request::Heartbeat { id, secret } => write!(f, "HEARTBEAT|{id}|{secret}"),
             Request::Deregister { id, secret } => write!(f, "DEREGISTER|{id}|{secret}"),
             Request::Resolve { name } => write!(f, "RESOLVE|{name}"),
+            Request::Auth { token } => write!(f, "AUTH|{}", percent_encode(&token.0)),
         }
     }
 }

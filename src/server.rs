@@ -279,13 +279,25 @@ impl NetSelServer {
             s.check_interval(),
             shutdown.clone(),
         ));
-        tasks.spawn(crate::registry::serve_with_metrics(
-            registry,
-            catalog.clone(),
-            s.registry.clone(),
-            line_metrics,
-            shutdown.clone(),
-        ));
+        tasks.spawn({
+            let (catalog, limits, acl, shutdown) = (
+                catalog.clone(),
+                s.registry.clone(),
+                s.acl.clone(),
+                shutdown.clone(),
+            );
+            async move {
+                crate::registry::serve_with_acl(
+                    registry,
+                    catalog,
+                    limits,
+                    line_metrics,
+                    &acl,
+                    shutdown,
+                )
+                .await
+            }
+        });
         let api_state = crate::api::ApiState::new(
             catalog.clone(),
             &s.api,
@@ -303,6 +315,20 @@ impl NetSelServer {
         // (Each front end spawns its serve task here, on `tasks`, with `shutdown`.)
         tasks.spawn(http_proxy.serve(http_listener, shutdown.clone()));
         tasks.spawn(tcp_proxy.clone().run(Some(tcp_gateway), shutdown.clone()));
+        if !s.acl.enabled {
+            let open: Vec<String> = [("registry", Some(bound.registry)), ("api", bound.api)]
+                .into_iter()
+                .filter_map(|(n, a)| a.map(|a| (n, a)))
+                .filter(|(_, a)| !a.ip().is_loopback())
+                .map(|(n, a)| format!("{n} on {a}"))
+                .collect();
+            if !open.is_empty() {
+                tracing::warn!(listeners = %open.join(", "),
+                    "ACLs are off and these listen beyond loopback: anyone who reaches them \
+                     can register endpoints for any name and receive its proxied traffic \
+                     (turn on [acl], or bind them to loopback; see docs/security.md)");
+            }
+        }
         let info = crate::model::NodeInfo {
             id: catalog.self_info().id,
             addrs: bound

@@ -97,6 +97,22 @@ async fn a_registration_on_one_node_is_answered_by_another_within_200ms() {
     // Both views stand at the same index.
     assert_eq!(view(&a).await, view(&b).await);
 
+    // Both nodes serve the VIP on this one host: they share its listener, neither fails.
+    until(
+        Duration::from_secs(3),
+        "both nodes open the VIP listener",
+        || async { a.log().contains("VIP listener open") && b.log().contains("VIP listener open") },
+    )
+    .await;
+    for n in [&a, &b] {
+        assert!(!n.log().contains("cannot open VIP listener"), "{}", n.log());
+    }
+    let vip_port = SocketAddr::new(vip, 39001);
+    assert!(
+        tokio::net::TcpStream::connect(vip_port).await.is_ok(),
+        "{vip_port} accepts"
+    );
+
     // Every node lists both nodes, and which holds the instance.
     let (status, body) = get(b.api, "/v1/nodes").await;
     assert_eq!(status, 200, "{body}");
@@ -633,4 +649,48 @@ async fn a_joining_node_lists_a_catalog_larger_than_one_page() {
     assert_eq!(ids.len(), total as usize);
     assert_eq!(ids, instance_ids(&a).await);
     assert_eq!(view(&joiner).await, view(&a).await);
+}
+
+/// A node whose lease ran out (cut off from etcd longer than the TTL; here: revoked) grants
+/// a new one and puts its instances back; their clients' heartbeats go on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_granted_again_and_its_instances_put_back() {
+    let Some(etcd) = Etcd::start(1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::new(&etcd, dir.path());
+    let a = Node::start(&cfg, "a");
+    let b = Node::start(&cfg, "b");
+    let (id, secret, vip) = registered(&ask(a.registry, "REGISTER|kept|127.0.0.1:39501").await);
+    until(Duration::from_secs(2), "b sees kept", || async {
+        resolve(&b, "kept").await.is_some()
+    })
+    .await;
+    // Revoke every lease: etcd deletes the node's keys at once.
+    let c = etcd.client().await;
+    let mut leases = c.lease_client();
+    for l in leases.leases().await.unwrap().leases() {
+        leases.revoke(l.id()).await.unwrap();
+    }
+    until(Duration::from_secs(5), "a put kept back", || async {
+        let (s, body) = get(b.api, "/v1/services/kept").await;
+        s == 200 && body.contains(&id) && body.contains("\"owner\":\"a\"")
+    })
+    .await;
+    assert_eq!(resolve(&b, "kept").await, Some((vip, 1)));
+    until(
+        Duration::from_secs(3),
+        "heartbeats work on a again",
+        || async { ask(a.registry, &format!("HEARTBEAT|{id}|{secret}")).await == "HEARTBEAT_OK" },
+    )
+    .await;
+    assert!(
+        a.log().contains("putting its instances back"),
+        "{}",
+        a.log()
+    );
+    // a is listed again too.
+    let (_, nodes) = get(b.api, "/v1/nodes").await;
+    assert!(nodes.contains("\"id\":\"a\""), "{nodes}");
 }

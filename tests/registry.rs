@@ -523,3 +523,125 @@ async fn shutdown_stops_accepting() {
     assert!(server.shutdown().await, "drained within the deadline");
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+fn acl_settings(trusted: &[&str]) -> netsel::Settings {
+    let mut s = settings(60);
+    s.acl = netsel::config::AclSettings {
+        enabled: true,
+        anonymous_read: false,
+        tokens: vec![
+            netsel::config::AclToken {
+                name: "web-deployer".into(),
+                token: "t-web-0123456789abcdef".into(),
+                read: vec![],
+                write: vec!["web".into()],
+            },
+            netsel::config::AclToken {
+                name: "reader".into(),
+                token: "t-read-0123456789abcdef".into(),
+                read: vec!["*".into()],
+                write: vec![],
+            },
+        ],
+        trusted_cidrs: trusted.iter().map(|c| c.parse().unwrap()).collect(),
+    };
+    s
+}
+
+/// With `[acl]` on, the line protocol asks for the same rights as the API: a `token=`
+/// option or an `AUTH` line to register, read rights to resolve; an unknown token is
+/// refused; heartbeats and deregistrations stay with the instance secret.
+#[tokio::test]
+async fn acl_on_the_line_protocol_needs_a_token_like_the_api() {
+    let (server, addr) = start(acl_settings(&["127.0.0.0/8"])).await;
+    let mut line = Line::connect(addr).await;
+    let refused = line.ask("REGISTER|web|127.0.0.1:39999").await;
+    assert!(
+        refused.starts_with("FAILED|an ACL token is required to register web")
+            && refused.contains("token="),
+        "{refused}"
+    );
+    let bad = line
+        .ask("REGISTER|web|127.0.0.1:39999|token=t-web-0123456789abcdeX")
+        .await;
+    assert_eq!(bad, "FAILED|unknown ACL token");
+    let other = line
+        .ask("REGISTER|api|127.0.0.1:39998|token=t-web-0123456789abcdef")
+        .await;
+    assert_eq!(other, "FAILED|permission denied: register api");
+    let ok = line
+        .ask("REGISTER|web|127.0.0.1:39999|token=t-web-0123456789abcdef")
+        .await;
+    assert!(ok.starts_with("REGISTERED|"), "{ok}");
+    let f: Vec<&str> = ok.split('|').collect();
+    // The secret alone renews and removes, as on the API.
+    assert_eq!(
+        line.ask(&format!("HEARTBEAT|{}|{}", f[1], f[2])).await,
+        "HEARTBEAT_OK"
+    );
+    // Reading needs read rights.
+    let unread = line.ask("RESOLVE|web").await;
+    assert!(
+        unread.starts_with("FAILED|an ACL token is required to read web"),
+        "{unread}"
+    );
+    assert_eq!(line.ask("AUTH|nope").await, "FAILED|unknown ACL token");
+    assert_eq!(line.ask("AUTH|t-read-0123456789abcdef").await, "OK");
+    assert!(line.ask("RESOLVE|web").await.starts_with("RESOLVED|web|"));
+    // The reader may not register; AUTH as the deployer and it may, without token=.
+    let denied = line.ask("REGISTER|web|127.0.0.1:39997").await;
+    assert_eq!(denied, "FAILED|permission denied: register web");
+    assert_eq!(line.ask("AUTH|t-web-0123456789abcdef").await, "OK");
+    assert!(
+        line.ask("REGISTER|web|127.0.0.1:39997")
+            .await
+            .starts_with("REGISTERED|")
+    );
+    assert_eq!(
+        line.ask(&format!("DEREGISTER|{}|{}", f[1], f[2])).await,
+        "OK"
+    );
+    // The client library carries the token.
+    let mut client = ServiceClient::builder("web-2")
+        .registry(addr)
+        .endpoint("127.0.0.1:39996".parse().unwrap())
+        .token("t-web-0123456789abcdef")
+        .build();
+    client.register().await.unwrap();
+    let mut anonymous = ServiceClient::builder("web-3")
+        .registry(addr)
+        .endpoint("127.0.0.1:39995".parse().unwrap())
+        .build();
+    assert!(
+        matches!(anonymous.register().await, Err(ClientError::Rejected(r)) if r.contains("ACL token"))
+    );
+    server.shutdown().await;
+}
+
+/// Seed-form frames carry no token: with ACLs on they are accepted from
+/// `[acl] trusted_cidrs` (loopback by default) and refused elsewhere, naming the setting.
+#[tokio::test]
+async fn acl_on_seed_frames_only_from_trusted_addresses() {
+    let (server, addr) = start(acl_settings(&["127.0.0.0/8", "::1/128"])).await;
+    let mut trusted = ServiceClient::new(addr, "legacy".to_string());
+    trusted.register().await.unwrap();
+    trusted.send_heartbeat().await.unwrap();
+    server.shutdown().await;
+
+    let (server, addr) = start(acl_settings(&["192.0.2.0/24"])).await;
+    let mut untrusted = ServiceClient::new(addr, "legacy".to_string());
+    match untrusted.register().await {
+        Err(ClientError::Rejected(reason)) => {
+            assert!(reason.contains("[acl] trusted_cidrs"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&netsel::protocol::seed_frame("HEARTBEAT|legacy"))
+        .await
+        .unwrap();
+    let mut answer = [0u8; 16];
+    let n = s.read(&mut answer).await.unwrap();
+    assert_eq!(&answer[..n], b"HEARTBEAT_FAILED");
+    server.shutdown().await;
+}

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
-use super::acl::Caller;
+use super::acl::{Caller, Deny as _};
 use super::model::{
     HealthView, HeartbeatResponse, InstanceView, RegisterRequest, RegisterResponse, SecretBody,
     ServiceList, ServiceView,

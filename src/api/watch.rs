@@ -13,7 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
-use super::acl::Caller;
+use super::acl::{Caller, Deny as _};
 use super::{ApiError, ApiState};
 use crate::catalog::{Change, Snapshot};
 

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::acl::{Acl, Caller};
 use crate::catalog::{Catalog, CatalogError, Endpoint, Registration};
 use crate::config::RegistryLimits;
 use crate::protocol::{
@@ -102,6 +103,22 @@ pub async fn serve_with_metrics(
     metrics: RegistryMetrics,
     shutdown: CancellationToken,
 ) {
+    let acl = crate::config::AclSettings::default();
+    serve_with_acl(listener, catalog, limits, metrics, &acl, shutdown).await
+}
+
+/// [`serve_with_metrics`] with `[acl]`: registrations need a token allowed to register the
+/// name (`token=` or `AUTH|<token>`), seed-form frames are accepted only from
+/// `trusted_cidrs`, and `RESOLVE` needs read rights, as on the API.
+pub async fn serve_with_acl(
+    listener: TcpListener,
+    catalog: Catalog,
+    limits: RegistryLimits,
+    metrics: RegistryMetrics,
+    acl: &crate::config::AclSettings,
+    shutdown: CancellationToken,
+) {
+    let acl = Arc::new(Acl::new(acl));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let rate = Arc::new(rate::RateLimiter::new(&limits));
     let tracker = TaskTracker::new();
@@ -132,6 +149,12 @@ pub async fn serve_with_metrics(
             metrics: metrics.clone(),
             rate: rate.clone(),
             peer,
+            acl: acl.clone(),
+            caller: if acl.enabled() {
+                Caller::Anonymous
+            } else {
+                Caller::Open
+            },
         };
         let shutdown = shutdown.clone();
         let span = tracing::debug_span!("registry", %peer);
@@ -164,6 +187,9 @@ struct Connection {
     metrics: RegistryMetrics,
     rate: Arc<rate::RateLimiter>,
     peer: SocketAddr,
+    acl: Arc<Acl>,
+    /// Who this connection is, once `AUTH` said so.
+    caller: Caller,
 }
 
 enum Read {
@@ -173,7 +199,7 @@ enum Read {
 }
 
 impl Connection {
-    async fn run(self, mut stream: TcpStream, shutdown: CancellationToken) -> io::Result<()> {
+    async fn run(mut self, mut stream: TcpStream, shutdown: CancellationToken) -> io::Result<()> {
         let mut buf = BytesMut::with_capacity(512);
         let mut out = Vec::with_capacity(256);
         let idle = Duration::from_secs(self.limits.idle_timeout_secs);
@@ -246,7 +272,7 @@ impl Connection {
         }
     }
 
-    async fn answer(&self, frame: Frame, out: &mut Vec<u8>) {
+    async fn answer(&mut self, frame: Frame, out: &mut Vec<u8>) {
         let (framing, parsed) = match &frame {
             Frame::Seed(b) => (Framing::Seed, protocol::parse_seed_frame(b)),
             Frame::Line(b) => (Framing::Line, protocol::parse_line(b)),
@@ -262,7 +288,7 @@ impl Connection {
         response.encode_into(framing, out);
     }
 
-    async fn execute(&self, request: Request) -> Response {
+    async fn execute(&mut self, request: Request) -> Response {
         let peer_ip = self.peer.ip().to_canonical();
         let catalog = &self.catalog;
         let registers = matches!(
@@ -275,8 +301,21 @@ impl Connection {
                 "rate limited: too many registrations from {peer_ip}"
             ));
         }
+        if let Some(refused) = self.authorize(&request) {
+            return refused;
+        }
         match request {
             Request::Ping => Response::Pong,
+            Request::Auth { token } => match self.acl.identify(Some(&token.0)) {
+                Ok(caller) => {
+                    self.caller = caller;
+                    Response::Ok
+                }
+                Err(e) => {
+                    self.metrics.error("acl");
+                    Response::Failed(e.to_string())
+                }
+            },
             Request::SeedRegister { name } => {
                 let reg = Registration::new(
                     name,
@@ -376,6 +415,58 @@ async fn close_gracefully(mut stream: TcpStream) -> io::Result<()> {
 }
 
 impl Connection {
+    /// The refusal of a request the ACL does not allow, if it does not.
+    fn authorize(&self, request: &Request) -> Option<Response> {
+        if !self.acl.enabled() {
+            return None;
+        }
+        let peer = self.peer.ip();
+        let refuse = |reason: String| {
+            self.metrics.error("acl");
+            tracing::info!(%peer, %reason, "registry request refused by ACL");
+            Some(Response::Failed(reason))
+        };
+        match request {
+            Request::SeedRegister { .. } if !self.acl.trusts(peer) => refuse(format!(
+                "seed-form registration from {peer} refused: ACLs are on and {peer} is not \
+                 in [acl] trusted_cidrs (register with REGISTER|<name>|…|token=<token>)"
+            )),
+            Request::SeedHeartbeat { .. } if !self.acl.trusts(peer) => {
+                self.metrics.error("acl");
+                Some(Response::HeartbeatFailed)
+            }
+            Request::Register { name, options, .. } => {
+                let caller = match &options.token {
+                    Some(t) => match self.acl.identify(Some(&t.0)) {
+                        Ok(c) => c,
+                        Err(e) => return refuse(e.to_string()),
+                    },
+                    None => self.caller,
+                };
+                if self.acl.can_write(caller, name, false) {
+                    None
+                } else if caller == Caller::Anonymous {
+                    refuse(format!(
+                        "an ACL token is required to register {name} (token=<token> or \
+                         AUTH|<token>)"
+                    ))
+                } else {
+                    refuse(format!("permission denied: register {name}"))
+                }
+            }
+            Request::Resolve { name } if !self.acl.can_read(self.caller, name) => {
+                if self.caller == Caller::Anonymous {
+                    refuse(format!(
+                        "an ACL token is required to read {name} (AUTH|<token>)"
+                    ))
+                } else {
+                    refuse(format!("permission denied: read {name}"))
+                }
+            }
+            _ => None,
+        }
+    }
+
     fn failed(&self, e: CatalogError) -> Response {
         self.metrics.error(e.reason());
         if let CatalogError::Store(_) = e {
