@@ -132,6 +132,64 @@ async fn serve_registers_expires_and_stops_on_sigterm() {
     assert_eq!(status.code(), Some(0), "SIGTERM drains and exits 0");
 }
 
+/// SIGHUP does not kill the server: it says it ignores the signal and goes on serving; the
+/// last log line after SIGTERM says it stopped.
+#[test]
+fn sighup_is_logged_and_ignored_and_the_last_line_says_stopped() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(serve_args(&[]))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut registry = None;
+    let mut line = String::new();
+    while lines.read_line(&mut line).unwrap() > 0 {
+        if let Some(a) = line.trim().strip_prefix("registry: ") {
+            registry = Some(a.to_string());
+        }
+        if line.trim() == "ready" {
+            break;
+        }
+        line.clear();
+    }
+    let registry = registry.expect("registry address");
+    let pid = child.id().to_string();
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    kill("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(log.path())
+        .unwrap()
+        .contains("SIGHUP ignored")
+    {
+        assert!(Instant::now() < deadline, "no SIGHUP log line");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still serving.
+    let mut s = std::net::TcpStream::connect(&registry).unwrap();
+    std::io::Write::write_all(&mut s, b"PING\n").unwrap();
+    let mut pong = String::new();
+    BufReader::new(s).read_line(&mut pong).unwrap();
+    assert_eq!(pong, "PONG\n");
+    assert_eq!(child.try_wait().unwrap(), None, "alive after SIGHUP");
+    kill("-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.contains("NetSel stopped"), "last line: {last}");
+}
+
 #[test]
 fn sigint_also_exits_zero() {
     let mut serve = Proc::spawn(env!("CARGO_BIN_EXE_netsel"), &serve_args(&[]));

@@ -1142,7 +1142,7 @@ impl Catalog {
     /// Whether the store can take writes now, and how old this node's view is.
     pub fn store_health(&self) -> crate::store::StoreHealth {
         match &self.inner.writer {
-            Writer::Local(_) => crate::store::StoreHealth::default(),
+            Writer::Local(s) => s.health(),
             Writer::Cluster(c) => c.health(),
         }
     }

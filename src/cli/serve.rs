@@ -132,17 +132,27 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         }
     }
     println!("ready");
-    let signal = signals.recv().await;
+    let signal = loop {
+        match signals.recv().await {
+            "SIGHUP" => tracing::warn!(
+                "SIGHUP ignored: netsel serve does not reload its configuration; restart it \
+                 to apply changes (SIGINT or SIGTERM drain and stop it)"
+            ),
+            stop => break stop,
+        }
+    };
     tracing::info!(signal, "shutting down");
-    server.shutdown().await;
+    let drained = server.shutdown().await;
+    tracing::info!(drained, "NetSel stopped");
     ExitCode::SUCCESS
 }
 
-/// SIGINT and SIGTERM, watched from creation: build it before announcing `ready`, so a
+/// SIGINT, SIGTERM and SIGHUP, watched from creation: build it before announcing `ready`, so a
 /// signal sent right after never meets the default (killing) disposition.
 struct Signals {
     int: Option<tokio::signal::unix::Signal>,
     term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -158,6 +168,7 @@ impl Signals {
         Signals {
             int: watch(SignalKind::interrupt(), "SIGINT"),
             term: watch(SignalKind::terminate(), "SIGTERM"),
+            hup: watch(SignalKind::hangup(), "SIGHUP"),
         }
     }
 
@@ -173,6 +184,7 @@ impl Signals {
         tokio::select! {
             _ = next(&mut self.int) => "SIGINT",
             _ = next(&mut self.term) => "SIGTERM",
+            _ = next(&mut self.hup) => "SIGHUP",
         }
     }
 }

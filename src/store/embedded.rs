@@ -196,6 +196,7 @@ pub struct EmbeddedStore {
     stats: Arc<StoreStats>,
     loaded: Mutex<Option<Persisted>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    progress: Arc<Progress>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -260,6 +261,7 @@ impl EmbeddedStore {
                     stats.clone(),
                     progress.clone(),
                 );
+
                 let flush = options.renew_flush;
                 move || checkpoint_loop(db, cp_rx, renewals, flush, shown, stats, progress)
             })
@@ -267,7 +269,7 @@ impl EmbeddedStore {
         let writer = std::thread::Builder::new()
             .name("netsel-store".into())
             .spawn({
-                let (shown, stats) = (shown.clone(), stats.clone());
+                let (shown, stats, progress) = (shown.clone(), stats.clone(), progress.clone());
                 move || {
                     log_loop(log, checkpointed, rx, cp_tx, shown, stats, progress);
                     if checkpointer.join().is_err() {
@@ -285,6 +287,7 @@ impl EmbeddedStore {
             stats,
             loaded: Mutex::new(Some(persisted)),
             writer: Mutex::new(Some(writer)),
+            progress,
         })
     }
 
@@ -943,6 +946,15 @@ impl Store for EmbeddedStore {
 
     fn renew(&self, id: &InstanceId, deadline_unix_ms: u64) {
         self.renewals.add(id, deadline_unix_ms);
+    }
+
+    fn health(&self) -> super::StoreHealth {
+        let failure = self.progress.failure();
+        super::StoreHealth {
+            degraded: failure.is_some(),
+            view_age: None,
+            detail: failure,
+        }
     }
 
     fn describe(&self) -> String {

@@ -220,6 +220,12 @@ pub trait Store: Send + Sync + 'static {
     /// A short description for logs (`memory`, `redb:/path`).
     fn describe(&self) -> String;
 
+    /// Whether it can take writes (a store whose log write or checkpoint failed cannot:
+    /// `/v1/health/ready` then answers 503).
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
+
     /// Flushes pending lease renewals, waits for queued batches, and releases the store
     /// (its file lock). Later batches fail with [`StoreError::Closed`]. Blocks briefly.
     fn close(&self) {}
