@@ -191,7 +191,24 @@ mod tests {
                     write: vec![],
                 },
             ],
+            trusted_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
         })
+    }
+
+    #[test]
+    fn seed_frames_are_trusted_only_from_trusted_cidrs_with_acls_on() {
+        let acl = acl();
+        assert!(acl.trusts("10.1.2.3".parse().unwrap()));
+        assert!(acl.trusts("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!acl.trusts("127.0.0.1".parse().unwrap()));
+        let open = Acl::new(&AclSettings::default());
+        assert!(open.trusts("192.0.2.1".parse().unwrap()));
+        assert!(
+            AclSettings::default()
+                .trusted_cidrs
+                .iter()
+                .any(|n| n.contains(&"127.0.0.1".parse::<IpAddr>().unwrap()))
+        );
     }
 
     #[test]

@@ -382,7 +382,7 @@ pub fn parse_line(line: &[u8]) -> Result<Request, ProtocolError> {
             }),
         },
         "AUTH" => match fields.as_slice() {
-            [token] if token.is_empty() => Err(ProtocolError::EmptyField("token")),
+            [""] => Err(ProtocolError::EmptyField("token")),
             [token] => Ok(Request::Auth {
                 token: Token(percent_decode(token)?),
             }),
@@ -939,11 +939,20 @@ mod tests {
                 check: Some(Check::Http {
                     path: "/health?x=1".into(),
                 }),
+                token: Some(Token("t|k=%1".into())),
             },
         };
         let bytes = req.encode();
         assert_eq!(bytes.last(), Some(&b'\n'));
         assert_eq!(parse_line(&bytes[..bytes.len() - 1]), Ok(req));
+        let auth = Request::Auth {
+            token: Token("a|b".into()),
+        };
+        let bytes = auth.encode();
+        assert_eq!(parse_line(&bytes[..bytes.len() - 1]), Ok(auth));
+        assert_eq!(format!("{:?}", Token("secret".into())), "Token(***)");
+        assert!(parse_line(b"AUTH|").is_err());
+        assert!(parse_line(b"AUTH|a|b").is_err());
     }
 
     #[test]

@@ -533,6 +533,7 @@ fn acl() -> AclSettings {
                 write: vec!["*".into()],
             },
         ],
+        ..AclSettings::default()
     }
 }
 
