@@ -113,6 +113,7 @@ async fn ui_asks_for_a_token_when_acls_are_on() {
                 write: vec!["acl-".into()],
             },
         ],
+        ..AclSettings::default()
     };
     let server = NetSelServer::with_settings(settings);
     server.start().await.unwrap();

@@ -453,6 +453,7 @@ async fn acl_tokens_from_flag_or_env() {
                 write: vec![],
             },
         ],
+        ..AclSettings::default()
     };
     let server = NetSelServer::with_settings(settings);
     server.start().await.unwrap();
