@@ -113,6 +113,9 @@ pub struct RegistryLimits {
     pub register_burst_per_ip: u32,
     /// Exempt loopback peers (processes on this host) from the registration rate limit.
     pub rate_limit_exempt_loopback: bool,
+    /// Where instance endpoints may be; empty (the default) allows any address except
+    /// unspecified, multicast, broadcast and link-local ones, which are always refused.
+    pub allowed_endpoint_cidrs: Vec<IpNet>,
 }
 
 impl Default for RegistryLimits {
@@ -124,6 +127,7 @@ impl Default for RegistryLimits {
             register_rate_per_ip: 200,
             register_burst_per_ip: 1000,
             rate_limit_exempt_loopback: true,
+            allowed_endpoint_cidrs: Vec::new(),
         }
     }
 }
@@ -682,6 +686,7 @@ impl Settings {
             restart_grace: ttl,
             max_instances: self.max_instances,
             probe_vip_bind: true,
+            allowed_endpoints: self.registry.allowed_endpoint_cidrs.clone(),
         }
     }
 

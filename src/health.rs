@@ -75,6 +75,11 @@ pub async fn run(
             let Some(check) = inst.check.clone() else {
                 continue;
             };
+            // Checks run where the instance's lease is held, and never connect outside the
+            // endpoint policy.
+            if !catalog.owns(inst) || !catalog.settings().allows_endpoint(inst.endpoint.ip()) {
+                continue;
+            }
             let (id, endpoint, slots) = (inst.id.clone(), inst.endpoint, slots.clone());
             round.spawn(async move {
                 let _slot = slots.acquire_owned().await;

@@ -163,11 +163,6 @@ pub(crate) async fn register(
     if !acl.can_write(caller, &req.name, false) {
         return Err(acl.denied(caller, &format!("register {}", req.name)));
     }
-    if let Some(ip) = req.address
-        && (ip.is_unspecified() || ip.is_multicast())
-    {
-        return Err(ApiError::invalid("address", "not a unicast address"));
-    }
     let peer = client_ip(&ext);
     let endpoint = match (req.address, req.port) {
         (_, Some(0)) => return Err(ApiError::invalid("port", "must be 1..=65535")),

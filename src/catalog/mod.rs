@@ -72,6 +72,55 @@ pub struct CatalogSettings {
     pub max_instances: usize,
     /// Test-bind each candidate VIP of a loopback pool before handing it out.
     pub probe_vip_bind: bool,
+    /// Where instance endpoints may be (`[registry] allowed_endpoint_cidrs`); empty means
+    /// anywhere but the always-refused ranges (see [`endpoint_refusal`]).
+    pub allowed_endpoints: Vec<IpNet>,
+}
+
+impl CatalogSettings {
+    /// Whether an instance may have an endpoint on `ip` (no allocation: the proxies ask
+    /// on every pick).
+    pub fn allows_endpoint(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        endpoint_kind(ip).is_none()
+            && (self.allowed_endpoints.is_empty()
+                || self.allowed_endpoints.iter().any(|n| n.contains(&ip)))
+    }
+
+    /// Why an instance may not have an endpoint on `ip`, if it may not. Registrations are
+    /// refused with this reason, and the proxies never connect to such an endpoint,
+    /// whatever the catalog holds (a store written under another policy).
+    pub fn endpoint_refusal(&self, ip: IpAddr) -> Option<String> {
+        if let Some(why) = endpoint_refusal(ip) {
+            return Some(why);
+        }
+        let ip = ip.to_canonical();
+        if !self.allowed_endpoints.is_empty()
+            && !self.allowed_endpoints.iter().any(|n| n.contains(&ip))
+        {
+            return Some(format!("{ip} is outside [registry] allowed_endpoint_cidrs"));
+        }
+        None
+    }
+}
+
+/// Why no instance may ever listen on `ip`: unspecified, multicast, broadcast and
+/// link-local addresses (169.254.0.0/16 and fe80::/10, where cloud metadata services live)
+/// are refused.
+pub fn endpoint_refusal(ip: IpAddr) -> Option<String> {
+    let ip = ip.to_canonical();
+    endpoint_kind(ip).map(|kind| format!("{ip} is a {kind} address, never an instance's"))
+}
+
+fn endpoint_kind(ip: IpAddr) -> Option<&'static str> {
+    Some(match ip {
+        _ if ip.is_unspecified() => "unspecified",
+        _ if ip.is_multicast() => "multicast",
+        IpAddr::V4(v4) if v4.is_broadcast() => "broadcast",
+        IpAddr::V4(v4) if v4.is_link_local() => "link-local",
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => "link-local",
+        _ => return None,
+    })
 }
 
 /// Why a catalog operation failed. `Display` is the reason given to clients.
@@ -1232,13 +1281,20 @@ impl Catalog {
         if !(1..=10_000).contains(&weight) {
             return Err(invalid("weight", "must be 1..=10000"));
         }
-        if let Endpoint::Explicit(ep) = reg.endpoint {
-            if ep.port() == 0 {
-                return Err(invalid("endpoint", "port 0"));
+        let ip = match reg.endpoint {
+            Endpoint::Explicit(ep) => {
+                if ep.port() == 0 {
+                    return Err(invalid("endpoint", "port 0"));
+                }
+                ep.ip()
             }
-            if ep.ip().is_unspecified() || ep.ip().is_multicast() {
-                return Err(invalid("endpoint", "not a unicast address"));
-            }
+            Endpoint::Pool { peer, .. } => peer,
+        };
+        if let Some(why) = s.endpoint_refusal(ip) {
+            return Err(CatalogError::Invalid {
+                field: "endpoint",
+                reason: why,
+            });
         }
         if reg.service_port == Some(0) {
             return Err(invalid("service_port", "port 0"));

@@ -565,3 +565,45 @@ async fn watch_services_changes_only_when_a_service_comes_or_goes() {
         .unwrap();
     assert!(rx.has_changed().unwrap(), "the service is gone");
 }
+
+#[tokio::test]
+async fn endpoints_in_refused_ranges_are_refused_with_the_reason() {
+    let c = catalog(60);
+    for (ep, kind) in [
+        ("169.254.169.254:80", "link-local"),
+        ("[fe80::1]:80", "link-local"),
+        ("[::ffff:169.254.1.1]:80", "link-local"),
+        ("255.255.255.255:80", "broadcast"),
+        ("0.0.0.0:80", "unspecified"),
+        ("[::]:80", "unspecified"),
+        ("224.0.0.1:80", "multicast"),
+        ("[ff02::1]:80", "multicast"),
+    ] {
+        let reg = Registration::new("web", Endpoint::Explicit(ep.parse().unwrap()));
+        let e = c.register(reg).await.unwrap_err();
+        assert_eq!(e.reason(), "invalid_field", "{ep}");
+        assert!(e.to_string().contains(kind), "{ep}: {e}");
+    }
+    // A bare-name registration from a link-local peer too.
+    let reg = Registration::new(
+        "web",
+        Endpoint::Pool {
+            peer: "169.254.0.7".parse().unwrap(),
+            hint: None,
+        },
+    );
+    assert!(
+        c.register(reg)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("link-local")
+    );
+    // Ordinary addresses pass.
+    c.register(explicit("web", 8080)).await.unwrap();
+    let mut s = settings(60);
+    s.allowed_endpoints = vec!["127.0.0.0/8".parse().unwrap()];
+    assert!(s.allows_endpoint("127.1.2.3".parse().unwrap()));
+    assert!(!s.allows_endpoint("192.0.2.1".parse().unwrap()));
+    assert!(!s.allows_endpoint("169.254.169.254".parse().unwrap()));
+}

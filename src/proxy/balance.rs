@@ -252,7 +252,11 @@ impl Balancer {
         turn: &AtomicUsize,
         exclude: &[InstanceId],
     ) -> Option<Pick> {
-        let candidate = |i: &Instance| i.is_healthy() && !exclude.contains(&i.id);
+        // Never an endpoint outside the policy, whatever the catalog holds.
+        let settings = self.catalog.settings();
+        let candidate = |i: &Instance| {
+            i.is_healthy() && !exclude.contains(&i.id) && settings.allows_endpoint(i.endpoint.ip())
+        };
         let (mut candidates, mut available) = (0usize, 0usize);
         for (i, b) in svc.instances.iter().zip(backends) {
             if candidate(i) {
@@ -532,5 +536,85 @@ mod tests {
             "ejected in one balancer only"
         );
         assert!((0..30).all(|_| b.pick(svc, &[]).unwrap().instance.id != bad.instance.id));
+    }
+
+    /// A store that hands the catalog what an older policy let in: 127.0.0.1 and
+    /// 127.0.0.2, under a policy that now allows only 127.0.0.1.
+    struct OlderPolicy;
+
+    impl crate::store::Store for OlderPolicy {
+        fn load(&self) -> Result<crate::store::Persisted, crate::store::StoreError> {
+            use crate::model::{InstanceRecord, Secret, ServiceName, ServiceRecord};
+            let name = ServiceName::new("web").unwrap();
+            let instance = |id: &str, ip: &str| InstanceRecord {
+                id: crate::model::InstanceId::from(id),
+                service: name.clone(),
+                endpoint: format!("{ip}:8000").parse().unwrap(),
+                tags: vec![],
+                meta: Default::default(),
+                weight: 1,
+                protocol: Default::default(),
+                check: None,
+                ttl_ms: 60_000,
+                owner_peer: None,
+                pool_port: false,
+                secret: Secret::generate(),
+                registered_index: 1,
+                deadline_unix_ms: u64::MAX / 2,
+                owner: None,
+                health: Default::default(),
+                request: None,
+            };
+            Ok(crate::store::Persisted {
+                index: 1,
+                services: vec![ServiceRecord {
+                    name: name.clone(),
+                    vip: "127.77.0.9".parse().unwrap(),
+                    port: 8000,
+                    created_index: 1,
+                }],
+                instances: vec![
+                    instance("00000000000000a1", "127.0.0.1"),
+                    instance("00000000000000a2", "127.0.0.2"),
+                ],
+                holds: vec![],
+            })
+        }
+        fn apply(&self, _: Vec<crate::model::Op>) -> crate::store::Commit {
+            crate::store::Commit::Done(Ok(()))
+        }
+        fn renew(&self, _: &InstanceId, _: u64) {}
+        fn describe(&self) -> String {
+            "older-policy".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_proxies_never_pick_an_endpoint_outside_the_policy() {
+        let mut s = Settings::default();
+        s.registry.allowed_endpoint_cidrs = vec!["127.0.0.1/32".parse().unwrap()];
+        let mut cs = s.catalog_settings();
+        cs.probe_vip_bind = false;
+        let catalog = Catalog::new(cs, Arc::new(OlderPolicy)).unwrap();
+        assert_eq!(
+            catalog.snapshot().instance_count(),
+            2,
+            "the store holds both"
+        );
+        let b = Balancer::new(catalog.clone(), BalanceSettings::default());
+        let c = counts(&b, &catalog, 20);
+        assert_eq!(c.len(), 1);
+        let snap = catalog.snapshot();
+        let svc = snap.service("web").unwrap();
+        let only = b.pick(svc, &[]).unwrap();
+        assert_eq!(only.instance.endpoint.ip().to_string(), "127.0.0.1");
+        assert!(
+            b.pick(svc, std::slice::from_ref(&only.instance.id))
+                .is_none()
+        );
+        // And a registration there is refused, naming the setting.
+        let reg = Registration::new("web", Endpoint::Explicit("127.0.0.2:8001".parse().unwrap()));
+        let e = catalog.register(reg).await.unwrap_err();
+        assert!(e.to_string().contains("allowed_endpoint_cidrs"), "{e}");
     }
 }
