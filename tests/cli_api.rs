@@ -504,3 +504,52 @@ async fn acl_tokens_from_flag_or_env() {
     assert!(catalog.snapshot().instance(&id).is_none());
     server.shutdown().await;
 }
+
+/// `netsel register` at an address already registered under the name would take that
+/// instance over: it refuses, naming the instance, unless given `--replace`.
+#[tokio::test]
+async fn register_refuses_a_takeover_without_replace() {
+    let (server, api, catalog) = server().await;
+    let mut reg = netsel::catalog::Registration::new(
+        "owned",
+        netsel::catalog::Endpoint::Explicit("127.0.0.1:8124".parse().unwrap()),
+    );
+    reg.tags = vec!["blue".into()];
+    let first = catalog.register(reg).await.unwrap();
+    let mut cmd = netsel(api);
+    cmd.args(["register", "owned", "--addr", "127.0.0.1:8124"]);
+    let (code, _, err) = run(cmd).await;
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains(first.id.as_str()) && err.contains("blue") && err.contains("--replace"),
+        "{err}"
+    );
+    // The first holder is untouched.
+    assert!(
+        catalog
+            .heartbeat(first.id.as_str(), first.secret.expose())
+            .is_ok()
+    );
+    // With --replace it takes the instance over: same id, and the old secret stops working.
+    let child = netsel(api)
+        .args(["register", "owned", "--addr", "127.0.0.1:8124", "--replace"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("taken over", || {
+        catalog
+            .heartbeat(first.id.as_str(), first.secret.expose())
+            .is_err()
+    })
+    .await;
+    assert_eq!(
+        catalog.snapshot().service("owned").unwrap().instances.len(),
+        1
+    );
+    signal(&child, "TERM");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    server.shutdown().await;
+}

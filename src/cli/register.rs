@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::api_client::{
-    Api, ApiArgs, Failure, InstanceArgs, Registrar, Signals, print_json, resolve_addr,
+    Api, ApiArgs, CALL_TIMEOUT, Failure, InstanceArgs, Registrar, Signals, print_json, resolve_addr,
 };
 
 /// Flags of `netsel register`.
@@ -17,6 +17,11 @@ pub struct RegisterArgs {
     /// Where the instance listens.
     #[arg(long, value_name = "HOST:PORT")]
     addr: String,
+    /// Take over an instance already registered at this address (same id, new secret; its
+    /// holder's heartbeats then fail). Without it, `netsel register` refuses and says which
+    /// instance it would replace.
+    #[arg(long)]
+    replace: bool,
     #[command(flatten)]
     instance: InstanceArgs,
     #[command(flatten)]
@@ -32,10 +37,55 @@ pub async fn run(args: RegisterArgs) -> ExitCode {
     }
 }
 
+/// Registering an endpoint already registered under the name takes that instance over.
+/// Unless asked to (`--replace`), refuse, naming the instance (exit 5, a conflict). When
+/// the caller may not read the service (ACLs), the check cannot be made and is skipped.
+async fn refuse_takeover(
+    api: &Api,
+    name: &str,
+    endpoint: std::net::SocketAddr,
+) -> Result<(), Failure> {
+    let path = format!("/v1/services/{name}");
+    let answer = api.send(api.request("GET", &path), CALL_TIMEOUT).await?;
+    if answer.status != 200 {
+        return Ok(());
+    }
+    let existing = answer.body["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["endpoint"].as_str() == Some(endpoint.to_string().as_str()));
+    let Some(i) = existing else {
+        return Ok(());
+    };
+    let tags: Vec<&str> = i["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str())
+        .collect();
+    Err(Failure::Api {
+        status: 409,
+        message: format!(
+            "{name} already has instance {} at {endpoint} (tags: {}); registering again \
+             would take it over: pass --replace to do so",
+            i["id"].as_str().unwrap_or("?"),
+            if tags.is_empty() {
+                "none".to_string()
+            } else {
+                tags.join(",")
+            }
+        ),
+    })
+}
+
 async fn register(args: &RegisterArgs) -> Result<(), Failure> {
     let endpoint = resolve_addr("--addr", &args.addr).await?;
     let api = Api::new(&args.api).await?;
     let body = args.instance.body(&args.name, endpoint)?;
+    if !args.replace {
+        refuse_takeover(&api, &args.name, endpoint).await?;
+    }
     let mut signals = Signals::new()?;
     let mut reg = Registrar::new(api, body);
     let answer = reg.register().await?;
