@@ -49,6 +49,32 @@ async fn view(node: &Node) -> (u64, BTreeMap<String, String>) {
     (index, services)
 }
 
+/// A one-member etcd and two nodes over it: the setup most tests share.
+struct Pair {
+    etcd: Etcd,
+    dir: tempfile::TempDir,
+    cfg: ClusterConfig,
+    a: Node,
+    b: Node,
+}
+
+impl Pair {
+    async fn start() -> Option<Pair> {
+        let etcd = Etcd::start(1).await?;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ClusterConfig::new(&etcd, dir.path());
+        let a = Node::start(&cfg, "a");
+        let b = Node::start(&cfg, "b");
+        Some(Pair {
+            etcd,
+            dir,
+            cfg,
+            a,
+            b,
+        })
+    }
+}
+
 async fn until<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -62,13 +88,16 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_on_one_node_is_answered_by_another_within_200ms() {
-    let Some(etcd) = Etcd::start(1).await else {
+    let Some(Pair {
+        etcd: _etcd,
+        dir: _dir,
+        cfg: _cfg,
+        a,
+        b,
+    }) = Pair::start().await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = ClusterConfig::new(&etcd, dir.path());
-    let a = Node::start(&cfg, "a");
-    let b = Node::start(&cfg, "b");
 
     let started = Instant::now();
     let (_, _, vip) = registered(&ask(a.registry, "REGISTER|web|127.0.0.1:39001").await);
@@ -150,13 +179,16 @@ async fn a_registration_on_one_node_is_answered_by_another_within_200ms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_stay_with_the_owner_and_a_deregistration_anywhere_is_seen_everywhere() {
-    let Some(etcd) = Etcd::start(1).await else {
+    let Some(Pair {
+        etcd: _etcd,
+        dir: _dir,
+        cfg: _cfg,
+        a,
+        b,
+    }) = Pair::start().await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = ClusterConfig::new(&etcd, dir.path());
-    let a = Node::start(&cfg, "a");
-    let b = Node::start(&cfg, "b");
     let (id, secret, _) = registered(&ask(a.registry, "REGISTER|api|127.0.0.1:39002").await);
     assert_eq!(
         ask(a.registry, &format!("HEARTBEAT|{id}|{secret}")).await,
@@ -395,13 +427,16 @@ async fn without_quorum_reads_go_on_and_writes_fail_fast_then_converge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_lists_again_after_compaction_and_converges() {
-    let Some(mut etcd) = Etcd::start(1).await else {
+    let Some(Pair {
+        mut etcd,
+        dir: _dir,
+        cfg: _cfg,
+        a,
+        b,
+    }) = Pair::start().await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = ClusterConfig::new(&etcd, dir.path());
-    let a = Node::start(&cfg, "a");
-    let b = Node::start(&cfg, "b");
     registered(&ask(a.registry, "REGISTER|before|127.0.0.1:39301").await);
     until(Duration::from_secs(2), "b sees before", || async {
         resolve(&b, "before").await.is_some()
@@ -447,13 +482,16 @@ async fn a_stopped_node_lists_again_after_compaction_and_converges() {
 /// never gets it meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vip_is_held_for_its_name_cluster_wide() {
-    let Some(etcd) = Etcd::start(1).await else {
+    let Some(Pair {
+        etcd: _etcd,
+        dir: _dir,
+        cfg: _cfg,
+        a,
+        b,
+    }) = Pair::start().await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = ClusterConfig::new(&etcd, dir.path());
-    let a = Node::start(&cfg, "a");
-    let b = Node::start(&cfg, "b");
     let (id, secret, vip) = registered(&ask(a.registry, "REGISTER|held|127.0.0.1:39401").await);
     assert_eq!(
         ask(a.registry, &format!("DEREGISTER|{id}|{secret}")).await,
@@ -655,13 +693,16 @@ async fn a_joining_node_lists_a_catalog_larger_than_one_page() {
 /// a new one and puts its instances back; their clients' heartbeats go on working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_lease_is_granted_again_and_its_instances_put_back() {
-    let Some(etcd) = Etcd::start(1).await else {
+    let Some(Pair {
+        etcd,
+        dir: _dir,
+        cfg: _cfg,
+        a,
+        b,
+    }) = Pair::start().await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = ClusterConfig::new(&etcd, dir.path());
-    let a = Node::start(&cfg, "a");
-    let b = Node::start(&cfg, "b");
     let (id, secret, vip) = registered(&ask(a.registry, "REGISTER|kept|127.0.0.1:39501").await);
     until(Duration::from_secs(2), "b sees kept", || async {
         resolve(&b, "kept").await.is_some()

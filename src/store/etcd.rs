@@ -1075,26 +1075,6 @@ impl EtcdCluster {
             }
         }
     }
-
-    /// Revokes this node's leases (its instances leave every view at once): a clean
-    /// shutdown. Best effort, bounded by the request timeout.
-    pub async fn close(&self) {
-        let slots: Vec<i64> = self
-            .leases
-            .lock()
-            .await
-            .slots
-            .iter()
-            .map(|s| s.id)
-            .collect();
-        for lease in slots {
-            let _ = self
-                .call(self.deadline(), |mut c| async move {
-                    c.lease_revoke(lease).await
-                })
-                .await;
-        }
-    }
 }
 
 enum Decoded {
