@@ -964,25 +964,17 @@ impl EtcdCluster {
         let lost: Vec<Owned> = {
             let mut leases = self.leases.lock().await;
             leases.slots.retain(|s| s.id != lease);
-            let mut lost: Vec<Owned> = Vec::new();
-            let ids: Vec<InstanceId> = leases
+            let mut lost: Vec<Owned> = leases
                 .owned
-                .iter()
-                .filter(|(_, o)| o.lease == lease)
-                .map(|(id, _)| id.clone())
+                .extract_if(|_, o| o.lease == lease)
+                .map(|(_, o)| o)
                 .collect();
-            for id in ids {
-                lost.extend(leases.owned.remove(&id));
-            }
-            let ids: Vec<InstanceId> = leases
-                .limbo
-                .iter()
-                .filter(|(_, o)| o.lease == lease)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in ids {
-                lost.extend(leases.limbo.remove(&id));
-            }
+            lost.extend(
+                leases
+                    .limbo
+                    .extract_if(|_, o| o.lease == lease)
+                    .map(|(_, o)| o),
+            );
             lost
         };
         let info = self.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
