@@ -305,10 +305,16 @@ impl ServiceClient {
     /// Registers, returning the service's VIP and port: for the seed form the pool port
     /// assigned to this instance, for the extended form the service port on the VIP.
     pub async fn register(&mut self) -> Result<(IpAddr, u16), ClientError> {
-        self.register_shared(None).await
+        self.register_shared(None, true).await
     }
 
-    async fn register_shared(&self, port_hint: Option<u16>) -> Result<(IpAddr, u16), ClientError> {
+    /// Registers; `replace` false when registering again after the registry said the
+    /// instance is gone or superseded, so a late owner never takes over its replacement.
+    async fn register_shared(
+        &self,
+        port_hint: Option<u16>,
+        replace: bool,
+    ) -> Result<(IpAddr, u16), ClientError> {
         match &self.shared.mode {
             Mode::Seed if port_hint.is_none() => {
                 let frame = Request::SeedRegister {
@@ -333,6 +339,9 @@ impl ServiceClient {
                     Mode::Extended { endpoint, options } => (*endpoint, options.clone()),
                 };
                 options.port_hint = port_hint;
+                if !replace {
+                    options.replace = Some(false);
+                }
                 let req = Request::Register {
                     name: self.shared.name.clone(),
                     endpoint,
@@ -373,7 +382,7 @@ impl ServiceClient {
                     Response::HeartbeatOk => Ok(()),
                     Response::HeartbeatFailed => {
                         tracing::info!(name = %self.shared.name, "registry forgot us; registering again");
-                        self.register_shared(Some(port)).await.map(drop)
+                        self.register_shared(Some(port), true).await.map(drop)
                     }
                     other => Err(unexpected(other)),
                 }
@@ -393,7 +402,7 @@ impl ServiceClient {
                             || reason.starts_with("wrong secret") =>
                     {
                         tracing::info!(name = %self.shared.name, %reason, "registering again");
-                        self.register_shared(None).await.map(drop)
+                        self.register_shared(None, false).await.map(drop)
                     }
                     Response::Failed(reason) => Err(ClientError::Rejected(reason)),
                     other => Err(unexpected(other)),

@@ -95,6 +95,9 @@ pub struct RegisterOptions {
     pub check: Option<Check>,
     /// The ACL token that allows this registration (when the registry has `[acl]` on).
     pub token: Option<Token>,
+    /// `replace=no`: register a new instance beside one already at this endpoint instead
+    /// of taking it over (sent by clients registering again after losing their instance).
+    pub replace: Option<bool>,
 }
 
 /// An ACL token on the wire. It never prints: `Debug` shows `Token(***)`.
@@ -506,6 +509,14 @@ fn parse_register(fields: &[&str]) -> Result<Request, ProtocolError> {
                 let c: Check = value.parse()?;
                 set_once(&mut options.check, c, key)?;
             }
+            "replace" => {
+                let r = match value.to_ascii_lowercase().as_str() {
+                    "yes" | "true" | "1" => true,
+                    "no" | "false" | "0" => false,
+                    _ => return Err(bad(key, format!("'{value}' is not yes or no"))),
+                };
+                set_once(&mut options.replace, r, key)?;
+            }
             "token" => {
                 if value.is_empty() {
                     return Err(bad(key, "empty token".into()));
@@ -692,6 +703,9 @@ impl fmt::Display for Request {
                 }
                 if let Some(c) = &options.check {
                     write!(f, "|check={}", percent_encode(&c.to_wire()))?;
+                }
+                if let Some(r) = options.replace {
+                    write!(f, "|replace={}", if r { "yes" } else { "no" })?;
                 }
                 if let Some(t) = &options.token {
                     write!(f, "|token={}", percent_encode(&t.0))?;
@@ -940,6 +954,7 @@ mod tests {
                     path: "/health?x=1".into(),
                 }),
                 token: Some(Token("t|k=%1".into())),
+                replace: Some(false),
             },
         };
         let bytes = req.encode();

@@ -553,3 +553,84 @@ async fn register_refuses_a_takeover_without_replace() {
     assert!(out.status.success());
     server.shutdown().await;
 }
+
+/// Fencing: an owner frozen (SIGSTOP) until its lease ran out and then thawed never acts
+/// on the instance that replaced it: its heartbeats fail, it never removes or takes over
+/// the replacement, and it registers again as a new instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_owner_never_displaces_its_replacement() {
+    let (server, api, catalog) = server().await;
+    let zombie = netsel(api)
+        .args([
+            "register",
+            "fenced",
+            "--addr",
+            "127.0.0.1:8125",
+            "--ttl",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the owner registered", || {
+        catalog.snapshot().service("fenced").is_some()
+    })
+    .await;
+    let old = catalog.snapshot().service("fenced").unwrap().instances[0]
+        .id
+        .clone();
+    signal(&zombie, "STOP");
+    eventually("its lease ran out", || {
+        catalog.snapshot().instance(old.as_str()).is_none()
+    })
+    .await;
+    // A replacement registers the same address and keeps it alive.
+    let mut replacement = netsel::ServiceClient::builder("fenced")
+        .registry(server.bound().unwrap().registry)
+        .endpoint("127.0.0.1:8125".parse().unwrap())
+        .ttl(Duration::from_secs(1))
+        .heartbeat_interval(Duration::from_millis(250))
+        .build();
+    replacement.register().await.unwrap();
+    let new = replacement.instance_id().unwrap();
+    assert_ne!(new, old.as_str());
+    let beats = replacement.start_heartbeats();
+    signal(&zombie, "CONT");
+    // The thawed owner registers again, beside the replacement, not over it.
+    eventually("the zombie registered as a new instance", || {
+        catalog
+            .snapshot()
+            .service("fenced")
+            .is_some_and(|s| s.instances.len() == 2)
+    })
+    .await;
+    let snap = catalog.snapshot();
+    let ids: Vec<String> = snap
+        .service("fenced")
+        .unwrap()
+        .instances
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert!(
+        ids.contains(&new) && !ids.contains(&old.to_string()),
+        "{ids:?}"
+    );
+    // For a few heartbeat rounds, the replacement stays, with its own id.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(
+            catalog.snapshot().instance(&new).is_some(),
+            "the replacement was displaced"
+        );
+        assert_eq!(replacement.instance_id().as_deref(), Some(new.as_str()));
+    }
+    signal(&zombie, "TERM");
+    let out = tokio::task::spawn_blocking(move || zombie.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert!(catalog.snapshot().instance(&new).is_some());
+    beats.shutdown().await.unwrap();
+    server.shutdown().await;
+}

@@ -217,6 +217,7 @@ pub(crate) async fn register(
         service_port: req.service_port,
         protocol,
         check,
+        replace: req.replace.unwrap_or(true),
     };
     let registered = state.inner.catalog.register(reg).await?;
     let status = if registered.renewed {

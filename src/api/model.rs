@@ -64,6 +64,11 @@ pub struct RegisterRequest {
     /// An active health check (default none: the lease alone decides).
     #[serde(default)]
     pub check: Option<CheckSpec>,
+    /// Whether an instance already registered at this address is taken over (default
+    /// true). `false` registers a new instance beside it: what a client sends when it
+    /// registers again after its instance was removed or superseded.
+    #[serde(default)]
+    pub replace: Option<bool>,
 }
 
 /// An active health check: `{"type": "tcp"}` or `{"type": "http", "path": "/health"}`.

@@ -244,6 +244,11 @@ pub struct Registration {
     pub protocol: Option<AppProtocol>,
     /// An active health check (none by default: the lease alone decides).
     pub check: Option<Check>,
+    /// Whether an explicit endpoint already registered under the name is taken over
+    /// (default; right for a restarted owner). `false` registers a new instance beside it
+    /// instead: what a client sends when it registers again after being told its instance
+    /// is gone or superseded, so a late owner never displaces its replacement.
+    pub replace: bool,
 }
 
 impl Registration {
@@ -259,6 +264,7 @@ impl Registration {
             service_port: None,
             protocol: None,
             check: None,
+            replace: true,
         }
     }
 }
@@ -1529,9 +1535,11 @@ impl Catalog {
             Endpoint::Pool { peer, .. } => OwnerKey::Peer(peer),
             Endpoint::Explicit(ep) => OwnerKey::Endpoint(ep),
         };
+        let takes_over = reg.replace || matches!(reg.endpoint, Endpoint::Pool { .. });
         let previous = st
             .by_owner
             .get(&(name.clone(), owner_key))
+            .filter(|_| takes_over)
             .and_then(|id| st.instances.get(id))
             .cloned();
         let protocol = reg.protocol.unwrap_or_default();

@@ -381,9 +381,16 @@ impl Registrar {
             .request("PUT", &path)
             .header("X-Netsel-Secret", c.secret.clone());
         let a = self.api.send(req, CALL_TIMEOUT).await?;
-        if a.status == 404 {
-            tracing::warn!("the registry forgot this instance; registering again");
+        if a.status == 404 || a.status == 403 {
+            // Gone (expired, or the registry lost it) or superseded (another process took
+            // the address over): register again as a new instance, never displacing one
+            // that replaced this one meanwhile.
+            tracing::warn!(
+                status = a.status,
+                "this instance is gone or superseded; registering again"
+            );
             self.current = None;
+            self.body["replace"] = Value::Bool(false);
             let r = self.register().await?;
             tracing::info!(id = %r["id"].as_str().unwrap_or(""), "registered again");
             return Ok(());

@@ -363,6 +363,7 @@ impl Connection {
                     service_port: options.service_port,
                     protocol: options.protocol,
                     check: options.check,
+                    replace: options.replace.unwrap_or(true),
                 };
                 match catalog.register(reg).await {
                     Ok(r) => Response::Registered(RegisterReply {
