@@ -735,3 +735,61 @@ async fn a_lost_lease_is_granted_again_and_its_instances_put_back() {
     let (_, nodes) = get(b.api, "/v1/nodes").await;
     assert!(nodes.contains("\"id\":\"a\""), "{nodes}");
 }
+
+/// A node reaches etcd over TLS with a client certificate (`[store] ca_file`,
+/// `cert_file`, `key_file`), as a production etcd requires; without the certificate it
+/// fails to start, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_to_etcd_over_tls_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    if common::cluster::etcd_binary().is_none() {
+        return;
+    }
+    common::cluster::make_certs(certs.path());
+    let Some(etcd) = Etcd::start_tls(certs.path()).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ClusterConfig::new(&etcd, dir.path());
+    let f = |n: &str| certs.path().join(n).display().to_string();
+    cfg.store_extra = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        f("ca.pem"),
+        f("client.pem"),
+        f("client-key.pem")
+    );
+    let a = Node::start(&cfg, "a");
+    let b = Node::start(&cfg, "b");
+    let (_, _, vip) = registered(&ask(a.registry, "REGISTER|secure|127.0.0.1:39601").await);
+    until(
+        Duration::from_secs(2),
+        "b answers over TLS-fed views",
+        || async { resolve(&b, "secure").await == Some((vip, 1)) },
+    )
+    .await;
+    let (_, health) = get(a.api, "/v1/health").await;
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+
+    // Without a client certificate etcd refuses the node, and start-up says so.
+    cfg.store_extra = format!("ca_file = \"{}\"", f("ca.pem"));
+    let config = dir.path().join("nocert.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"{}\"\n{}\n[network]\nvip_cidr = \"{}\"\n",
+            cfg.url(),
+            cfg.store_extra,
+            cfg.vip_cidr
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_netsel"));
+    cmd.arg("serve").arg("--config").arg(&config);
+    for flag in common::LISTEN_FLAGS {
+        cmd.args([flag, "127.0.0.1:0"]);
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("etcd") && err.contains("cert_file"), "{err}");
+}

@@ -227,8 +227,13 @@ impl EtcdCluster {
             }
         }
         if !reachable || clients.is_empty() {
+            let hint = if settings.tls() {
+                "; with TLS, check [store] ca_file, cert_file and key_file"
+            } else {
+                ""
+            };
             return Err(StoreError::Unavailable(format!(
-                "no etcd member of {} answered ({last_error})",
+                "no etcd member of {} answered ({last_error}){hint}",
                 settings.endpoints.join(",")
             )));
         }

@@ -43,6 +43,84 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A CA, and server and client certificates signed by it, made with `openssl` in `dir`:
+/// `ca.pem`, `server.pem`/`server-key.pem` (for 127.0.0.1), `client.pem`/`client-key.pem`.
+pub fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian: apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=netsel-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&ca);
+    for who in ["server", "client"] {
+        std::fs::write(
+            dir.join(format!("{who}.ext")),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        let (key, csr, pem, ext) = (
+            format!("{who}-key.pem"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+            format!("{who}.ext"),
+        );
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj"]);
+        let subj = format!("/CN={who}");
+        req.push(&subj);
+        run(&req);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    }
+}
+
 /// One etcd member.
 pub struct Member {
     pub name: String,
@@ -57,11 +135,23 @@ pub struct Etcd {
     pub members: Vec<Member>,
     _dir: tempfile::TempDir,
     binary: PathBuf,
+    /// The directory of the certificates when clients must use TLS.
+    pub tls: Option<PathBuf>,
 }
 
 impl Etcd {
     /// Starts `n` members and waits until the cluster takes a write.
     pub async fn start(n: usize) -> Option<Etcd> {
+        Etcd::start_with(n, None).await
+    }
+
+    /// One member that serves clients only over TLS and requires a client certificate
+    /// signed by the CA in `certs` (see [`make_certs`]).
+    pub async fn start_tls(certs: &Path) -> Option<Etcd> {
+        Etcd::start_with(1, Some(certs.to_path_buf())).await
+    }
+
+    async fn start_with(n: usize, tls: Option<PathBuf>) -> Option<Etcd> {
         let binary = etcd_binary()?;
         let dir = tempfile::tempdir().unwrap();
         let token = format!("netsel-test-{:08x}", fastrand::u32(..));
@@ -78,6 +168,7 @@ impl Etcd {
             .iter()
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
             .collect();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         for m in &mut members {
             let data = dir.path().join(&m.name);
             m.args = vec![
@@ -86,9 +177,9 @@ impl Etcd {
                 "--data-dir".into(),
                 data.display().to_string(),
                 "--listen-client-urls".into(),
-                format!("http://127.0.0.1:{}", m.client),
+                format!("{scheme}://127.0.0.1:{}", m.client),
                 "--advertise-client-urls".into(),
-                format!("http://127.0.0.1:{}", m.client),
+                format!("{scheme}://127.0.0.1:{}", m.client),
                 "--listen-peer-urls".into(),
                 format!("http://127.0.0.1:{}", m.peer),
                 "--initial-advertise-peer-urls".into(),
@@ -108,11 +199,24 @@ impl Etcd {
                 "--log-level".into(),
                 "error".into(),
             ];
+            if let Some(certs) = &tls {
+                let f = |name: &str| certs.join(name).display().to_string();
+                m.args.extend([
+                    "--cert-file".into(),
+                    f("server.pem"),
+                    "--key-file".into(),
+                    f("server-key.pem"),
+                    "--trusted-ca-file".into(),
+                    f("ca.pem"),
+                    "--client-cert-auth".into(),
+                ]);
+            }
         }
         let mut etcd = Etcd {
             members,
             _dir: dir,
             binary,
+            tls,
         };
         for i in 0..n {
             etcd.launch(i);
@@ -143,14 +247,26 @@ impl Etcd {
 
     /// A client to every member.
     pub async fn client(&self) -> etcd_client::Client {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let eps: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client))
             .collect();
-        let opts = etcd_client::ConnectOptions::new()
+        let mut opts = etcd_client::ConnectOptions::new()
             .with_timeout(Duration::from_secs(2))
             .with_connect_timeout(Duration::from_secs(1));
+        if let Some(certs) = &self.tls {
+            let read = |n: &str| std::fs::read(certs.join(n)).unwrap();
+            opts = opts.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")))
+                    .identity(etcd_client::Identity::from_pem(
+                        read("client.pem"),
+                        read("client-key.pem"),
+                    )),
+            );
+        }
         etcd_client::Client::connect(eps, Some(opts)).await.unwrap()
     }
 
@@ -256,6 +372,8 @@ pub struct ClusterConfig {
     pub max_heartbeat_age: u64,
     pub vip_hold_secs: u64,
     pub dir: PathBuf,
+    /// Extra lines for the `[store]` table (TLS files, credentials).
+    pub store_extra: String,
 }
 
 impl ClusterConfig {
@@ -268,6 +386,7 @@ impl ClusterConfig {
             max_heartbeat_age: 10,
             vip_hold_secs: 600,
             dir: dir.to_path_buf(),
+            store_extra: String::new(),
         }
     }
 
@@ -284,12 +403,13 @@ impl Node {
             &config,
             format!(
                 "max_heartbeat_age = {}\nhealth_check_interval = 1\nmin_ttl_ms = 200\n\
-                 [store]\nurl = \"{}\"\nlease_ttl_secs = {}\nnode_id = \"{name}\"\n\
+                 [store]\nurl = \"{}\"\nlease_ttl_secs = {}\nnode_id = \"{name}\"\n{}\n\
                  [network]\nvip_cidr = \"{}\"\nvip_hold_secs = {}\n\
 ",
                 cfg.max_heartbeat_age,
                 cfg.url(),
                 cfg.lease_ttl_secs,
+                cfg.store_extra,
                 cfg.vip_cidr,
                 cfg.vip_hold_secs
             ),
