@@ -617,3 +617,35 @@ async fn do_bit_on_the_fast_path_and_in_its_cache() {
     // cacheable).
     assert_eq!(worker.cached(), distinct - 2);
 }
+
+#[tokio::test]
+async fn do_bit_on_servfail_when_no_upstream_answers() {
+    // An upstream that never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut s = settings();
+    s.dns.upstreams = vec![silent.local_addr().unwrap()];
+    s.dns.forward_timeout_ms = 20;
+    let h = handler_with(&s);
+    for dnssec_ok in [false, true] {
+        let m = edns_query("example.com.", RecordType::A, dnssec_ok);
+        assert!(matches!(
+            h.respond_raw(&m.to_vec().unwrap(), true),
+            RawAnswer::Forward
+        ));
+        // The fast path's reply.
+        let r = Message::from_vec(&h.forward_raw(&m.to_vec().unwrap()).await).unwrap();
+        check_opt("servfail", &r, ResponseCode::ServFail, dnssec_ok);
+        assert!(r.metadata.recursion_available);
+        assert_eq!(r.queries.len(), 1, "the question is echoed");
+        // Hickory's.
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            let r = ask_hickory(&h, &m, protocol).await;
+            check_opt("servfail", &r, ResponseCode::ServFail, dnssec_ok);
+        }
+    }
+    // Without OPT in the query, none in the answer.
+    let m = query("example.com.", RecordType::A);
+    let r = Message::from_vec(&h.forward_raw(&m.to_vec().unwrap()).await).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+    assert!(r.edns.is_none());
+}
