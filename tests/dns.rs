@@ -343,6 +343,21 @@ async fn forwarding_to_configured_upstreams_sets_ra() {
     // Over TCP too (hickory's path).
     let m = tcp(dns, &query(12, "far.netsel.", RecordType::A, None)).await;
     assert_eq!(m.answers.len(), 1);
+    // The upstream's OPT is passed on over UDP (the fast path relays its bytes) and over
+    // TCP (hickory's path rebuilds the message), with the query's DO bit.
+    for dnssec_ok in [false, true] {
+        let mut m =
+            Message::from_vec(&query(15, "far.netsel.", RecordType::A, Some(1232))).unwrap();
+        let mut e = m.edns.clone().unwrap();
+        e.set_dnssec_ok(dnssec_ok);
+        m.set_edns(e);
+        let q = m.to_vec().unwrap();
+        for (path, r) in [("udp", udp(dns, &q).await), ("tcp", tcp(dns, &q).await)] {
+            assert_eq!(r.answers.len(), 1, "{path}");
+            let opt = r.edns.as_ref().unwrap_or_else(|| panic!("{path}: no OPT"));
+            assert_eq!(opt.flags().dnssec_ok, dnssec_ok, "{path}");
+        }
+    }
     // Own names are still answered locally, now with RA set.
     let m = udp(dns, &query(13, "web.near.", RecordType::A, None)).await;
     assert!(m.metadata.authoritative);

@@ -157,16 +157,23 @@ enum Found {
     NxDomain,
 }
 
+/// The OPT record of a response to a query that had `query` (RFC 6891 §7: a query with an
+/// OPT gets one back): version 0, NetSel's UDP payload size, and the query's DO bit, which
+/// RFC 3225 §3 says MUST be copied into the response. Nothing else is echoed: unknown
+/// options are ignored (RFC 6891 §6.1.2) and unknown flags go back as zero (§6.1.4).
+pub(crate) fn response_edns(query: &Edns) -> Edns {
+    let mut e = Edns::new();
+    e.set_max_payload(MAX_UDP_PAYLOAD);
+    e.set_version(0);
+    e.set_dnssec_ok(query.flags().dnssec_ok);
+    e
+}
+
 /// Answers one parsed query from `snap`.
 pub fn plan(zone: &Zone, snap: &Snapshot, req: &MessageRequest) -> Plan {
     let mut md = Metadata::response_from_request(&req.metadata);
     md.recursion_available = zone.forwarding;
-    let edns = req.edns.as_ref().map(|_| {
-        let mut e = Edns::new();
-        e.set_max_payload(MAX_UDP_PAYLOAD);
-        e.set_version(0);
-        e
-    });
+    let edns = req.edns.as_ref().map(response_edns);
     let mut reply = Reply {
         metadata: md,
         answers: Vec::new(),

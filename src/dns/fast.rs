@@ -3,8 +3,9 @@
 //!
 //! A cached answer is keyed by the query's bytes after its id, with the question name
 //! lower-cased. Two queries with the same key differ only in id and in the letter case of
-//! the question, so the cached answer is copied and the id and the question's bytes are
-//! patched in (answers point at the question by compression, so their owner names follow
+//! the question (the key holds the header flags and the whole OPT record, so a query with
+//! the DO bit and one without never share an answer, and each gets its own DO bit back),
+//! so the cached answer is copied and the id and the question's bytes are patched in (answers point at the question by compression, so their owner names follow
 //! its case too). The cache belongs to one catalog index: when the index moves, it is
 //! dropped before the next lookup, so an answer is never older than the catalog.
 //! Entries are bounded per thread; a full cache is cleared.
@@ -65,7 +66,7 @@ struct Cached {
     rcode: ResponseCode,
 }
 
-struct Worker {
+pub(super) struct Worker {
     handler: DnsHandler,
     socket: UdpSocket,
     shutdown: CancellationToken,
@@ -141,7 +142,7 @@ impl Worker {
     }
 
     /// Puts the answer to `query` in `out`; returns whether there is one to send now.
-    fn answer(
+    pub(super) fn answer(
         &mut self,
         query: &[u8],
         src: SocketAddr,
@@ -212,6 +213,28 @@ impl Worker {
             }
             RawAnswer::Drop => false,
         }
+    }
+}
+
+#[cfg(test)]
+impl Worker {
+    /// A worker on a socket of its own that nothing sends to, for calling
+    /// [`Worker::answer`] directly. Call within a Tokio runtime.
+    pub(super) fn for_test(handler: DnsHandler) -> Worker {
+        Worker {
+            handler,
+            socket: UdpSocket::bind("127.0.0.1:0").expect("a UDP socket"),
+            shutdown: CancellationToken::new(),
+            rt: tokio::runtime::Handle::current(),
+            cache: HashMap::new(),
+            cache_index: u64::MAX,
+            max_entries: 1024,
+        }
+    }
+
+    /// How many answers are cached.
+    pub(super) fn cached(&self) -> usize {
+        self.cache.len()
     }
 }
 

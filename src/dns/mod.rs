@@ -167,8 +167,26 @@ impl DnsHandler {
         }
     }
 
-    /// SERVFAIL for a forwarded query no upstream answered.
+    /// SERVFAIL for a forwarded query no upstream answered: the question echoed, RA set
+    /// when forwarding, and an OPT (with the query's DO bit) when the query had one.
     pub(crate) fn servfail(&self, raw: &[u8]) -> Vec<u8> {
+        let any: SocketAddr = ([0, 0, 0, 0], 0).into();
+        if let Ok(req) = Request::from_bytes(raw.to_vec(), any, Protocol::Udp) {
+            let mut metadata = Metadata::response_from_request(&req.metadata);
+            metadata.response_code = ResponseCode::ServFail;
+            metadata.recursion_available = self.inner.zone.forwarding();
+            let reply = Reply {
+                metadata,
+                answers: Vec::new(),
+                authorities: Vec::new(),
+                additionals: Vec::new(),
+                edns: req.edns.as_ref().map(answer::response_edns),
+                qtype: RecordType::Unknown(0),
+            };
+            self.inner.metrics.record(None, ResponseCode::ServFail);
+            return encode(&reply, &req.queries, payload_limit(&req, true)).0;
+        }
+        // Only forwarded queries get here, and they parsed; defensive.
         let mut bytes = vec![0u8; 12];
         bytes[..2].copy_from_slice(&raw[..2]);
         bytes[2] = 0x80 | (raw[2] & 0x79);
@@ -288,9 +306,12 @@ impl RequestHandler for DnsHandler {
             Plan::Forward => {
                 let raw = self.forward_raw(request.as_slice()).await;
                 let upstream = Message::from_vec(&raw).ok();
-                let builder = MessageResponseBuilder::new(&request.queries, None);
                 match &upstream {
                     Some(msg) => {
+                        // The upstream's answer as it is, OPT included (the fast path
+                        // relays its bytes): it got the query's DO bit and answers to it.
+                        let builder =
+                            MessageResponseBuilder::new(&request.queries, msg.edns.as_ref());
                         let mut md = msg.metadata;
                         md.id = request.metadata.id;
                         let resp = builder.build(
@@ -306,8 +327,12 @@ impl RequestHandler for DnsHandler {
                         let mut md = Metadata::response_from_request(&request.metadata);
                         md.response_code = ResponseCode::ServFail;
                         md.recursion_available = true;
+                        let edns = request.edns.as_ref().map(answer::response_edns);
                         response_handle
-                            .send_response(builder.build_no_records(md))
+                            .send_response(
+                                MessageResponseBuilder::new(&request.queries, edns.as_ref())
+                                    .build_no_records(md),
+                            )
                             .await
                     }
                 }

@@ -437,3 +437,215 @@ fn reverse_zones() {
     assert_eq!(z("10.0.0.0/20"), "0.10.in-addr.arpa.");
     assert_eq!(z("fd00::/8"), "d.f.ip6.arpa.");
 }
+
+/// A query with an OPT record, DO set or not.
+fn edns_query(name: &str, qtype: RecordType, dnssec_ok: bool) -> Message {
+    let mut m = query(name, qtype);
+    let mut e = Edns::new();
+    e.set_max_payload(1232);
+    e.set_dnssec_ok(dnssec_ok);
+    m.set_edns(e);
+    m
+}
+
+/// Queries that get each kind of answer NetSel builds itself, all with an OPT: NOERROR,
+/// NODATA, NXDOMAIN, REFUSED (out of zone, CHAOS), NOTIMP (NOTIFY), BADVERS, FORMERR
+/// (two questions) and a truncated answer. With the rcode each must get.
+fn edns_cases(dnssec_ok: bool) -> Vec<(&'static str, Message, ResponseCode)> {
+    let q = |name: &str, qtype| edns_query(name, qtype, dnssec_ok);
+    let mut notify = q("netsel.", RecordType::SOA);
+    notify.metadata.op_code = OpCode::Notify;
+    let mut badvers = q("netsel.", RecordType::SOA);
+    let mut e = badvers.edns.clone().unwrap();
+    e.set_version(1);
+    badvers.set_edns(e);
+    let mut chaos = q("version.bind.", RecordType::TXT);
+    chaos.queries[0].set_query_class(DNSClass::CH);
+    let mut two = q("web.netsel.", RecordType::A);
+    two.add_query(Query::query(
+        Name::from_ascii("web.netsel.").unwrap(),
+        RecordType::AAAA,
+    ));
+    vec![
+        (
+            "answer",
+            q("web.netsel.", RecordType::A),
+            ResponseCode::NoError,
+        ),
+        (
+            "nodata",
+            q("web.netsel.", RecordType::MX),
+            ResponseCode::NoError,
+        ),
+        (
+            "nxdomain",
+            q("nope.netsel.", RecordType::A),
+            ResponseCode::NXDomain,
+        ),
+        (
+            "refused",
+            q("example.com.", RecordType::A),
+            ResponseCode::Refused,
+        ),
+        ("chaos", chaos, ResponseCode::Refused),
+        ("notify", notify, ResponseCode::NotImp),
+        ("badvers", badvers, ResponseCode::BADVERS),
+        ("two questions", two, ResponseCode::FormErr),
+        (
+            "truncated",
+            q("_big._tcp.netsel.", RecordType::SRV),
+            ResponseCode::NoError,
+        ),
+    ]
+}
+
+/// A handler with `web` and a service too big for one UDP answer.
+async fn edns_handler() -> DnsHandler {
+    let h = handler();
+    register(&h, "web", "127.0.0.1:8000", &[]).await;
+    for i in 0..60u16 {
+        register(&h, "big", &format!("127.0.1.{}:{}", i + 1, 9000 + i), &[]).await;
+    }
+    h
+}
+
+/// The checks every EDNS answer must pass: the rcode, OPT version 0 with NetSel's size,
+/// no option and no unknown flag echoed, and the query's DO bit (RFC 3225 §3).
+fn check_opt(what: &str, r: &Message, code: ResponseCode, dnssec_ok: bool) {
+    // BADVERS and BADSIG share code 16; compare numbers.
+    assert_eq!(
+        u16::from(r.metadata.response_code),
+        u16::from(code),
+        "{what}"
+    );
+    let opt = r.edns.as_ref().unwrap_or_else(|| panic!("{what}: no OPT"));
+    assert_eq!(opt.version(), 0, "{what}");
+    assert_eq!(opt.max_payload(), MAX_UDP_PAYLOAD, "{what}");
+    assert_eq!(opt.flags().dnssec_ok, dnssec_ok, "{what}: DO");
+    assert_eq!(opt.flags().z, 0, "{what}: unknown flags");
+    assert!(opt.options().as_ref().is_empty(), "{what}: options");
+}
+
+#[tokio::test]
+async fn do_bit_is_copied_by_respond_raw_over_udp_and_tcp() {
+    let h = edns_handler().await;
+    for udp in [true, false] {
+        for dnssec_ok in [false, true] {
+            for (what, m, code) in edns_cases(dnssec_ok) {
+                let mut m = m;
+                // Unknown flags and an unknown option in the query are not echoed.
+                let mut e = m.edns.clone().unwrap();
+                e.flags_mut().z = 0x0080;
+                e.options_mut()
+                    .insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(
+                        100,
+                        vec![1, 2],
+                    ));
+                m.set_edns(e);
+                let bytes = ask_raw(&h, &m.to_vec().unwrap(), udp).expect("an answer");
+                let r = Message::from_vec(&bytes).unwrap();
+                let what = format!("{what} udp={udp} do={dnssec_ok}");
+                check_opt(&what, &r, code, dnssec_ok);
+                assert_eq!(r.metadata.truncation, udp && what.starts_with("truncated"));
+            }
+        }
+    }
+}
+
+/// Asks through hickory's `RequestHandler` (the TCP path, and UDP with `fast_path = false`)
+/// and returns the wire response hickory would send.
+async fn ask_hickory(h: &DnsHandler, m: &Message, protocol: Protocol) -> Message {
+    use futures_util::StreamExt;
+    use hickory_server::net::BufDnsStreamHandle;
+    use hickory_server::net::runtime::TokioTime;
+    use hickory_server::server::ResponseHandle;
+
+    let src: SocketAddr = "127.0.0.1:5300".parse().unwrap();
+    let req = Request::from_bytes(m.to_vec().unwrap(), src, protocol).unwrap();
+    let (stream, mut sent) = BufDnsStreamHandle::new(src);
+    h.handle_request::<_, TokioTime>(&req, ResponseHandle::new(src, stream, protocol))
+        .await;
+    let msg = sent.next().await.expect("a response sent");
+    Message::from_vec(msg.bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn do_bit_is_copied_by_the_hickory_handler() {
+    let h = edns_handler().await;
+    for protocol in [Protocol::Udp, Protocol::Tcp] {
+        for dnssec_ok in [false, true] {
+            for (what, m, code) in edns_cases(dnssec_ok) {
+                let r = ask_hickory(&h, &m, protocol).await;
+                let what = format!("{what} {protocol} do={dnssec_ok}");
+                check_opt(&what, &r, code, dnssec_ok);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn do_bit_on_the_fast_path_and_in_its_cache() {
+    let h = edns_handler().await;
+    let mut worker = fast::Worker::for_test(h.clone());
+    let src: SocketAddr = "127.0.0.1:5300".parse().unwrap();
+    let (mut key, mut out) = (Vec::new(), Vec::new());
+    let mut distinct = 0;
+    // The first round fills the cache, the second answers from it; a DO and a non-DO query
+    // for the same name alternate, so each must get its own bit, never the other's.
+    for round in 0..2 {
+        for (i, (what, m, code)) in edns_cases(true).into_iter().enumerate() {
+            for dnssec_ok in [true, false] {
+                let mut m = m.clone();
+                let mut e = m.edns.clone().unwrap();
+                e.set_dnssec_ok(dnssec_ok);
+                m.set_edns(e);
+                m.metadata.id = (round * 100 + i) as u16;
+                assert!(worker.answer(&m.to_vec().unwrap(), src, &mut key, &mut out));
+                let r = Message::from_vec(&out).unwrap();
+                assert_eq!(r.metadata.id, m.metadata.id);
+                check_opt(
+                    &format!("{what} round {round} do={dnssec_ok}"),
+                    &r,
+                    code,
+                    dnssec_ok,
+                );
+                distinct += usize::from(round == 0);
+            }
+        }
+    }
+    // Every cacheable answer is cached once per DO value (the two-question query is not
+    // cacheable).
+    assert_eq!(worker.cached(), distinct - 2);
+}
+
+#[tokio::test]
+async fn do_bit_on_servfail_when_no_upstream_answers() {
+    // An upstream that never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut s = settings();
+    s.dns.upstreams = vec![silent.local_addr().unwrap()];
+    s.dns.forward_timeout_ms = 20;
+    let h = handler_with(&s);
+    for dnssec_ok in [false, true] {
+        let m = edns_query("example.com.", RecordType::A, dnssec_ok);
+        assert!(matches!(
+            h.respond_raw(&m.to_vec().unwrap(), true),
+            RawAnswer::Forward
+        ));
+        // The fast path's reply.
+        let r = Message::from_vec(&h.forward_raw(&m.to_vec().unwrap()).await).unwrap();
+        check_opt("servfail", &r, ResponseCode::ServFail, dnssec_ok);
+        assert!(r.metadata.recursion_available);
+        assert_eq!(r.queries.len(), 1, "the question is echoed");
+        // Hickory's.
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            let r = ask_hickory(&h, &m, protocol).await;
+            check_opt("servfail", &r, ResponseCode::ServFail, dnssec_ok);
+        }
+    }
+    // Without OPT in the query, none in the answer.
+    let m = query("example.com.", RecordType::A);
+    let r = Message::from_vec(&h.forward_raw(&m.to_vec().unwrap()).await).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+    assert!(r.edns.is_none());
+}
