@@ -64,6 +64,8 @@ pub mod registry;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+mod sys;
 
 pub use client::ServiceClient;
 #[cfg(feature = "server")]

@@ -63,13 +63,8 @@ fn exit_code(status: ExitStatus) -> ExitCode {
 }
 
 /// Sends `signal` to process `pid`.
-#[allow(unsafe_code)]
 fn send_signal(pid: u32, signal: i32) {
-    let Ok(pid) = i32::try_from(pid) else { return };
-    // SAFETY: kill(2) takes two integers and touches no memory of ours; a stale pid at
-    // worst fails with ESRCH (the child is reaped only by our own `wait`).
-    let rc = unsafe { libc::kill(pid, signal) };
-    if rc != 0 {
+    if !crate::sys::kill(pid, signal) {
         tracing::debug!(pid, signal, "forwarding the signal failed (child gone?)");
     }
 }

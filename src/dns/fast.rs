@@ -81,11 +81,11 @@ impl Worker {
         let mut key = Vec::with_capacity(MAX_KEY);
         #[cfg(target_os = "linux")]
         {
-            let mut batch = super::mmsg::Batch::new();
-            let mut outs: Vec<Vec<u8>> = (0..super::mmsg::BATCH)
+            let mut batch = crate::sys::mmsg::Batch::new();
+            let mut outs: Vec<Vec<u8>> = (0..crate::sys::mmsg::BATCH)
                 .map(|_| Vec::with_capacity(1232))
                 .collect();
-            let mut ready: Vec<usize> = Vec::with_capacity(super::mmsg::BATCH);
+            let mut ready: Vec<usize> = Vec::with_capacity(crate::sys::mmsg::BATCH);
             while !self.shutdown.is_cancelled() {
                 let n = match batch.recv(&self.socket) {
                     Ok(n) => n,

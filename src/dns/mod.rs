@@ -18,8 +18,6 @@ mod fast;
 mod forward;
 mod metrics;
 #[cfg(target_os = "linux")]
-mod mmsg;
-
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -22,6 +22,7 @@
 //! rounds) for under 1 % of throughput, and gave the TCP proxy 1.5–5 % more connections
 //! per second (BENCHMARKS.md).
 
+use crate::sys::{allowed_cpus, pin_current_thread, set_time_slice};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
@@ -120,13 +121,7 @@ pub(crate) fn share_cpu() {
     };
     let now = Instant::now();
     if now.duration_since(since) >= SHARE_AFTER.get() {
-        // SAFETY: sched_yield takes no arguments, touches no memory of ours, and cannot
-        // fail on Linux.
-        #[cfg(unix)]
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::sched_yield();
-        }
+        crate::sys::yield_cpu();
         BUSY_SINCE.set(Some(Instant::now()));
     }
 }
@@ -138,29 +133,6 @@ pub(crate) fn cpu_for(n: usize) -> Option<usize> {
     (!cpus.is_empty()).then(|| cpus[n % cpus.len()])
 }
 
-/// The CPUs this process may run on (its affinity mask, which honours cpusets and
-/// `taskset`), in order.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: `set` is a plain bit set owned here; sched_getaffinity writes at most
-    // size_of::<cpu_set_t>() bytes into it, and CPU_ISSET only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn allowed_cpus() -> Vec<usize> {
-    Vec::new()
-}
-
 /// The `sched_slice_us` setting as a slice to ask for: 0 is None (the kernel's default).
 pub(crate) fn slice_setting(us: u64) -> Option<Duration> {
     (us > 0).then(|| Duration::from_micros(us))
@@ -170,83 +142,6 @@ pub(crate) fn slice_setting(us: u64) -> Option<Duration> {
 /// 100 ms.
 pub(crate) fn valid_slice_setting(us: u64) -> bool {
     us == 0 || (100..=100_000).contains(&us)
-}
-
-/// `struct sched_attr` (the first version, 56 bytes), for `sched_setattr(2)`.
-#[cfg(target_os = "linux")]
-#[repr(C)]
-#[derive(Default)]
-struct SchedAttr {
-    size: u32,
-    policy: u32,
-    flags: u64,
-    nice: i32,
-    priority: u32,
-    runtime: u64,
-    deadline: u64,
-    period: u64,
-    util_min: u32,
-    util_max: u32,
-}
-
-/// Asks the scheduler to run the calling thread in slices of `slice` (kept as it is: the
-/// normal policy and its nice value). Kernels before 6.12 ignore the slice of a normal
-/// thread; newer ones clamp it to 0.1–100 ms.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn set_time_slice(slice: Duration) -> std::io::Result<()> {
-    // getpriority returns -1 for nice -1 too: errno tells an error apart.
-    // SAFETY: errno is this thread's; getpriority only reads the calling thread's nice.
-    let nice = unsafe {
-        *libc::__errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS, 0)
-    };
-    if nice == -1 && std::io::Error::last_os_error().raw_os_error() != Some(0) {
-        return Err(std::io::Error::last_os_error());
-    }
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        nice,
-        runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
-        ..SchedAttr::default()
-    };
-    // SAFETY: `attr` is a valid sched_attr of the size it declares, read by the kernel
-    // during the call; pid 0 is the calling thread.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_time_slice(_slice: Duration) -> std::io::Result<()> {
-    Ok(())
-}
-
-/// Binds the calling thread to one CPU.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
-    }
-    // SAFETY: `set` is a plain bit set owned here, `cpu` is within its size (checked
-    // above), and sched_setaffinity only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn pin_current_thread(_cpu: usize) -> std::io::Result<()> {
-    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -353,22 +248,8 @@ mod tests {
     }
 
     /// The calling thread's slice (ns) and nice value, as the kernel reports them.
-    #[allow(unsafe_code)]
     fn slice_and_nice() -> (u64, i32) {
-        let mut attr = SchedAttr::default();
-        let size = std::mem::size_of::<SchedAttr>() as u32;
-        // SAFETY: `attr` is writable for `size` bytes; pid 0 is the calling thread.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_sched_getattr,
-                0,
-                &mut attr as *mut SchedAttr,
-                size,
-                0,
-            )
-        };
-        assert_eq!(rc, 0, "sched_getattr: {}", std::io::Error::last_os_error());
-        (attr.runtime, attr.nice)
+        crate::sys::time_slice_and_nice().expect("sched_getattr")
     }
 
     #[test]

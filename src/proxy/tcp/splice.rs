@@ -18,17 +18,16 @@
 //! in one segment (a short connection through the proxy went from about 20 segments to
 //! 18) and no read is spent on learning of the end of stream.
 //!
-//! The `unsafe` code here is five libc calls (`pipe2`, `splice`, `fcntl`, `recv`,
-//! `send`), each on file descriptors this module owns or borrows from a live
-//! `TcpStream`, each with its result checked. Readiness comes from tokio's reactor
+//! The system calls (`pipe2`, `splice`, `fcntl`, `recv`, `send`) are in [`crate::sys`],
+//! each on file descriptors this module owns or borrows from a live `TcpStream`, each
+//! with its result checked. Readiness comes from tokio's reactor
 //! (`ready()` / `writable()` + `try_io`), so the sockets stay non-blocking and registered
 //! exactly as tokio left them.
-#![allow(unsafe_code)]
 
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
@@ -68,32 +67,6 @@ fn put_buffer(buf: Box<[u8]>) {
     });
 }
 
-/// `recv(2)` into `buf`, never blocking (the socket is non-blocking).
-fn recv(from: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `from` is open for the
-    // duration of the call (borrowed from a live TcpStream).
-    let n = unsafe { libc::recv(from, buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// `send(2)` from `buf`, never blocking (the socket is non-blocking); with `more`, the
-/// kernel holds the bytes back for what follows (`MSG_MORE`).
-fn send(to: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
-    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
-    // SAFETY: `buf` is valid for reads of `buf.len()` bytes; `to` is open for the
-    // duration of the call (borrowed from a live TcpStream).
-    let n = unsafe { libc::send(to, buf.as_ptr().cast(), buf.len(), flags) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// A pipe: the kernel buffer one direction splices through.
 struct Pipe {
     read: OwnedFd,
@@ -103,43 +76,12 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
-        let mut fds: [RawFd; 2] = [-1, -1];
-        // SAFETY: `fds` is a valid, writable array of two ints, as pipe2 requires.
-        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure (a lower system limit) is harmless
-        // and leaves the default size.
-        let rc = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as i32) };
-        let size = if rc > 0 { rc as usize } else { 64 * 1024 };
+        let (read, write, size) = crate::sys::pipe(PIPE_SIZE)?;
         Ok(Pipe { read, write, size })
     }
 }
 
-/// Moves up to `len` bytes from `from` to `to`, never blocking.
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both descriptors are open for the duration of the call (borrowed from a
-    // live TcpStream or an owned pipe); null offsets are what splice expects for sockets
-    // and pipes.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
+use crate::sys::{recv, send, splice};
 
 /// Relays both ways until both directions have ended (each with a half-close of the
 /// other side) or one fails.
@@ -340,21 +282,7 @@ mod tests {
 
     /// Segments `s` has sent (`tcpi_segs_out`).
     fn segments_sent(s: &TcpStream) -> u32 {
-        // SAFETY: `info` is a plain struct owned here and `len` its size: getsockopt writes
-        // at most `len` bytes into it; the descriptor is open (a live TcpStream).
-        unsafe {
-            let mut info: libc::tcp_info = std::mem::zeroed();
-            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-            let rc = libc::getsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&raw mut info).cast(),
-                &mut len,
-            );
-            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-            info.tcpi_segs_out
-        }
+        crate::sys::tcp_segments_out(s.as_raw_fd()).unwrap()
     }
 
     #[tokio::test]

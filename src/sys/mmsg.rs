@@ -3,23 +3,21 @@
 //! do. At hundreds of thousands of queries a second the system calls are most of the
 //! cost, so this is where the fast path's single-core throughput comes from.
 //!
-//! This is the crate's only `unsafe` code: two libc calls whose buffers, iovecs and
-//! address storage are owned by [`Batch`] (or borrowed for the duration of the call) and
-//! whose lengths are bounded by the sizes passed in.
-
-#![allow(unsafe_code)]
+//! Two libc calls whose buffers, iovecs and address storage are owned by [`Batch`] (or
+//! borrowed for the duration of the call) and whose lengths are bounded by the sizes
+//! passed in.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 
 /// Datagrams per system call.
-pub(super) const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 /// Largest query accepted (longer ones are truncated by the kernel and fail to parse).
 const BUF: usize = 4096;
 
 /// Receive buffers and source addresses for one batch.
-pub(super) struct Batch {
+pub(crate) struct Batch {
     bufs: Vec<u8>,
     lens: [usize; BATCH],
     addrs: Vec<libc::sockaddr_storage>,
@@ -27,7 +25,7 @@ pub(super) struct Batch {
 }
 
 impl Batch {
-    pub(super) fn new() -> Batch {
+    pub(crate) fn new() -> Batch {
         Batch {
             bufs: vec![0u8; BATCH * BUF],
             lens: [0; BATCH],
@@ -39,7 +37,7 @@ impl Batch {
 
     /// Blocks until at least one datagram arrives (or the socket's read timeout passes),
     /// then takes every one already queued, up to [`BATCH`]. Returns how many.
-    pub(super) fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+    pub(crate) fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
         // SAFETY: zeroed iovec/mmsghdr are valid (null pointers, zero lengths); every
         // field the kernel reads is set below.
         let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
@@ -77,14 +75,14 @@ impl Batch {
     }
 
     /// Datagram `i` of the last batch and where it came from.
-    pub(super) fn datagram(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+    pub(crate) fn datagram(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
         let data = &self.bufs[i * BUF..i * BUF + self.lens[i]];
         (data, to_socket_addr(&self.addrs[i]))
     }
 
     /// Sends each `(i, bytes)` to the source of datagram `i`, in as few calls as the
     /// kernel allows. A datagram the kernel refuses is skipped.
-    pub(super) fn send(&self, sock: &UdpSocket, replies: &[(usize, &[u8])]) {
+    pub(crate) fn send(&self, sock: &UdpSocket, replies: &[(usize, &[u8])]) {
         let mut start = 0;
         while start < replies.len() {
             let chunk = &replies[start..];
