@@ -432,6 +432,36 @@ async fn watch_prints_changes_as_json_lines() {
     server.shutdown().await;
 }
 
+/// In text mode stdout holds only the changes; status lines go to stderr.
+#[tokio::test]
+async fn watch_text_puts_status_on_stderr_and_changes_on_stdout() {
+    let (server, api, _) = server().await;
+    let mut child = netsel(api)
+        .args(["watch", "svc", "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let status = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert!(status.starts_with("watching from index"), "{status}");
+    register(api, "svc", 1002).await;
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("watching"), "{stdout}");
+    assert!(stdout.contains("svc"), "{stdout}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn acl_tokens_from_flag_or_env() {
     use netsel::config::{AclSettings, AclToken};

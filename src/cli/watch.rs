@@ -69,7 +69,8 @@ async fn watch(args: &WatchArgs) -> Result<(), Failure> {
             println!("{line}");
         } else {
             match event.event.as_str() {
-                "hello" => println!("watching from index {}", data["index"]),
+                // Status lines go to stderr, so stdout holds only the changes.
+                "hello" => eprintln!("watching from index {}", data["index"]),
                 "change" => println!(
                     "{:>6} {:<22} {} {}",
                     data["index"],
@@ -77,7 +78,7 @@ async fn watch(args: &WatchArgs) -> Result<(), Failure> {
                     data["service"].as_str().unwrap_or(""),
                     data["instance"].as_str().unwrap_or("")
                 ),
-                "resync" => println!(
+                "resync" => eprintln!(
                     "fell behind ({} changes missed); now at index {}",
                     data["missed"], data["index"]
                 ),
