@@ -229,6 +229,19 @@ impl Answer {
     }
 }
 
+/// A duration as people read it, the same way everywhere (the UI too): `45s`, `57m22s`,
+/// `2h05m`.
+pub(crate) fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 /// Prints JSON, pretty.
 pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
@@ -444,5 +457,20 @@ impl Signals {
             _ = self.hup.recv() => libc::SIGHUP,
             _ = self.quit.recv() => libc::SIGQUIT,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_the_ui_shows_them() {
+        let d = |s| human_duration(Duration::from_secs(s));
+        assert_eq!(
+            [d(0), d(45), d(60), d(3442), d(3600), d(7500)],
+            ["0s", "45s", "1m00s", "57m22s", "1h00m", "2h05m"]
+        );
     }
 }

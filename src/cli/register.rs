@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::api_client::{
-    Api, ApiArgs, CALL_TIMEOUT, Failure, InstanceArgs, Registrar, Signals, print_json, resolve_addr,
+    Api, ApiArgs, CALL_TIMEOUT, Failure, InstanceArgs, Registrar, Signals, human_duration,
+    print_json, resolve_addr,
 };
 
 /// Flags of `netsel register`.
@@ -93,13 +94,15 @@ async fn register(args: &RegisterArgs) -> Result<(), Failure> {
         print_json(&answer);
     } else {
         println!(
-            "registered {} instance {} at {} (VIP {}:{}, TTL {}s); Ctrl-C deregisters",
+            "registered {} instance {} at {} (VIP {}:{}, TTL {}); Ctrl-C deregisters",
             answer["service"].as_str().unwrap_or(""),
             answer["id"].as_str().unwrap_or(""),
             answer["endpoint"].as_str().unwrap_or(""),
             answer["vip"].as_str().unwrap_or(""),
             answer["service_port"],
-            answer["ttl_secs"]
+            human_duration(std::time::Duration::from_secs(
+                answer["ttl_secs"].as_u64().unwrap_or(0)
+            ))
         );
     }
     loop {

@@ -1,10 +1,11 @@
 //! `netsel resolve NAME`: a service's VIP and its instances.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
 
-use super::api_client::{Api, ApiArgs, Failure, print_json, print_table};
+use super::api_client::{Api, ApiArgs, Failure, human_duration, print_json, print_table};
 use crate::client::http::encode_component;
 
 /// Flags of `netsel resolve`.
@@ -57,7 +58,9 @@ async fn resolve(args: &ResolveArgs) -> Result<ExitCode, Failure> {
                     i["endpoint"].as_str().unwrap_or("").to_string(),
                     i["health"].as_str().unwrap_or("").to_string(),
                     i["weight"].to_string(),
-                    format!("{}s", i["lease_remaining_ms"].as_u64().unwrap_or(0) / 1000),
+                    human_duration(Duration::from_millis(
+                        i["lease_remaining_ms"].as_u64().unwrap_or(0),
+                    )),
                     tags.join(","),
                 ]
             })
