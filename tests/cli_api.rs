@@ -117,6 +117,15 @@ async fn services_and_resolve_print_text_and_json_with_exit_codes() {
     .await;
     assert_eq!(code, 0);
     assert!(out.contains("no services"), "{out}");
+    // The address may be written as a URL too.
+    let (code, out, err) = run({
+        let mut c = netsel(api);
+        c.env("NETSEL_API_ADDR", format!("http://{api}/")).arg("services");
+        c
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no services"), "{out}");
     register(api, "web", 8000).await;
     register(api, "web", 8001).await;
 
