@@ -233,6 +233,24 @@ impl VipPool {
     }
 }
 
+/// Whether this host can serve VIPs from `net`: it must be able to bind an address of the
+/// pool (VIP listeners bind them). A loopback pool always can on Linux; another range
+/// must be on a local interface. Binding sends nothing.
+pub fn check_pool_usable(net: IpNet) -> Result<(), String> {
+    let probe = match VipPool::new(net, 0) {
+        Ok(p) => p.addr_at(p.first),
+        Err(e) => return Err(e.to_string()),
+    };
+    match std::net::TcpListener::bind((probe, 0)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "this host cannot serve VIPs from {net}: binding {probe} fails ({e}); add the \
+             range to a local interface (e.g. `ip addr add {net} dev lo`) or use a pool \
+             inside 127.0.0.0/8 (e.g. --vip-cidr {DEFAULT_VIP_CIDR})"
+        )),
+    }
+}
+
 fn is_reserved(ip: IpAddr) -> bool {
     ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
 }
@@ -403,6 +421,17 @@ mod tests {
         let mut p = VipPool::new("127.77.1.0/24".parse().unwrap(), 0).unwrap();
         let a = p.allocate(&name("a"), 0).unwrap();
         assert!(p.net().contains(&a));
+    }
+
+    #[test]
+    fn a_pool_the_host_cannot_bind_is_reported_with_what_to_do() {
+        check_pool_usable("127.77.0.0/16".parse().unwrap()).unwrap();
+        // TEST-NET-1 (RFC 5737) is on no interface here; binding it sends nothing.
+        let e = check_pool_usable("192.0.2.0/24".parse().unwrap()).unwrap_err();
+        assert!(
+            e.contains("192.0.2.0/24") && e.contains("ip addr add"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -160,6 +160,12 @@ impl NetSelServer {
         }
         let s = &self.settings;
         s.validate()?;
+        crate::network::check_pool_usable(s.network.vip_cidr).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "network.vip_cidr",
+                reason,
+            }
+        })?;
         let explicit = self.store.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let explicit_store = explicit.is_some();
         // An explicit store wins; else `data_dir` means the durable embedded store.

@@ -120,7 +120,8 @@ async fn services_and_resolve_print_text_and_json_with_exit_codes() {
     // The address may be written as a URL too.
     let (code, out, err) = run({
         let mut c = netsel(api);
-        c.env("NETSEL_API_ADDR", format!("http://{api}/")).arg("services");
+        c.env("NETSEL_API_ADDR", format!("http://{api}/"))
+            .arg("services");
         c
     })
     .await;

@@ -290,6 +290,27 @@ fn store_flag_errors_are_clear() {
     );
 }
 
+/// A VIP pool this host cannot serve (no local address in it) is reported by
+/// `--validate` and at start-up, with what to do, instead of failing later.
+#[test]
+fn a_vip_pool_the_host_cannot_use_is_refused_with_what_to_do() {
+    for extra in [&["--validate"][..], &[][..]] {
+        let mut args = serve_args(extra);
+        let i = args.iter().position(|a| a == "--vip-cidr").unwrap();
+        args[i + 1] = "192.0.2.0/24".into();
+        let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains("192.0.2.0/24") && err.contains("ip addr add"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn port_conflict_fails_start_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -116,6 +116,10 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(reason) = crate::network::check_pool_usable(settings.network.vip_cidr) {
+        eprintln!("netsel: invalid network.vip_cidr: {reason}");
+        return ExitCode::from(2);
+    }
     if args.validate {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
