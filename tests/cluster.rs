@@ -745,7 +745,6 @@ async fn nodes_talk_to_etcd_over_tls_with_client_certificates() {
     if common::cluster::etcd_binary().is_none() {
         return;
     }
-    common::cluster::make_certs(certs.path());
     let Some(etcd) = Etcd::start_tls(certs.path()).await else {
         return;
     };

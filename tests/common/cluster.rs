@@ -36,7 +36,12 @@ pub fn etcd_binary() -> Option<PathBuf> {
 
 /// A free loopback port (bound and released: etcd needs explicit ports).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_on("127.0.0.1")
+}
+
+/// A free port on `host` (bound and released).
+pub fn free_port_on(host: &str) -> u16 {
+    TcpListener::bind((host, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -44,8 +49,8 @@ pub fn free_port() -> u16 {
 }
 
 /// A CA, and server and client certificates signed by it, made with `openssl` in `dir`:
-/// `ca.pem`, `server.pem`/`server-key.pem` (for 127.0.0.1), `client.pem`/`client-key.pem`.
-pub fn make_certs(dir: &Path) {
+/// `ca.pem`, `server.pem`/`server-key.pem` (for `host`), `client.pem`/`client-key.pem`.
+pub fn make_certs(dir: &Path, host: &str) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -85,8 +90,11 @@ pub fn make_certs(dir: &Path) {
     for who in ["server", "client"] {
         std::fs::write(
             dir.join(format!("{who}.ext")),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n",
+            format!(
+                "subjectAltName=IP:{host},DNS:localhost\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=serverAuth,clientAuth\n"
+            ),
         )
         .unwrap();
         let (key, csr, pem, ext) = (
@@ -132,6 +140,9 @@ pub struct Member {
 
 /// A loopback etcd cluster of one or more members, in a temporary directory.
 pub struct Etcd {
+    /// A loopback address of this cluster's own (127.x.y.z): clusters of tests running at
+    /// once never meet, even if a released port is handed out twice.
+    pub host: String,
     pub members: Vec<Member>,
     _dir: tempfile::TempDir,
     binary: PathBuf,
@@ -146,7 +157,7 @@ impl Etcd {
     }
 
     /// One member that serves clients only over TLS and requires a client certificate
-    /// signed by the CA in `certs` (see [`make_certs`]).
+    /// signed by a CA made in `certs` (see [`make_certs`]).
     pub async fn start_tls(certs: &Path) -> Option<Etcd> {
         Etcd::start_with(1, Some(certs.to_path_buf())).await
     }
@@ -155,18 +166,27 @@ impl Etcd {
         let binary = etcd_binary()?;
         let dir = tempfile::tempdir().unwrap();
         let token = format!("netsel-test-{:08x}", fastrand::u32(..));
+        let host = format!(
+            "127.{}.{}.{}",
+            fastrand::u8(1..=250),
+            fastrand::u8(..),
+            fastrand::u8(1..=254)
+        );
+        if let Some(certs) = &tls {
+            make_certs(certs, &host);
+        }
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: free_port(),
-                peer: free_port(),
+                client: free_port_on(&host),
+                peer: free_port_on(&host),
                 child: None,
                 args: Vec::new(),
             })
             .collect();
         let initial: Vec<String> = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .map(|m| format!("{}=http://{host}:{}", m.name, m.peer))
             .collect();
         let scheme = if tls.is_some() { "https" } else { "http" };
         for m in &mut members {
@@ -177,13 +197,13 @@ impl Etcd {
                 "--data-dir".into(),
                 data.display().to_string(),
                 "--listen-client-urls".into(),
-                format!("{scheme}://127.0.0.1:{}", m.client),
+                format!("{scheme}://{host}:{}", m.client),
                 "--advertise-client-urls".into(),
-                format!("{scheme}://127.0.0.1:{}", m.client),
+                format!("{scheme}://{host}:{}", m.client),
                 "--listen-peer-urls".into(),
-                format!("http://127.0.0.1:{}", m.peer),
+                format!("http://{host}:{}", m.peer),
                 "--initial-advertise-peer-urls".into(),
-                format!("http://127.0.0.1:{}", m.peer),
+                format!("http://{host}:{}", m.peer),
                 "--initial-cluster".into(),
                 initial.join(","),
                 "--initial-cluster-state".into(),
@@ -213,6 +233,7 @@ impl Etcd {
             }
         }
         let mut etcd = Etcd {
+            host,
             members,
             _dir: dir,
             binary,
@@ -222,6 +243,14 @@ impl Etcd {
             etcd.launch(i);
         }
         etcd.wait_writable(Duration::from_secs(30)).await;
+        for m in &mut etcd.members {
+            let status = m.child.as_mut().map(|c| c.try_wait());
+            assert!(
+                matches!(status, Some(Ok(None))),
+                "etcd member {} is not running: {status:?}",
+                m.name
+            );
+        }
         Some(etcd)
     }
 
@@ -240,7 +269,7 @@ impl Etcd {
     pub fn endpoints(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client))
+            .map(|m| format!("{}:{}", self.host, m.client))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -251,7 +280,7 @@ impl Etcd {
         let eps: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client))
+            .map(|m| format!("{scheme}://{}:{}", self.host, m.client))
             .collect();
         let mut opts = etcd_client::ConnectOptions::new()
             .with_timeout(Duration::from_secs(2))
@@ -294,7 +323,7 @@ impl Etcd {
             }
             let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(1));
             let Ok(mut c) = etcd_client::Client::connect(
-                [format!("http://127.0.0.1:{}", m.client)],
+                [format!("http://{}:{}", self.host, m.client)],
                 Some(opts),
             )
             .await
