@@ -105,7 +105,7 @@ fn eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A `Content-Length` value: digits only (no sign, no list, no spaces inside).
-pub(super) fn parse_length(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -332,7 +332,7 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
 
 /// Why an attempt failed before anything reached the client.
 #[derive(Debug)]
-pub(super) enum AttemptError {
+pub(crate) enum AttemptError {
     /// The instance closed or reset before any response byte (or the write failed).
     NoResponse,
     /// The request timeout passed first.
@@ -488,7 +488,7 @@ async fn exchange(
 
 /// A response body's framing.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum RespBody {
+pub(crate) enum RespBody {
     None,
     Fixed(u64),
     Chunked(ChunkedBody),
@@ -719,7 +719,7 @@ async fn read_response_head(
 /// what `on_head` makes of it (given the parsed head and its length; the head's bytes
 /// stay in `buf`). Interim 1xx heads are skipped (not forwarded); a 101 was never asked
 /// for and is refused, as is a head over `max_head`. No byte at all is `NoResponse`.
-pub(super) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
+pub(crate) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
     r: &mut R,
     buf: &mut BytesMut,
     max_head: usize,
@@ -760,7 +760,7 @@ pub(super) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
 
 /// How an instance's response is framed, whether the instance keeps the connection
 /// alive after it, and the header names its `Connection` header lists.
-pub(super) fn response_framing<'h>(
+pub(crate) fn response_framing<'h>(
     resp: &httparse::Response<'_, 'h>,
     is_head: bool,
 ) -> Result<(RespBody, bool, Vec<&'h [u8]>), AttemptError> {
