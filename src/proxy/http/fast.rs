@@ -731,6 +731,11 @@ pub(crate) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
             let mut resp = httparse::Response::new(&mut slots);
             match resp.parse(buf) {
                 Ok(httparse::Status::Complete(len)) => {
+                    if len > max_head {
+                        // Refused however it arrived: a head read in one piece is held to
+                        // the same limit as one that arrives in pieces.
+                        return Err(AttemptError::BadResponse);
+                    }
                     let status = resp.code.unwrap_or(0);
                     if status == 101 {
                         // Not asked for: the proxy never forwards Upgrade on this path.
@@ -915,3 +920,28 @@ impl AsyncRead for Rewind {
 }
 
 super::framing::write_through!(Rewind);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn head_len(mut input: &[u8], max_head: usize) -> Result<usize, AttemptError> {
+        read_upstream_head(&mut input, &mut BytesMut::new(), max_head, |_, len| Ok(len)).await
+    }
+
+    /// Found by the `http_head` fuzz target: a head over the limit was accepted when it
+    /// arrived in one read, and refused when it arrived in pieces.
+    #[tokio::test]
+    async fn a_head_over_the_limit_is_refused_even_in_one_read() {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: 0123456789\r\n\r\n";
+        assert_eq!(head_len(head, head.len()).await.unwrap(), head.len());
+        assert!(matches!(
+            head_len(head, head.len() - 1).await,
+            Err(AttemptError::BadResponse)
+        ));
+        // Each interim head is held to the limit too.
+        let mut two = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        two.extend_from_slice(head);
+        assert_eq!(head_len(&two, head.len()).await.unwrap(), head.len());
+    }
+}
