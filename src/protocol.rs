@@ -573,13 +573,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("'{s}' is not a duration like 30s, 1500ms or 2m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
         _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m or h)")),
     };
+    // Whole milliseconds in a u64, the form durations are sent in (`ttl=…ms`).
+    let d = Duration::from_millis(ms.ok_or_else(|| format!("'{s}' is too long"))?);
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
@@ -942,6 +944,33 @@ mod tests {
             parse_seed_frame(&[b'a'; 256]),
             Err(ProtocolError::TooLong(255))
         );
+    }
+
+    /// Found by the `line_protocol` fuzz target: `ttl=300222222222222222s` parsed, but its
+    /// encoding in milliseconds did not fit a u64 and no longer parsed.
+    #[test]
+    fn durations_fit_their_millisecond_encoding() {
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        let max = format!("{}ms", u64::MAX);
+        assert_eq!(parse_duration(&max), Ok(Duration::from_millis(u64::MAX)));
+        for s in [
+            "300222222222222222s",
+            "18446744073709552s",
+            "307445734561826m",
+            "5124095576031h",
+        ] {
+            assert!(parse_duration(s).unwrap_err().contains("too long"), "{s}");
+        }
+        let req = Request::Register {
+            name: "web".into(),
+            endpoint: None,
+            options: RegisterOptions {
+                ttl: Some(parse_duration("18446744073709551s").unwrap()),
+                ..RegisterOptions::default()
+            },
+        };
+        let line = req.encode();
+        assert_eq!(parse_line(&line[..line.len() - 1]), Ok(req));
     }
 
     /// Found by the `line_protocol` fuzz target: a seed frame filled to the last byte has
