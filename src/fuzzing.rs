@@ -633,6 +633,90 @@ mod tests {
         }
     }
 
+    /// The batches in `fuzz/seeds/wal/store-record`: one of each kind of operation.
+    fn store_batches() -> Vec<Vec<Op>> {
+        use crate::model::{
+            AppProtocol, Health, InstanceId, InstanceRecord, Secret, ServiceName, ServiceRecord,
+            VipHold,
+        };
+        let name = ServiceName::new("web").unwrap();
+        let id = InstanceId::from("00000000000000a1");
+        let vip: std::net::IpAddr = "127.77.0.1".parse().unwrap();
+        let instance = InstanceRecord {
+            id: id.clone(),
+            service: name.clone(),
+            endpoint: "127.0.0.1:8000".parse().unwrap(),
+            tags: vec!["blue".into()],
+            meta: [("zone".to_string(), "eu".to_string())].into(),
+            weight: 3,
+            protocol: AppProtocol::Http1,
+            check: None,
+            ttl_ms: 30_000,
+            owner_peer: Some("127.0.0.1".parse().unwrap()),
+            pool_port: false,
+            secret: Secret::from_string("s3cr3t".into()),
+            registered_index: 1,
+            deadline_unix_ms: 1_800_000_000_000,
+            owner: None,
+            health: Health::Passing,
+            request: None,
+        };
+        vec![
+            vec![
+                Op::PutService(ServiceRecord {
+                    name: name.clone(),
+                    vip,
+                    port: 8000,
+                    created_index: 1,
+                }),
+                Op::PutInstance(instance),
+                Op::SetIndex(1),
+            ],
+            vec![
+                Op::SetHealth {
+                    id: id.clone(),
+                    health: Health::Critical,
+                },
+                Op::SetIndex(2),
+            ],
+            vec![
+                Op::DeleteInstance(id),
+                Op::DeleteService(name.clone()),
+                Op::PutHold(VipHold {
+                    vip,
+                    name,
+                    until_unix_ms: 1_800_000_600_000,
+                }),
+                Op::SetIndex(3),
+            ],
+            vec![Op::DeleteHold(vip), Op::SetIndex(4)],
+        ]
+    }
+
+    /// The WAL seed is a record as the embedded store writes it (its first byte tells the
+    /// `wal` target to replay it whole). `NETSEL_WRITE_FUZZ_SEEDS=1` rewrites it.
+    #[test]
+    fn wal_seed_is_what_the_store_writes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/wal/store-record");
+        let mut seed = vec![0xfc];
+        for f in embedded::frame(&store_batches(), 1).unwrap() {
+            seed.extend(f.bytes);
+        }
+        if std::env::var_os("NETSEL_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::write(path, &seed).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(path).unwrap(),
+            seed,
+            "rewrite it: NETSEL_WRITE_FUZZ_SEEDS=1"
+        );
+        let records = wal::scan(&seed[1..]);
+        assert_eq!(records.len(), 1);
+        let batches: Vec<Vec<Op>> = serde_json::from_slice(records[0].1).unwrap();
+        assert_eq!(batches, store_batches());
+        wal(&seed);
+    }
+
     #[test]
     fn config_inputs() {
         for input in [
