@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
@@ -192,7 +192,8 @@ fn dns() -> &'static Dns {
             DnsHandler::new(catalog, &s.dns, s.network.vip_cidr, DnsMetrics::default())
                 .expect("a DNS handler")
         };
-        let services: [(&str, &str, &[(&str, &str)]); 4] = [
+        type Meta<'a> = &'a [(&'a str, &'a str)];
+        let services: [(&str, &str, Meta); 4] = [
             ("web", "127.0.0.1:8000", &[("version", "2"), ("zone", "a")]),
             ("web", "127.0.0.2:8001", &[]),
             ("api", "[::1]:9000", &[("k", "a long value with spaces")]),
@@ -525,7 +526,7 @@ pub fn wal(bytes: &[u8]) {
     }
 }
 
-fn check_replay(dir: &PathBuf, after: u64) {
+fn check_replay(dir: &Path, after: u64) {
     if let Ok(found) = wal::replay(dir, after) {
         for (i, (seq, _)) in found.iter().enumerate() {
             assert_eq!(*seq, after + 1 + i as u64, "replay returned a gap");
