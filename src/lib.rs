@@ -51,6 +51,9 @@ pub mod config;
 #[cfg(feature = "server")]
 pub mod dns;
 #[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(feature = "server")]
 pub mod health;
 #[cfg(feature = "server")]
 pub mod metrics;

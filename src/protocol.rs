@@ -301,6 +301,11 @@ pub fn parse_seed_frame(frame: &[u8]) -> Result<Request, ProtocolError> {
         return Err(ProtocolError::TooLong(SEED_FRAME_LEN));
     }
     let end = frame.iter().position(|&b| b == 0).unwrap_or(frame.len());
+    if end == SEED_FRAME_LEN {
+        // No room left for the NUL that ends the text: no registry frames this as a seed
+        // frame, and no seed frame can carry it.
+        return Err(ProtocolError::TooLong(SEED_FRAME_LEN - 1));
+    }
     if frame[end..].iter().any(|&b| b != 0) {
         return Err(ProtocolError::BadPadding);
     }
@@ -579,13 +584,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("'{s}' is not a duration like 30s, 1500ms or 2m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
         _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m or h)")),
     };
+    // Whole milliseconds in a u64, the form durations are sent in (`ttl=…ms`).
+    let d = Duration::from_millis(ms.ok_or_else(|| format!("'{s}' is too long"))?);
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
@@ -644,7 +651,15 @@ impl Request {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Request::SeedRegister { name } => seed_frame(name),
-            Request::SeedHeartbeat { name } => seed_frame(&format!("HEARTBEAT|{name}")),
+            Request::SeedHeartbeat { name } => {
+                let text = format!("HEARTBEAT|{name}");
+                if text.len() < SEED_FRAME_LEN {
+                    seed_frame(&text)
+                } else {
+                    // Too long for a seed frame; the line form means the same.
+                    text.into_bytes().into_iter().chain([b'\n']).collect()
+                }
+            }
             _ => {
                 let mut s = self.to_string();
                 s.push('\n');
@@ -654,11 +669,15 @@ impl Request {
     }
 }
 
-/// Builds a seed frame: `text` NUL-padded to [`SEED_FRAME_LEN`] bytes (truncated if longer,
-/// which the server then refuses as an invalid name).
+/// Builds a seed frame: `text` NUL-padded to [`SEED_FRAME_LEN`] bytes. Text that leaves no
+/// room for a NUL is cut to `SEED_FRAME_LEN - 1` bytes (at a character boundary), which the
+/// server then refuses as an invalid name; the NUL is what makes it a seed frame.
 pub fn seed_frame(text: &str) -> Vec<u8> {
     let mut buf = vec![0u8; SEED_FRAME_LEN];
-    let n = text.len().min(SEED_FRAME_LEN);
+    let mut n = text.len().min(SEED_FRAME_LEN - 1);
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
     buf[..n].copy_from_slice(&text.as_bytes()[..n]);
     buf
 }
@@ -935,6 +954,69 @@ mod tests {
             parse_seed_frame(&[b'a'; 257]),
             Err(ProtocolError::TooLong(256))
         );
+        assert_eq!(
+            parse_seed_frame(&[b'a'; 256]),
+            Err(ProtocolError::TooLong(255))
+        );
+    }
+
+    /// Found by the `line_protocol` fuzz target: `ttl=300222222222222222s` parsed, but its
+    /// encoding in milliseconds did not fit a u64 and no longer parsed.
+    #[test]
+    fn durations_fit_their_millisecond_encoding() {
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        let max = format!("{}ms", u64::MAX);
+        assert_eq!(parse_duration(&max), Ok(Duration::from_millis(u64::MAX)));
+        for s in [
+            "300222222222222222s",
+            "18446744073709552s",
+            "307445734561826m",
+            "5124095576031h",
+        ] {
+            assert!(parse_duration(s).unwrap_err().contains("too long"), "{s}");
+        }
+        let req = Request::Register {
+            name: "web".into(),
+            endpoint: None,
+            options: RegisterOptions {
+                ttl: Some(parse_duration("18446744073709551s").unwrap()),
+                ..RegisterOptions::default()
+            },
+        };
+        let line = req.encode();
+        assert_eq!(parse_line(&line[..line.len() - 1]), Ok(req));
+    }
+
+    /// Found by the `line_protocol` fuzz target: a seed frame filled to the last byte has
+    /// no NUL, so the registry waits for a line end that never comes; and a seed heartbeat
+    /// too long for a frame was cut, heartbeating another name.
+    #[cfg(feature = "server")]
+    #[test]
+    fn long_seed_requests_stay_framed() {
+        use crate::registry::codec::{Decoded, Frame, decode};
+        let long = "a".repeat(300);
+        let frame = Request::SeedRegister { name: long.clone() }.encode();
+        assert_eq!(frame.len(), SEED_FRAME_LEN);
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        let Decoded::Frame(Frame::Seed(f)) = decode(&mut buf) else {
+            panic!("not framed as a seed frame");
+        };
+        assert_eq!(
+            parse_seed_frame(&f),
+            Ok(Request::SeedRegister {
+                name: long[..SEED_FRAME_LEN - 1].into()
+            })
+        );
+        // A multi-byte character is not split.
+        let wide = "é".repeat(200);
+        let frame = seed_frame(&wide);
+        assert_eq!(frame[254..], [0, 0]);
+        assert!(std::str::from_utf8(&frame[..254]).is_ok());
+        // A seed heartbeat that does not fit a frame goes as a line, name intact.
+        let hb = Request::SeedHeartbeat { name: long.clone() };
+        let line = hb.encode();
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(parse_line(&line[..line.len() - 1]), Ok(hb));
     }
 
     #[test]

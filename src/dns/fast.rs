@@ -241,7 +241,7 @@ impl Worker {
 /// Fills `key` with the query minus its id, the question name lower-cased. Returns the
 /// end offset of the question name, or `None` when the query is not cacheable: not
 /// exactly one question, a compressed or malformed name, or too long.
-pub(super) fn cache_key(query: &[u8], key: &mut Vec<u8>) -> Option<usize> {
+pub(crate) fn cache_key(query: &[u8], key: &mut Vec<u8>) -> Option<usize> {
     key.clear();
     if query.len() < 12 || query.len() > MAX_KEY || query[4..6] != [0, 1] {
         return None;
@@ -270,7 +270,7 @@ pub(super) fn cache_key(query: &[u8], key: &mut Vec<u8>) -> Option<usize> {
 /// The offsets of every record owner name in `resp` that repeats the question name
 /// (`resp[12..qend]`) uncompressed, case-insensitively. `None` if the response does not
 /// walk cleanly (then it is not cached).
-pub(super) fn owner_offsets(resp: &[u8], qend: usize) -> Option<Vec<usize>> {
+pub(crate) fn owner_offsets(resp: &[u8], qend: usize) -> Option<Vec<usize>> {
     let qname = resp.get(12..qend)?;
     let count = |i: usize| Some(u16::from_be_bytes([*resp.get(i)?, *resp.get(i + 1)?]) as usize);
     let records = count(6)? + count(8)? + count(10)?;

@@ -14,7 +14,7 @@
 //! See `docs/dns.md` for the names answered and the protocol behaviour.
 
 mod answer;
-mod fast;
+pub(crate) mod fast;
 mod forward;
 mod metrics;
 #[cfg(target_os = "linux")]

@@ -660,15 +660,15 @@ impl StoreStats {
 
 /// One framed log record: its bytes, its sequence number, and the index just past the
 /// last batch it carries.
-struct Framed {
-    bytes: Vec<u8>,
+pub(crate) struct Framed {
+    pub(crate) bytes: Vec<u8>,
     seq: u64,
     end: usize,
 }
 
 /// Frames `batches` as log records numbered from `next_seq`, each payload at most
 /// [`wal::MAX_RECORD_PAYLOAD`] unless one batch alone is larger.
-fn frame(batches: &[Vec<Op>], mut next_seq: u64) -> Result<Vec<Framed>, String> {
+pub(crate) fn frame(batches: &[Vec<Op>], mut next_seq: u64) -> Result<Vec<Framed>, String> {
     let mut records = Vec::new();
     let mut payload = Vec::with_capacity(4096);
     let seal = |payload: &mut Vec<u8>, seq: u64, end: usize| {

@@ -105,7 +105,7 @@ fn eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A `Content-Length` value: digits only (no sign, no list, no spaces inside).
-pub(super) fn parse_length(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -332,7 +332,7 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
 
 /// Why an attempt failed before anything reached the client.
 #[derive(Debug)]
-pub(super) enum AttemptError {
+pub(crate) enum AttemptError {
     /// The instance closed or reset before any response byte (or the write failed).
     NoResponse,
     /// The request timeout passed first.
@@ -488,7 +488,7 @@ async fn exchange(
 
 /// A response body's framing.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum RespBody {
+pub(crate) enum RespBody {
     None,
     Fixed(u64),
     Chunked(ChunkedBody),
@@ -719,7 +719,7 @@ async fn read_response_head(
 /// what `on_head` makes of it (given the parsed head and its length; the head's bytes
 /// stay in `buf`). Interim 1xx heads are skipped (not forwarded); a 101 was never asked
 /// for and is refused, as is a head over `max_head`. No byte at all is `NoResponse`.
-pub(super) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
+pub(crate) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
     r: &mut R,
     buf: &mut BytesMut,
     max_head: usize,
@@ -731,6 +731,11 @@ pub(super) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
             let mut resp = httparse::Response::new(&mut slots);
             match resp.parse(buf) {
                 Ok(httparse::Status::Complete(len)) => {
+                    if len > max_head {
+                        // Refused however it arrived: a head read in one piece is held to
+                        // the same limit as one that arrives in pieces.
+                        return Err(AttemptError::BadResponse);
+                    }
                     let status = resp.code.unwrap_or(0);
                     if status == 101 {
                         // Not asked for: the proxy never forwards Upgrade on this path.
@@ -760,7 +765,7 @@ pub(super) async fn read_upstream_head<R: AsyncRead + Unpin, T>(
 
 /// How an instance's response is framed, whether the instance keeps the connection
 /// alive after it, and the header names its `Connection` header lists.
-pub(super) fn response_framing<'h>(
+pub(crate) fn response_framing<'h>(
     resp: &httparse::Response<'_, 'h>,
     is_head: bool,
 ) -> Result<(RespBody, bool, Vec<&'h [u8]>), AttemptError> {
@@ -915,3 +920,28 @@ impl AsyncRead for Rewind {
 }
 
 super::framing::write_through!(Rewind);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn head_len(mut input: &[u8], max_head: usize) -> Result<usize, AttemptError> {
+        read_upstream_head(&mut input, &mut BytesMut::new(), max_head, |_, len| Ok(len)).await
+    }
+
+    /// Found by the `http_head` fuzz target: a head over the limit was accepted when it
+    /// arrived in one read, and refused when it arrived in pieces.
+    #[tokio::test]
+    async fn a_head_over_the_limit_is_refused_even_in_one_read() {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: 0123456789\r\n\r\n";
+        assert_eq!(head_len(head, head.len()).await.unwrap(), head.len());
+        assert!(matches!(
+            head_len(head, head.len() - 1).await,
+            Err(AttemptError::BadResponse)
+        ));
+        // Each interim head is held to the limit too.
+        let mut two = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        two.extend_from_slice(head);
+        assert_eq!(head_len(&two, head.len()).await.unwrap(), head.len());
+    }
+}

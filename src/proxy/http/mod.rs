@@ -26,8 +26,8 @@
 
 mod attempts;
 mod bridge;
-mod fast;
-mod framing;
+pub(crate) mod fast;
+pub(crate) mod framing;
 mod headers;
 mod metrics;
 mod route;
