@@ -262,6 +262,20 @@ pub(crate) fn cache_key(query: &[u8], key: &mut Vec<u8>) -> Option<usize> {
     if query.len() < i + 4 {
         return None;
     }
+    // Cached only when nothing after the question can name anything: no answer or
+    // authority records, and at most an OPT with the root name. Otherwise a compressed
+    // name there could point into the id, which the key leaves out, and two queries with
+    // one key would mean different things (found by the `dns` fuzz target).
+    let counts = &query[6..12];
+    let rest = &query[i + 4..];
+    let cacheable = match counts {
+        [0, 0, 0, 0, 0, 0] => rest.is_empty(),
+        [0, 0, 0, 0, 0, 1] => rest.len() >= 11 && rest[0] == 0 && rest[1..3] == [0, 41],
+        _ => false,
+    };
+    if !cacheable {
+        return None;
+    }
     key.extend_from_slice(&query[2..]);
     key[10..i - 2].make_ascii_lowercase();
     Some(i)
@@ -350,8 +364,18 @@ mod tests {
             b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01",
             b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01",
             b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x09web",
+            // An additional record whose name points into the header (at the id, which
+            // the key leaves out): found by the `dns` fuzz target.
+            include_bytes!("../../fuzz/seeds/dns/id-pointer-5f51a912"),
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\x03web\x00\x00\x01\x00\x01\xc0\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00",
+            // Trailing bytes after the question, or an answer record in a query.
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01\x00\x01\x00",
+            b"\x12\x34\x01\x00\x00\x01\x00\x01\x00\x00\x00\x00\x03web\x00\x00\x01\x00\x01",
         ] {
             assert_eq!(cache_key(q, &mut k), None, "{q:?}");
         }
+        // With an ordinary OPT (root name) the query is cached.
+        let edns = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\x03web\x00\x00\x01\x00\x01\x00\x00\x29\x10\x00\x00\x00\x80\x00\x00\x00";
+        assert_eq!(cache_key(edns, &mut k), Some(17));
     }
 }
