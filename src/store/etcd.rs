@@ -699,9 +699,8 @@ impl EtcdCluster {
             async move { this.watch_loop(catalog, from, shutdown).await }
         });
         tasks.spawn({
-            let this = self.clone();
-            let (catalog, shutdown) = (catalog.clone(), shutdown.clone());
-            async move { this.keepalive_loop(catalog, shutdown).await }
+            let (this, shutdown) = (self.clone(), shutdown.clone());
+            async move { this.keepalive_loop(shutdown).await }
         });
         tasks.spawn({
             let this = self.clone();
@@ -910,21 +909,12 @@ impl EtcdCluster {
         }
     }
 
-    async fn keepalive_loop(
-        self: Arc<Self>,
-        catalog: Arc<dyn Replica>,
-        shutdown: CancellationToken,
-    ) {
+    async fn keepalive_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_secs(self.settings.lease_ttl_secs)
             .div_f64(3.0)
             .min(Duration::from_secs(1));
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut tick = ticker(every);
+        while next_tick(&mut tick, &shutdown).await {
             let slots: Vec<i64> = self
                 .leases
                 .lock()
@@ -949,7 +939,7 @@ impl EtcdCluster {
                         let mut leases = self.leases.lock().await;
                         leases.limbo.retain(|_, o| o.lease != lease);
                     }
-                    Ok(false) => self.lease_lost(lease, catalog.as_ref()).await,
+                    Ok(false) => self.lease_lost(lease).await,
                     Err(e) => {
                         tracing::debug!(lease, error = e.message(), "lease keep-alive failed");
                         break;
@@ -961,7 +951,7 @@ impl EtcdCluster {
 
     /// A lease ran out (the node was cut off from etcd for longer than the TTL): grant a
     /// new one and put its instances back, unless another node has taken them meanwhile.
-    async fn lease_lost(&self, lease: i64, catalog: &dyn Replica) {
+    async fn lease_lost(&self, lease: i64) {
         tracing::warn!(
             lease,
             "an etcd lease of this node is gone; putting its instances back"
@@ -1017,20 +1007,14 @@ impl EtcdCluster {
                 self.remember(&p, puts).await;
             }
         }
-        let _ = catalog;
     }
 
     /// Collects service records whose VIP hold ran out, and keeps the owned set honest.
     async fn janitor_loop(self: Arc<Self>, catalog: Arc<dyn Replica>, shutdown: CancellationToken) {
         let hold = catalog.vip_hold();
         let every = (hold / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut tick = ticker(every);
+        while next_tick(&mut tick, &shutdown).await {
             for rec in catalog.expired_holds(hold) {
                 self.collect(&rec).await;
             }
@@ -1080,6 +1064,21 @@ enum Decoded {
     Node(NodeInfo),
     Other,
     Bad,
+}
+
+/// An interval that, after a late tick, waits a whole period again (no burst).
+fn ticker(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// Waits for the next tick; false once `shutdown` is cancelled.
+async fn next_tick(tick: &mut tokio::time::Interval, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tick.tick() => true,
+    }
 }
 
 /// Keys per page of a list.
