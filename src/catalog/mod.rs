@@ -45,9 +45,7 @@ use crate::model::{AppProtocol, Check, InstanceRecord, Op, ServiceRecord, VipHol
 pub use crate::model::{Health, InstanceId, NameError, NodeId, NodeInfo, Secret, ServiceName};
 use crate::network::{NetworkError, PortPool, VipPool};
 use crate::protocol::{MAX_META, MAX_TAGS, MAX_VALUE_LEN};
-use crate::store::{
-    Backend, Cluster, Expect, Persisted, Proposal, ProposeError, Store, StoreError,
-};
+use crate::store::{Cluster, Expect, Persisted, Proposal, ProposeError, Store, StoreError};
 
 /// Settings the catalog needs; every default is in [`crate::config`].
 #[derive(Debug, Clone)]
@@ -849,14 +847,6 @@ impl Catalog {
         Catalog::build(settings, Writer::Cluster(cluster), Some(node))
     }
 
-    /// A catalog over `backend`.
-    pub fn with_backend(settings: CatalogSettings, backend: Backend) -> Result<Self, CatalogError> {
-        match backend {
-            Backend::Local(store) => Catalog::new(settings, store),
-            Backend::Cluster(cluster) => Catalog::clustered(settings, cluster),
-        }
-    }
-
     fn build(
         settings: CatalogSettings,
         writer: Writer,
@@ -1115,16 +1105,6 @@ impl Catalog {
             .values()
             .filter(|(_, since)| since.is_some_and(|s| s <= before_ms))
             .map(|(r, _)| r.clone())
-            .collect()
-    }
-
-    /// The records of the instances this node holds (all of them on a single node).
-    pub fn owned_records(&self) -> Vec<(u64, InstanceRecord)> {
-        let snap = self.snapshot();
-        let ctx = self.ctx(ChangeKind::InstanceDeregistered);
-        snap.instances()
-            .filter(|i| ctx.owns(i.owner.as_ref()))
-            .map(|i| (i.modify_index, record_of(i, &ctx, i.health)))
             .collect()
     }
 

@@ -19,7 +19,6 @@ pub use settings::StoreSettings;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use crate::model::{InstanceId, NodeId, NodeInfo, ServiceName};
 pub use crate::model::{InstanceRecord, Op, ServiceRecord, VipHold};
@@ -89,14 +88,6 @@ impl Commit {
             Commit::Pending(f) => f.await,
         }
     }
-}
-
-/// Where the catalog's state is kept and its writes are sequenced.
-pub enum Backend {
-    /// One node: the catalog sequences writes and a [`Store`] keeps them.
-    Local(Arc<dyn Store>),
-    /// A cluster: a [`Cluster`] store sequences writes for every node.
-    Cluster(Arc<dyn Cluster>),
 }
 
 /// What a cluster write expects to find when it commits: the reads its plan was based
