@@ -15,7 +15,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -313,21 +312,10 @@ async fn commit_latency(dir: &Path, n: u32) -> f64 {
 /// Starts the real binary on `dir`; returns (time to "ready", the child).
 fn time_start(dir: &Path) -> (Duration, std::process::Child) {
     let t0 = Instant::now();
-    let mut child = common::serve_command(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut ready = false;
-    for l in lines {
-        if l.unwrap() == "ready" {
-            ready = true;
-            break;
-        }
-    }
-    assert!(ready, "netsel serve did not become ready");
-    (t0.elapsed(), child)
+    let mut cmd = common::serve_command(dir);
+    cmd.stderr(Stdio::inherit());
+    let served = common::spawn_ready(cmd);
+    (t0.elapsed(), served.child)
 }
 
 fn stop(mut child: std::process::Child, signal: &str) {

@@ -698,3 +698,79 @@ fn api_and_acl_settings_are_validated() {
         assert!(Settings::from_toml(bad).is_err(), "accepted: {bad}");
     }
 }
+
+#[tokio::test]
+async fn prometheus_sd_lists_healthy_instances_with_labels_and_filters() {
+    let api = api_with(ApiSettings::default(), acl());
+    let ops = ("authorization", "ops-token-0123456789");
+    for (name, port, tags) in [
+        ("web", 8001, json!(["v1", "canary"])),
+        ("web", 8002, json!(["v2"])),
+        ("db", 8003, json!([])),
+    ] {
+        let r = api
+            .send(
+                "POST",
+                "/v1/instances",
+                json!({"name": name, "address": "127.0.0.1", "port": port, "tags": tags,
+                       "meta": {"build.id": "7"}}),
+                &[ops],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    }
+    let sd = async |query: &str, auth: &[(&str, &str)]| {
+        api.send(
+            "GET",
+            &format!("/v1/sd/prometheus{query}"),
+            Value::Null,
+            auth,
+        )
+        .await
+    };
+
+    // A bare `Authorization: TOKEN` (Prometheus 2.42) is a token like `Bearer TOKEN`.
+    let all = sd("", &[ops]).await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.json);
+    assert!(all.headers.contains_key("x-netsel-index"));
+    let groups = all.json.as_array().unwrap();
+    assert_eq!(groups.len(), 3, "{}", all.json);
+    let canary = groups
+        .iter()
+        .find(|g| g["targets"][0] == "127.0.0.1:8001")
+        .unwrap();
+    assert_eq!(canary["labels"]["__meta_netsel_service"], "web");
+    assert_eq!(canary["labels"]["__meta_netsel_tags"], ",v1,canary,");
+    assert_eq!(canary["labels"]["__meta_netsel_meta_build_id"], "7");
+    assert_eq!(canary["labels"]["__meta_netsel_health"], "passing");
+
+    let targets = |r: &Reply| -> Vec<String> {
+        let mut t: Vec<String> = r
+            .json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["targets"][0].as_str().unwrap().to_string())
+            .collect();
+        t.sort();
+        t
+    };
+    let web = sd("?service=WEB", &[ops]).await;
+    assert_eq!(targets(&web), ["127.0.0.1:8001", "127.0.0.1:8002"]);
+    let v1 = sd("?service=web,db&tag=v1", &[ops]).await;
+    assert_eq!(targets(&v1), ["127.0.0.1:8001"]);
+    let both = sd("?tag=v1,canary", &[ops]).await;
+    assert_eq!(targets(&both), ["127.0.0.1:8001"]);
+
+    // ACLs: no token, no list; a token reads only what it may.
+    assert_error(&sd("", &[]).await, 401, "ACL token is required");
+    let deployer = ("authorization", "Bearer web-token-0123456789");
+    assert_error(
+        &sd("?service=db", &[deployer]).await,
+        403,
+        "permission denied",
+    );
+    // Another scheme carries no NetSel token.
+    let basic = ("authorization", "Basic b3BzOm9wcw==");
+    assert_error(&sd("", &[basic]).await, 401, "ACL token is required");
+}

@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -87,30 +87,16 @@ struct Server {
 }
 
 fn spawn_server(dir: &Path) -> Server {
-    let mut child = common::serve_command(dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn netsel");
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut registry = None;
-    for l in lines.by_ref() {
-        let l = l.expect("read stdout");
-        if let Some(a) = l.strip_prefix("registry: ") {
-            registry = Some(a.parse().expect("registry address"));
-        }
-        if l == "ready" {
-            break;
-        }
-    }
-    let registry = registry.unwrap_or_else(|| {
-        let status = child.wait();
-        panic!("netsel did not become ready: {status:?}")
+    let served = common::spawn_ready({
+        let mut cmd = common::serve_command(dir);
+        cmd.env("RUST_LOG", "error").stderr(Stdio::inherit());
+        cmd
     });
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, registry }
+    let registry = served.addr("registry");
+    Server {
+        child: served.child,
+        registry,
+    }
 }
 
 fn kill9(mut s: Server) {

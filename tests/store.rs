@@ -821,20 +821,16 @@ fn netsel_serve_exits_non_zero_on_a_bad_data_dir() {
 
 #[test]
 fn a_second_netsel_on_the_same_data_dir_is_refused() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut first = serve(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(first.stdout.take().unwrap()).lines();
-    let ready = lines.any(|l| l.map(|l| l == "ready").unwrap_or(false));
-    assert!(ready, "the first netsel starts");
+    let mut first = common::spawn_ready({
+        let mut cmd = serve(dir.path());
+        cmd.stderr(Stdio::null());
+        cmd
+    });
     let err = serve_fails(dir.path());
     assert!(err.contains("in use by another NetSel process"), "{err}");
-    let _ = first.kill();
-    let _ = first.wait();
+    let _ = first.child.kill();
+    let _ = first.child.wait();
 }
 
 #[test]

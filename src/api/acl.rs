@@ -25,15 +25,24 @@ impl Deny for Acl {
     }
 }
 
-/// The token a request presents, from its headers or `?token=`.
+/// The token a request presents: `Authorization: Bearer TOKEN`, a bare `Authorization:
+/// TOKEN` (what Prometheus 2.42 sends when its `authorization` has no `type`),
+/// `X-Netsel-Token`, or `?token=`.
 fn presented_token(parts: &Parts) -> Option<String> {
     let h = &parts.headers;
     if let Some(v) = h
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        && let Some(t) = v.strip_prefix("Bearer ")
     {
-        return Some(t.trim().to_string());
+        let v = v.trim();
+        match v.split_once(' ') {
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => {
+                return Some(t.trim().to_string());
+            }
+            None if !v.is_empty() => return Some(v.to_string()),
+            // Another scheme (Basic, …) carries no NetSel token.
+            _ => {}
+        }
     }
     if let Some(v) = h.get("x-netsel-token").and_then(|v| v.to_str().ok()) {
         return Some(v.trim().to_string());

@@ -138,7 +138,7 @@ pub(crate) fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn index_header(index: u64) -> [(header::HeaderName, HeaderValue); 1] {
+pub(crate) fn index_header(index: u64) -> [(header::HeaderName, HeaderValue); 1] {
     [(
         header::HeaderName::from_static(INDEX_HEADER),
         HeaderValue::from(index),

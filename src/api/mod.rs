@@ -26,6 +26,7 @@ mod error;
 mod handlers;
 mod limit;
 pub mod model;
+mod sd;
 mod ui;
 mod watch;
 
@@ -144,6 +145,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes", get(handlers::nodes))
         .route("/v1/services/{name}", get(handlers::service))
         .route("/v1/events", get(watch::events))
+        .route("/v1/sd/prometheus", get(sd::prometheus))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limit::rate_limit,

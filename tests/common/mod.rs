@@ -103,3 +103,72 @@ pub fn serve_command(dir: &std::path::Path) -> std::process::Command {
     cmd.env("RUST_LOG", "warn");
     cmd
 }
+
+/// A `netsel serve` child that printed `ready`, and the addresses it printed before
+/// (`registry: 127.0.0.1:4242` → `"registry"`).
+pub struct Served {
+    pub child: std::process::Child,
+    pub addrs: std::collections::HashMap<String, SocketAddr>,
+}
+
+impl Served {
+    /// The address of listener `name`; panics if the server did not print it.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        *self
+            .addrs
+            .get(name)
+            .unwrap_or_else(|| panic!("netsel serve printed no {name} address"))
+    }
+}
+
+/// Spawns `cmd` (a [`serve_command`]) with stdout piped and waits for its `ready` line;
+/// panics with the exit status if it exits first. A thread keeps draining stdout so the
+/// child never blocks on a full pipe.
+pub fn spawn_ready(mut cmd: std::process::Command) -> Served {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn netsel serve");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addrs = std::collections::HashMap::new();
+    let mut ready = false;
+    for line in lines.by_ref() {
+        let line = line.expect("read netsel's stdout");
+        if line == "ready" {
+            ready = true;
+            break;
+        }
+        if let Some((name, addr)) = line.split_once(": ")
+            && let Ok(addr) = addr.parse()
+        {
+            addrs.insert(name.to_string(), addr);
+        }
+    }
+    if !ready {
+        let status = child.wait();
+        panic!("netsel serve exited before it was ready: {status:?}");
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Served { child, addrs }
+}
+
+/// Whether the system tool `tool` runs (`tool ARGS…` exits at all). Missing, it fails the
+/// test under CI (`.ci/run` installs every tool, `hint` says how) and skips it otherwise,
+/// so `cargo test` passes on a machine with only Rust.
+pub fn have_tool(tool: &str, args: &[&str], hint: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is required in CI: {hint}"
+        );
+        eprintln!("note: {tool} is not installed ({hint}); skipping");
+    }
+    found
+}
