@@ -495,7 +495,7 @@ impl ServiceClient {
                         failures = failures.saturating_add(1);
                         client.next_registry();
                         delay = backoff(failures, interval);
-                        tracing::warn!(name = %client.shared.name, error = %e, retry_in = ?delay,
+                        tracing::warn!(name = %client.shared.name, error = %e, retry_in_ms = delay.as_millis() as u64,
                             "heartbeat failed");
                     }
                 }

@@ -111,8 +111,7 @@ pub async fn run(
                 Health::Critical if s.ok >= settings.rise.max(1) => Health::Passing,
                 _ => continue,
             };
-            tracing::info!(instance = %id, service = %inst.service, health = next.as_str(),
-                "health changed");
+            // The audit log (catalog::audit) reports the change once it is recorded.
             if let Err(e) = catalog.set_health(id.as_str(), next).await {
                 tracing::error!(error = %e, "recording health");
             }

@@ -279,6 +279,12 @@ impl NetSelServer {
             let shutdown = shutdown.clone();
             async move { catalog.run(shutdown).await }
         });
+        // Subscribed here, before any front end can write, so the audit log misses nothing.
+        tasks.spawn(crate::catalog::audit::log_changes(
+            catalog.clone(),
+            catalog.subscribe(),
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::health::run(
             catalog.clone(),
             s.health.clone(),
@@ -357,7 +363,17 @@ impl NetSelServer {
             c.spawn(Arc::new(catalog.clone()), from, &tasks, shutdown.clone());
         }
         tasks.close();
-        tracing::info!(listeners = ?bound.listing(), store = ?catalog, "NetSel started");
+        let listeners: Vec<String> = bound
+            .listing()
+            .iter()
+            .map(|(name, addr)| format!("{name}={addr}"))
+            .collect();
+        tracing::info!(
+            listeners = %listeners.join(" "),
+            store = %catalog.describe_store(),
+            index = catalog.index(),
+            "NetSel started"
+        );
         *self.lock_running() = Some(Running {
             catalog,
             owned_store,
@@ -406,7 +422,10 @@ impl NetSelServer {
             .await
             .is_ok();
         if !drained {
-            tracing::warn!(?drain, "shutdown deadline passed with work in flight");
+            tracing::warn!(
+                drain_ms = drain.as_millis() as u64,
+                "shutdown deadline passed with work in flight"
+            );
         }
         if let Some(store) = running.owned_store {
             // Flush coalesced lease renewals and release the data dir's lock.

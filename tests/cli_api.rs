@@ -674,3 +674,84 @@ async fn a_zombie_owner_never_displaces_its_replacement() {
     beats.shutdown().await.unwrap();
     server.shutdown().await;
 }
+
+/// A registry API that answers every request `500` and counts them.
+async fn failing_api() -> (SocketAddr, tokio::sync::watch::Receiver<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut seen = Vec::new();
+                // Read the head and the body its content-length announces.
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&seen).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                }
+                tx.send_modify(|n| *n += 1);
+                let body = r#"{"error":"the store is on fire"}"#;
+                let answer = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn run_says_once_what_it_waits_for_and_once_why_it_retries() {
+    if !have("python3") {
+        return;
+    }
+    let (api, mut requests) = failing_api().await;
+    let port = free_port();
+    // The command takes a while to listen: `netsel run` waits for it, and says so once.
+    let script = format!("sleep 0.5; exec python3 -m http.server {port} --bind 127.0.0.1");
+    let mut cmd = netsel(api);
+    cmd.args(["run", "--name", "slow", "--port", &port.to_string(), "--"])
+        .args(["sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    // Three failed registrations (one a second), then stop it.
+    tokio::time::timeout(Duration::from_secs(20), requests.wait_for(|n| *n >= 3))
+        .await
+        .expect("netsel run keeps trying")
+        .unwrap();
+    signal(&child, "TERM");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let count = |needle: &str| err.matches(needle).count();
+    assert_eq!(count("waiting for 'sh' to accept connections"), 1, "{err}");
+    assert_eq!(count("retrying until it works"), 1, "{err}");
+    assert!(err.contains("the store is on fire (HTTP 500)"), "{err}");
+    assert!(!err.contains("Api {"), "no Rust Debug text: {err}");
+}

@@ -188,6 +188,114 @@ fn sighup_is_logged_and_ignored_and_the_last_line_says_stopped() {
     let text = std::fs::read_to_string(log.path()).unwrap();
     let last = text.lines().last().unwrap_or_default();
     assert!(last.contains("NetSel stopped"), "last line: {last}");
+    assert!(
+        !text.contains('\x1b'),
+        "no colour codes when stderr is not a terminal: {text}"
+    );
+}
+
+/// Reads `path` until `needle` appears in it (the server writes its log as it goes).
+fn wait_in_file(path: &std::path::Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn json_logs_carry_the_audit_trail_and_never_a_secret() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(serve_args(&["--log-format", "json"]))
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = Proc {
+        lines: BufReader::new(child.stdout.take().unwrap()),
+        child,
+    };
+    let registry = out.wait_for("registry:");
+    out.wait_for("ready");
+
+    let mut conn = std::net::TcpStream::connect(&registry).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut ask = |line: &str| {
+        std::io::Write::write_all(&mut conn, format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        answer.trim_end().to_string()
+    };
+    let fields = |answer: &str| -> (String, String) {
+        let f: Vec<&str> = answer.split('|').collect();
+        assert_eq!(f[0], "REGISTERED", "{answer}");
+        (f[1].to_string(), f[2].to_string())
+    };
+    let (kept, kept_secret) = fields(&ask("REGISTER|audited|127.0.0.1:39555|ttl=1s"));
+    let (gone, gone_secret) = fields(&ask("REGISTER|audited|127.0.0.1:39556|ttl=60s"));
+    assert_eq!(
+        ask(&format!("HEARTBEAT|{kept}|{kept_secret}")),
+        "HEARTBEAT_OK"
+    );
+    assert_eq!(ask(&format!("DEREGISTER|{gone}|{gone_secret}")), "OK");
+    // The first instance stops heartbeating: its lease runs out.
+    wait_in_file(log.path(), "instance expired");
+    out.signal("TERM");
+    assert_eq!(out.wait_exit(Duration::from_secs(10)).code(), Some(0));
+
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    for secret in [&kept_secret, &gone_secret] {
+        assert!(!text.contains(secret.as_str()), "a secret reached the log");
+    }
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let audit = |message: &str, id: &str| {
+        lines.iter().any(|l| {
+            l["target"] == "netsel::audit"
+                && l["level"] == "INFO"
+                && l["service"] == "audited"
+                && l["instance"] == id
+                && l["message"].as_str().unwrap_or("").starts_with(message)
+        })
+    };
+    assert!(audit("instance registered", &kept), "{text}");
+    assert!(audit("instance registered", &gone), "{text}");
+    assert!(audit("instance deregistered", &gone), "{text}");
+    assert!(audit("instance expired", &kept), "{text}");
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "NetSel started")
+        .unwrap();
+    assert!(
+        started["listeners"]
+            .as_str()
+            .unwrap()
+            .contains("registry=127.0.0.1:"),
+        "plain values, no Rust Debug text: {started}"
+    );
+    assert_eq!(lines.last().unwrap()["message"], "NetSel stopped");
+}
+
+#[test]
+fn a_bad_log_level_is_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(["--log-level", "netsel=loud", "serve", "--validate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--log-level 'netsel=loud'"), "{err}");
 }
 
 #[test]

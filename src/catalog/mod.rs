@@ -21,6 +21,7 @@
 //!   entry when it finds the lease was renewed meanwhile; a sweep every
 //!   `health_check_interval` is the backstop.
 
+pub mod audit;
 mod metrics;
 mod model;
 
@@ -1826,9 +1827,6 @@ impl Catalog {
                     let due = due(st, ctx, &batch);
                     if due.is_empty() {
                         return Ok(Planned::Done(0));
-                    }
-                    for id in &due {
-                        tracing::info!(instance = %id, "lease expired");
                     }
                     let plan = cat.plan_remove(st, ctx, &due, ChangeKind::InstanceExpired);
                     Ok(Planned::Write(Plan {

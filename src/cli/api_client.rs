@@ -75,12 +75,17 @@ impl Failure {
 
     /// Prints the failure to stderr and returns its exit code.
     pub(crate) fn report(&self) -> ExitCode {
-        match self {
-            Failure::Unreachable(m) => eprintln!("netsel: {m}"),
-            Failure::Usage(m) => eprintln!("netsel: {m}"),
-            Failure::Api { status, message } => eprintln!("netsel: {message} (HTTP {status})"),
-        }
+        eprintln!("netsel: {self}");
         ExitCode::from(self.exit_code())
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Unreachable(m) | Failure::Usage(m) => f.write_str(m),
+            Failure::Api { status, message } => write!(f, "{message} (HTTP {status})"),
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 //! The `netsel` command line. `main.rs` only calls [`main`].
 //!
-//! Output for people goes to stdout; logs go to stderr through `tracing`
-//! (`RUST_LOG=debug` for more).
+//! Output for people goes to stdout; logs go to stderr through `tracing`: text (coloured
+//! only on a terminal, and never with `NO_COLOR` set) or JSON lines (`--log-format json`),
+//! filtered by `--log-level`, else `RUST_LOG`, else `info`. Registrations,
+//! deregistrations, expiries and health changes are logged at `info` under the target
+//! `netsel::audit` (`RUST_LOG=info,netsel::audit=warn` silences them).
 
 #![allow(clippy::print_stdout)]
 
@@ -27,6 +30,23 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: `text` (coloured only on a terminal) or `json` (one object a
+    /// line, for log pipelines).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "NETSEL_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or `RUST_LOG`
+    /// directives such as `info,netsel::audit=warn`. Default: `RUST_LOG`, else `info`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The subcommands.
@@ -57,7 +77,10 @@ pub enum Command {
 /// 7 `resolve` found no healthy instance; `run` passes on its command's code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    if let Err(e) = init_logging(cli.log_format, cli.log_level.as_deref()) {
+        eprintln!("netsel: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -82,11 +105,39 @@ pub fn main() -> ExitCode {
     })
 }
 
-fn init_logging() {
+/// Sets up logging to stderr. An invalid `--log-level` is an error (exit 2); an invalid
+/// `RUST_LOG` is reported and `info` used, as a typo in the environment should not stop a
+/// server from starting.
+fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let mut note = None;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level '{l}': {e}"))?,
+        None => match std::env::var("RUST_LOG") {
+            Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).unwrap_or_else(|e| {
+                note = Some(format!("ignoring RUST_LOG '{v}' ({e}); logging at info"));
+                EnvFilter::new("info")
+            }),
+            _ => EnvFilter::new("info"),
+        },
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).try_init()
+        }
+    };
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    Ok(())
 }

@@ -118,7 +118,7 @@ async fn register(args: &RegisterArgs) -> Result<(), Failure> {
             _ = tokio::time::sleep(reg.interval()) => {
                 if let Err(f) = reg.keep_alive().await {
                     // Keep trying: the registry may be restarting.
-                    tracing::warn!(error = ?f, "heartbeat failed");
+                    tracing::warn!(error = %f, "heartbeat failed");
                 }
             }
         }

@@ -99,13 +99,17 @@ async fn supervise(args: &RunArgs) -> Result<ExitCode, Failure> {
     let mut reg = Registrar::new(api, body);
     let mut ready = args.no_wait;
     let mut announced = false;
+    let mut said_waiting = false;
+    // The last failure reported, so a registry that stays away is reported once, not
+    // every heartbeat interval.
+    let mut last_failure: Option<String> = None;
     let mut next = Instant::now();
     loop {
         tokio::select! {
             status = child.wait() => {
                 let status = status.map_err(|e| Failure::Unreachable(format!("waiting for the command: {e}")))?;
                 if let Err(f) = reg.deregister().await {
-                    tracing::warn!(error = ?f, "deregistration failed; the lease will expire");
+                    tracing::warn!(error = %f, "deregistration failed; the lease will expire");
                 } else if announced {
                     eprintln!("netsel: {} exited ({status}); deregistered", args.command[0]);
                 }
@@ -120,6 +124,10 @@ async fn supervise(args: &RunArgs) -> Result<ExitCode, Failure> {
                     ready = port_open(endpoint).await;
                     next = Instant::now() + Duration::from_millis(100);
                     if !ready {
+                        if !said_waiting && !args.api.json {
+                            said_waiting = true;
+                            eprintln!("netsel: waiting for '{}' to accept connections on {endpoint} before registering {}", args.command[0], args.name);
+                        }
                         continue;
                     }
                 }
@@ -133,14 +141,25 @@ async fn supervise(args: &RunArgs) -> Result<ExitCode, Failure> {
                             eprintln!("netsel: registered {} at {endpoint} while '{}' runs", args.name, args.command[0]);
                         }
                     }
-                    Ok(()) => {}
+                    Ok(()) => {
+                        if last_failure.take().is_some() {
+                            tracing::info!(service = %args.name, "registry reachable again; {} is registered", args.name);
+                        }
+                    }
                     Err(f @ Failure::Api { status: 400 | 401 | 403 | 409 | 413 | 415, .. }) if first => {
                         // The registration itself is wrong: retrying cannot help.
                         send_signal(pid, libc::SIGTERM);
                         let _ = child.wait().await;
                         return Err(f);
                     }
-                    Err(f) => tracing::warn!(error = ?f, "registration or heartbeat failed; retrying"),
+                    Err(f) => {
+                        let text = f.to_string();
+                        if last_failure.as_deref() != Some(text.as_str()) {
+                            tracing::warn!(error = %text, retry_every_ms = reg.interval().as_millis() as u64,
+                                "registration or heartbeat failed; retrying until it works");
+                            last_failure = Some(text);
+                        }
+                    }
                 }
                 next = Instant::now() + reg.interval();
             }

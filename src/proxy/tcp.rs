@@ -152,6 +152,15 @@ enum Route {
     Vip(Arc<VipRoute>),
 }
 
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Gateway => f.write_str("gateway"),
+            Route::Vip(v) => write!(f, "VIP of {}", v.service),
+        }
+    }
+}
+
 /// A VIP listener's service, with its metric handles looked up once (per worker).
 #[derive(Debug)]
 struct VipRoute {
@@ -228,8 +237,9 @@ impl TcpProxy {
             match listener.into_std() {
                 Ok(first) => {
                     let listeners = listen::spread_listener(first, workers.len());
+                    let addr = addr.map_or_else(|_| "?".to_string(), |a| a.to_string());
                     tracing::info!(
-                        addr = ?addr.ok(),
+                        %addr,
                         sockets = listeners.len(),
                         "TCP proxy gateway listening"
                     );
@@ -255,7 +265,11 @@ impl TcpProxy {
         }
         let open: usize = workers.iter().map(|w| w.relays.len()).sum();
         if open > 0 {
-            tracing::info!(connections = open, drain = ?shared.drain, "TCP proxy draining");
+            tracing::info!(
+                connections = open,
+                drain_ms = shared.drain.as_millis() as u64,
+                "TCP proxy draining"
+            );
         }
         let all_done = async {
             for w in &workers {
@@ -522,7 +536,7 @@ impl Shared {
             relay::RelayEnd::Failed(e) => {
                 tracing::debug!(instance = %pick.instance.id, error = %e, "relay failed")
             }
-            end => tracing::debug!(instance = %pick.instance.id, ?end, "relay ended"),
+            end => tracing::debug!(instance = %pick.instance.id, end = %end, "relay ended"),
         }
         end
     }
@@ -531,7 +545,7 @@ impl Shared {
     /// first; VIP clients (whose protocol NetSel does not speak) are just closed.
     async fn refuse(&self, mut client: TcpStream, route: &Route, error: GatewayError) {
         self.metrics.refused(error.reason());
-        tracing::debug!(%error, ?route, "connection refused");
+        tracing::debug!(%error, %route, "connection refused");
         if let Route::Vip(_) = route {
             return;
         }
@@ -569,7 +583,7 @@ async fn accept_loop(
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(error = %e, ?route, "TCP proxy: cannot register a listener");
+            tracing::error!(error = %e, %route, "TCP proxy: cannot register a listener");
             return;
         }
     };
@@ -595,7 +609,7 @@ async fn accept_loop(
                 Ok(a) => { backoff = Duration::from_millis(5); a }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, ?route, "TCP proxy accept failed");
+                    tracing::warn!(error = %e, %route, "TCP proxy accept failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.cancelled() => break,

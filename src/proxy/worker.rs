@@ -88,7 +88,7 @@ where
         if let Some(slice) = placement.slice
             && let Err(e) = set_time_slice(slice)
         {
-            tracing::warn!(thread = %name, ?slice, error = %e, "cannot set a proxy worker's time slice");
+            tracing::warn!(thread = %name, slice_us = slice.as_micros() as u64, error = %e, "cannot set a proxy worker's time slice");
         }
         if let Some(cpu) = cpu
             && let Err(e) = pin_current_thread(cpu)

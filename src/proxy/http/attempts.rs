@@ -87,7 +87,7 @@ impl<'a> Attempts<'a> {
         let ej = self.proxy.balancer.report_failure(pick);
         tracing::info!(
             service = %pick.instance.service, instance = %pick.instance.id,
-            endpoint = %pick.instance.endpoint, error = %e, backoff = ?ej.backoff,
+            endpoint = %pick.instance.endpoint, error = %e, backoff_ms = ej.backoff.as_millis() as u64,
             "instance refused a proxied connection; ejected"
         );
         self.exclude.push(pick.instance.id.clone());

@@ -525,7 +525,10 @@ impl HttpProxy {
             .await
             .is_err()
         {
-            tracing::warn!(drain = ?self.drain, "http proxy: drain deadline passed, closing connections");
+            tracing::warn!(
+                drain_ms = self.drain.as_millis() as u64,
+                "http proxy: drain deadline passed, closing connections"
+            );
             self.hard_stop.cancel();
             worker.tasks.wait().await;
         }

@@ -39,6 +39,18 @@ pub(super) enum RelayEnd {
     InstanceReset,
 }
 
+impl std::fmt::Display for RelayEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayEnd::Done => f.write_str("done"),
+            RelayEnd::Idle => f.write_str("idle timeout"),
+            RelayEnd::Drained => f.write_str("drain deadline"),
+            RelayEnd::Failed(e) => write!(f, "failed: {e}"),
+            RelayEnd::InstanceReset => f.write_str("instance reset before any byte"),
+        }
+    }
+}
+
 /// Relays between `client` and `instance` until both directions end, the connection is
 /// idle for `idle`, or `force_close` fires.
 pub(super) async fn relay(
