@@ -467,3 +467,101 @@ fn examples_run_the_seed_workflow() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// `Type=notify` (dist/netsel.service): `netsel serve` sends `READY=1` to systemd's
+/// socket once every listener answers, and `STOPPING=1` when it starts to drain.
+#[test]
+fn systemd_hears_ready_when_every_listener_is_bound() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut serve = {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
+            .args(serve_args(&[]))
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Proc {
+            lines: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        }
+    };
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 within 20 s");
+    let message = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(message.lines().any(|l| l == "READY=1"), "{message}");
+    // By then every listener has been printed and answers.
+    let mut addrs = Vec::new();
+    let mut line = String::new();
+    while serve.lines.read_line(&mut line).unwrap() > 0 && line.trim() != "ready" {
+        addrs.push(line.trim().to_string());
+        line.clear();
+    }
+    assert_eq!(addrs.len(), 5, "{addrs:?}");
+    for entry in &addrs {
+        let (name, addr) = entry.split_once(": ").unwrap();
+        if name != "dns" {
+            std::net::TcpStream::connect(addr)
+                .unwrap_or_else(|e| panic!("{name} at {addr} does not answer: {e}"));
+        }
+    }
+    serve.signal("TERM");
+    let n = sock.recv(&mut buf).expect("STOPPING=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(serve.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn completions_and_the_man_page_cover_every_subcommand() {
+    let netsel = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_netsel"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let subcommands = [
+        "serve",
+        "services",
+        "resolve",
+        "nodes",
+        "watch",
+        "register",
+        "deregister",
+        "run",
+    ];
+    for (shell, marker) in [
+        ("bash", "complete -F _netsel"),
+        ("zsh", "#compdef netsel"),
+        ("fish", "complete -c netsel"),
+    ] {
+        let out = netsel(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}: {script}");
+        for sub in subcommands {
+            assert!(script.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    // The bash script is valid bash.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("netsel.bash");
+    std::fs::write(&path, netsel(&["completions", "bash"]).stdout).unwrap();
+    let status = Command::new("bash").arg("-n").arg(&path).status().unwrap();
+    assert!(status.success(), "bash -n on the completion script");
+
+    let bad = netsel(&["completions", "tcsh"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values"));
+
+    let man = String::from_utf8(netsel(&["man"]).stdout).unwrap();
+    assert!(man.contains(".TH netsel 1"), "{man}");
+    for sub in subcommands {
+        let section = format!(".SH \"NETSEL {}\"", sub.to_uppercase());
+        assert!(man.contains(&section), "man page lacks {section}");
+    }
+    assert!(man.contains("log\\-format"), "global options are documented");
+}

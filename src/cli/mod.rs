@@ -69,6 +69,14 @@ pub enum Command {
     Deregister(deregister::DeregisterArgs),
     /// Run a command and keep it registered while it lives.
     Run(run::RunArgs),
+    /// Print a shell completion script: `netsel completions bash > /etc/bash_completion.d/netsel`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `netsel man | man -l -`.
+    Man,
 }
 
 /// Parses the command line, runs it, and maps failures to exit codes:
@@ -101,8 +109,46 @@ pub fn main() -> ExitCode {
             Command::Register(args) => register::run(args).await,
             Command::Deregister(args) => deregister::run(args).await,
             Command::Run(args) => run::run(args).await,
+            Command::Completions { shell } => {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut cmd, "netsel", &mut std::io::stdout());
+                ExitCode::SUCCESS
+            }
+            Command::Man => man_page(),
         }
     })
+}
+
+/// Writes `netsel(1)` to stdout: the top-level page, then each subcommand's as a section.
+fn man_page() -> ExitCode {
+    use std::io::Write;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    let render = |out: &mut Vec<u8>| -> std::io::Result<()> {
+        let man = clap_mangen::Man::new(cmd.clone());
+        man.render_title(out)?;
+        man.render_name_section(out)?;
+        man.render_synopsis_section(out)?;
+        man.render_description_section(out)?;
+        man.render_options_section(out)?;
+        man.render_subcommands_section(out)?;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            writeln!(out, ".SH \"NETSEL {}\"", sub.get_name().to_uppercase())?;
+            let page = clap_mangen::Man::new(sub.clone().bin_name(format!("netsel {}", sub.get_name())));
+            page.render_synopsis_section(out)?;
+            page.render_description_section(out)?;
+            page.render_options_section(out)?;
+        }
+        man.render_version_section(out)?;
+        man.render_authors_section(out)
+    };
+    match render(&mut out).and_then(|()| std::io::stdout().write_all(&out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netsel: cannot write the manual page: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Sets up logging to stderr. An invalid `--log-level` is an error (exit 2); an invalid

@@ -136,6 +136,11 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         }
     }
     println!("ready");
+    // Under systemd (`Type=notify`): ready once every listener is bound. Outside it
+    // (no NOTIFY_SOCKET) this does nothing.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd the server is ready");
+    }
     let signal = loop {
         match signals.recv().await {
             "SIGHUP" => tracing::warn!(
@@ -146,6 +151,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         }
     };
     tracing::info!(signal, "shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let drained = server.shutdown().await;
     tracing::info!(drained, "NetSel stopped");
     ExitCode::SUCCESS
