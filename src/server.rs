@@ -31,7 +31,7 @@ pub enum ServerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what}): {source}{hint}", hint = bind_hint(.what, .addr, .source))]
     Bind {
         /// Which part.
         what: &'static str,
@@ -432,6 +432,36 @@ impl NetSelServer {
             let _ = tokio::task::spawn_blocking(move || store.close()).await;
         }
         drained
+    }
+}
+
+/// What to do about a listener that cannot be bound: the flag that moves it, and for the
+/// seed's DNS port, that 5353 is also where mDNS responders (avahi, systemd-resolved) listen.
+fn bind_hint(what: &str, addr: &SocketAddr, e: &std::io::Error) -> String {
+    let flag = match what {
+        "registry" => "--registry-addr",
+        "api" => "--api-addr",
+        "dns" => "--dns-addr",
+        "http proxy" => "--http-proxy-addr",
+        "tcp proxy" => "--tcp-proxy-addr",
+        _ => return String::new(),
+    };
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse if what == "dns" && addr.port() == 5353 => format!(
+            "; port 5353 is also the mDNS port, which avahi-daemon or systemd-resolved may \
+             hold: choose another with {flag} (e.g. {flag} {}:5354)",
+            addr.ip()
+        ),
+        std::io::ErrorKind::AddrInUse => {
+            format!("; another process holds it: choose another address with {flag}")
+        }
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE: use a higher port with {flag}"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("; no interface of this host has {}: fix {flag}", addr.ip())
+        }
+        _ => String::new(),
     }
 }
 

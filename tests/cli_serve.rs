@@ -433,6 +433,31 @@ fn port_conflict_fails_start_with_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&addr) && err.contains("registry"), "{err}");
+    assert!(
+        err.contains("choose another address with --registry-addr"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_taken_dns_port_5353_is_explained_as_the_mdns_port() {
+    // 5353 on an address of our own in 127/8, so no other test or mDNS responder meets it.
+    let ip = format!("127.{}.{}.53", fastrand::u8(1..=250), fastrand::u8(..));
+    let addr = format!("{ip}:5353");
+    let _udp = std::net::UdpSocket::bind(&addr).unwrap();
+    let _tcp = std::net::TcpListener::bind(&addr).unwrap();
+    let mut args = serve_args(&[]);
+    let i = args.iter().position(|a| a == "--dns-addr").unwrap();
+    args[i + 1] = addr.clone();
+    let out = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr), "{err}");
+    assert!(err.contains("mDNS"), "{err}");
+    assert!(err.contains(&format!("--dns-addr {ip}:5354")), "{err}");
 }
 
 #[test]
@@ -476,7 +501,8 @@ fn systemd_hears_ready_when_every_listener_is_bound() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let mut serve = {
         let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
             .args(serve_args(&[]))
@@ -563,5 +589,8 @@ fn completions_and_the_man_page_cover_every_subcommand() {
         let section = format!(".SH \"NETSEL {}\"", sub.to_uppercase());
         assert!(man.contains(&section), "man page lacks {section}");
     }
-    assert!(man.contains("log\\-format"), "global options are documented");
+    assert!(
+        man.contains("log\\-format"),
+        "global options are documented"
+    );
 }

@@ -134,7 +134,8 @@ fn man_page() -> ExitCode {
         man.render_subcommands_section(out)?;
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
             writeln!(out, ".SH \"NETSEL {}\"", sub.get_name().to_uppercase())?;
-            let page = clap_mangen::Man::new(sub.clone().bin_name(format!("netsel {}", sub.get_name())));
+            let page =
+                clap_mangen::Man::new(sub.clone().bin_name(format!("netsel {}", sub.get_name())));
             page.render_synopsis_section(out)?;
             page.render_description_section(out)?;
             page.render_options_section(out)?;
