@@ -667,6 +667,7 @@ mod tests {
             protocol: AppProtocol::Http1,
             check: None,
             ttl_ms: 30_000,
+            deregister_critical_after_ms: None,
             owner_peer: Some("127.0.0.1".parse().unwrap()),
             pool_port: false,
             secret: Secret::from_string("s3cr3t".into()),

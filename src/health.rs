@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, Health, InstanceId};
+use crate::catalog::{Catalog, CheckResult, Health, InstanceId};
 use crate::protocol::Check;
 
 /// Active check settings.
@@ -32,6 +32,17 @@ pub struct HealthSettings {
     pub fall: u32,
     /// Checks run at once at most. Default 64.
     pub concurrency: usize,
+    /// Seconds an instance may stay critical before it is deregistered, for instances
+    /// that do not set their own `deregister_critical_after`; 0 (the default) never.
+    pub deregister_critical_after_secs: u64,
+}
+
+impl HealthSettings {
+    /// The default `deregister_critical_after`, if any.
+    pub fn deregister_critical_after(&self) -> Option<Duration> {
+        (self.deregister_critical_after_secs > 0)
+            .then(|| Duration::from_secs(self.deregister_critical_after_secs))
+    }
 }
 
 impl Default for HealthSettings {
@@ -42,6 +53,7 @@ impl Default for HealthSettings {
             rise: 2,
             fall: 3,
             concurrency: 64,
+            deregister_critical_after_secs: 0,
         }
     }
 }
@@ -50,6 +62,14 @@ impl Default for HealthSettings {
 struct Streak {
     ok: u32,
     failed: u32,
+    /// Catalog time (Unix ms) of the first failure of the current failing streak.
+    failing_since: Option<u64>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs check rounds every `interval` until `shutdown`.
@@ -83,10 +103,10 @@ pub async fn run(
             let (id, endpoint, slots) = (inst.id.clone(), inst.endpoint, slots.clone());
             round.spawn(async move {
                 let _slot = slots.acquire_owned().await;
-                let ok = tokio::time::timeout(timeout, probe(&check, endpoint))
+                let outcome = tokio::time::timeout(timeout, probe(&check, endpoint))
                     .await
-                    .unwrap_or(false);
-                (id, ok)
+                    .unwrap_or_else(|_| Err(format!("no answer within {}", human(timeout))));
+                (id, outcome)
             });
         }
         let results = tokio::select! {
@@ -94,20 +114,59 @@ pub async fn run(
             r = round.join_all() => r,
         };
         streaks.retain(|id, _| snap.instance(id.as_str()).is_some());
-        for (id, ok) in results {
+        catalog.retain_check_results(|id| snap.instance(id.as_str()).is_some());
+        let now = unix_ms();
+        for (id, outcome) in results {
+            let first = !streaks.contains_key(&id);
             let s = streaks.entry(id.clone()).or_default();
-            if ok {
+            let passing = outcome.is_ok();
+            if passing {
                 s.ok = s.ok.saturating_add(1);
                 s.failed = 0;
+                s.failing_since = None;
             } else {
                 s.failed = s.failed.saturating_add(1);
                 s.ok = 0;
+                s.failing_since.get_or_insert(now);
             }
             let Some(inst) = snap.instance(id.as_str()) else {
                 continue;
             };
+            let failing_since = match inst.health {
+                Health::Critical => s.failing_since.or(Some(now)),
+                Health::Passing => s.failing_since,
+            };
+            catalog.record_check(
+                &id,
+                CheckResult {
+                    passing,
+                    output: outcome.unwrap_or_else(|e| e),
+                    checked_at_unix_ms: now,
+                    consecutive: if passing { s.ok } else { s.failed },
+                    failing_since_unix_ms: failing_since,
+                },
+            );
+            // Removes an instance that stayed critical for its `deregister_critical_after`.
+            if let (Health::Critical, Some(after)) = (
+                inst.health,
+                inst.deregister_critical_after
+                    .or(settings.deregister_critical_after()),
+            ) && let Some(since) = s.failing_since
+                && now.saturating_sub(since) >= after.as_millis() as u64
+            {
+                tracing::info!(target: "netsel::audit", service = %inst.service, instance = %id,
+                    critical_for = %human(Duration::from_millis(now - since)),
+                    "deregistering an instance that stayed critical (deregister_critical_after)");
+                if let Err(e) = catalog.deregister_admin(id.as_str()).await {
+                    tracing::warn!(instance = %id, error = %e, "deregistering a critical instance");
+                }
+                continue;
+            }
             let next = match inst.health {
                 Health::Passing if s.failed >= settings.fall.max(1) => Health::Critical,
+                // Its first check since it registered (or since a restart) passing is
+                // enough: it started critical only because nothing had checked it.
+                Health::Critical if passing && first => Health::Passing,
                 Health::Critical if s.ok >= settings.rise.max(1) => Health::Passing,
                 _ => continue,
             };
@@ -119,28 +178,63 @@ pub async fn run(
     }
 }
 
-/// One check. True when it passes.
-pub async fn probe(check: &Check, endpoint: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect(endpoint).await else {
-        return false;
-    };
+/// `1.5s`, `2s`, `250ms`.
+fn human(d: Duration) -> String {
+    if d.as_millis().is_multiple_of(1000) {
+        format!("{}s", d.as_secs())
+    } else if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// One check: what it saw when it passes, why not when it fails.
+pub async fn probe(check: &Check, endpoint: SocketAddr) -> Result<String, String> {
+    let mut stream = TcpStream::connect(endpoint)
+        .await
+        .map_err(|e| format!("connect {endpoint}: {}", plain_io(&e)))?;
     match check {
-        Check::Tcp => true,
+        Check::Tcp => Ok(format!("connected to {endpoint}")),
         Check::Http { path } => {
             let request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {endpoint}\r\nUser-Agent: netsel-health\r\n\
                  Connection: close\r\n\r\n"
             );
-            if stream.write_all(request.as_bytes()).await.is_err() {
-                return false;
-            }
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| format!("send GET {path} to {endpoint}: {}", plain_io(&e)))?;
             // Only the status line matters: "HTTP/1.x NNN ...".
             let mut head = [0u8; 12];
-            if stream.read_exact(&mut head).await.is_err() {
-                return false;
+            stream.read_exact(&mut head).await.map_err(|e| {
+                format!(
+                    "no HTTP status line from {path} on {endpoint}: {}",
+                    plain_io(&e)
+                )
+            })?;
+            if !head.starts_with(b"HTTP/1.") || !head[9..12].iter().all(u8::is_ascii_digit) {
+                return Err(format!("not an HTTP answer from {path} on {endpoint}"));
             }
-            head.starts_with(b"HTTP/1.") && matches!(head[9], b'2' | b'3')
+            let status = String::from_utf8_lossy(&head[9..12]).to_string();
+            if matches!(head[9], b'2' | b'3') {
+                Ok(format!("HTTP {status} from {path}"))
+            } else {
+                Err(format!("HTTP {status} from {path}"))
+            }
         }
+    }
+}
+
+/// An I/O error as people write it: `connection refused`, not `Connection refused (os
+/// error 111)`.
+fn plain_io(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => text.to_string(),
     }
 }
 
@@ -173,14 +267,26 @@ mod tests {
         let path = Check::Http {
             path: "/health".into(),
         };
-        assert!(probe(&Check::Tcp, ok).await);
-        assert!(probe(&path, ok).await);
-        assert!(!probe(&path, bad).await);
+        assert_eq!(
+            probe(&Check::Tcp, ok).await,
+            Ok(format!("connected to {ok}"))
+        );
+        assert_eq!(
+            probe(&path, ok).await,
+            Ok("HTTP 200 from /health".to_string())
+        );
+        assert_eq!(
+            probe(&path, bad).await,
+            Err("HTTP 503 from /health".to_string())
+        );
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        assert!(!probe(&Check::Tcp, closed).await);
+        assert_eq!(
+            probe(&Check::Tcp, closed).await,
+            Err(format!("connect {closed}: connection refused"))
+        );
     }
 
     #[tokio::test]

@@ -320,6 +320,9 @@ mod server_model {
         pub check: Option<Check>,
         /// Lease TTL in milliseconds.
         pub ttl_ms: u64,
+        /// How long it may stay critical before it is deregistered, in milliseconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub deregister_critical_after_ms: Option<u64>,
         /// Registering peer for bare-name registrations.
         pub owner_peer: Option<IpAddr>,
         /// Whether the port came from the pool.
@@ -361,6 +364,9 @@ mod server_model {
     /// write applies the operations it planned, the embedded store's restore and log replay
     /// fold them over what was kept, and a cluster node applies what its etcd watch delivers.
     /// The variant names are the embedded store's on-disk encoding: never rename one.
+    // `PutInstance` is most operations (every registration): boxing it would add an
+    // allocation to the common case to shrink the rare ones.
+    #[allow(clippy::large_enum_variant)]
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub enum Op {
         /// Create or replace a service.

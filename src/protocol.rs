@@ -98,6 +98,9 @@ pub struct RegisterOptions {
     /// `replace=no`: register a new instance beside one already at this endpoint instead
     /// of taking it over (sent by clients registering again after losing their instance).
     pub replace: Option<bool>,
+    /// `deregister_critical_after=90s`: deregister the instance once its check has kept it
+    /// critical this long.
+    pub deregister_critical_after: Option<Duration>,
 }
 
 /// An ACL token on the wire. It never prints: `Debug` shows `Token(***)`.
@@ -522,6 +525,10 @@ fn parse_register(fields: &[&str]) -> Result<Request, ProtocolError> {
                 };
                 set_once(&mut options.replace, r, key)?;
             }
+            "deregister_critical_after" => {
+                let d = parse_duration(&value).map_err(|reason| bad(key, reason))?;
+                set_once(&mut options.deregister_critical_after, d, key)?;
+            }
             "token" => {
                 if value.is_empty() {
                     return Err(bad(key, "empty token".into()));
@@ -725,6 +732,9 @@ impl fmt::Display for Request {
                 }
                 if let Some(r) = options.replace {
                     write!(f, "|replace={}", if r { "yes" } else { "no" })?;
+                }
+                if let Some(d) = options.deregister_critical_after {
+                    write!(f, "|deregister_critical_after={}ms", d.as_millis().max(1))?;
                 }
                 if let Some(t) = &options.token {
                     write!(f, "|token={}", percent_encode(&t.0))?;
@@ -1031,6 +1041,7 @@ mod tests {
                 ttl: Some(Duration::from_millis(1500)),
                 service_port: Some(80),
                 port_hint: None,
+                deregister_critical_after: Some(Duration::from_secs(90)),
                 protocol: Some(AppProtocol::Http2),
                 check: Some(Check::Http {
                     path: "/health?x=1".into(),

@@ -125,8 +125,10 @@ async fn register_list_get_heartbeat_deregister() {
     assert_eq!(svc["name"], "web");
     assert_eq!(svc["vip"], vip.as_str());
     assert_eq!(svc["instance_count"], 1);
-    assert_eq!(svc["healthy_count"], 1);
-    assert_eq!(svc["health"], "passing");
+    // Registered with a check, nothing checked yet (no health checker runs here): not
+    // used until its first check passes.
+    assert_eq!(svc["healthy_count"], 0);
+    assert_eq!(svc["health"], "critical");
     assert_eq!(svc["tags"], json!(["blue", "v2"]));
     assert!(svc.get("instances").is_none());
     let index: u64 = list.headers["x-netsel-index"]
@@ -140,7 +142,11 @@ async fn register_list_get_heartbeat_deregister() {
     assert_eq!(one.status, StatusCode::OK);
     let inst = &one.json["instances"][0];
     assert_eq!(inst["id"], id.as_str());
-    assert_eq!(inst["health"], "passing");
+    assert_eq!(inst["health"], "critical");
+    assert_eq!(
+        inst["check_result"],
+        json!({"status": "pending", "output": "waiting for the first check", "consecutive": 0})
+    );
     assert_eq!(inst["weight"], 3);
     assert_eq!(inst["protocol"], "http1");
     assert_eq!(inst["meta"]["zone"], "a");

@@ -755,3 +755,140 @@ async fn run_says_once_what_it_waits_for_and_once_why_it_retries() {
     assert!(err.contains("the store is on fire (HTTP 500)"), "{err}");
     assert!(!err.contains("Api {"), "no Rust Debug text: {err}");
 }
+
+/// An HTTP backend whose `/healthz` answers the status in `status` (changeable).
+async fn switchable_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU16>) {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let status = std::sync::Arc::new(AtomicU16::new(503));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = status.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let code = s.load(Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await;
+            });
+        }
+    });
+    (addr, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_say_why_everywhere_and_gate_traffic_until_the_first_pass() {
+    let mut settings = Settings::ephemeral();
+    settings.health.interval_ms = 100;
+    let server = NetSelServer::with_settings(settings);
+    server.start().await.unwrap();
+    let api = server.bound().unwrap().api.unwrap();
+    let catalog = server.catalog().unwrap();
+    let (backend, status) = switchable_backend().await;
+
+    // `netsel register --check http:/healthz --ttl 30s` keeps the instance registered.
+    let register = netsel(api)
+        .args(["register", "checked", "--addr", &backend.to_string()])
+        .args(["--check", "http:/healthz", "--ttl", "30s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("registered", || {
+        catalog.snapshot().service("checked").is_some()
+    })
+    .await;
+    let inst = catalog.snapshot().service("checked").unwrap().instances[0].clone();
+    assert_eq!(inst.ttl, Duration::from_secs(30));
+    // Registered with a check: no traffic until a check passes.
+    assert_eq!(inst.health.as_str(), "critical");
+
+    // The check fails with HTTP 503: the API says so, and so do the CLI's listings.
+    let detail = || catalog.check_result(inst.id.as_str());
+    eventually("a failed check", || {
+        detail().is_some_and(|r| r.output == "HTTP 503 from /healthz")
+    })
+    .await;
+    let r = http::send(api, &HttpRequest::new("GET", "/v1/services/checked"), T)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_str(&r.text()).unwrap();
+    let check = &body["instances"][0]["check_result"];
+    assert_eq!(check["status"], "critical", "{body}");
+    assert_eq!(check["output"], "HTTP 503 from /healthz");
+    assert!(check["consecutive"].as_u64().unwrap() >= 1);
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.arg("services");
+        c
+    })
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("critical: HTTP 503 from /healthz"), "{out}");
+    let (_, out, _) = run({
+        let mut c = netsel(api);
+        c.args(["resolve", "checked"]);
+        c
+    })
+    .await;
+    assert!(out.contains("HTTP 503 from /healthz"), "{out}");
+
+    // A watcher sees it turn passing, with the new state and what the check saw.
+    let mut watch = netsel(api)
+        .args(["watch", "checked", "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = BufReader::new(watch.stderr.take().unwrap());
+    let mut hello = String::new();
+    ready.read_line(&mut hello).unwrap();
+    assert!(hello.starts_with("watching from index"), "{hello}");
+    status.store(200, std::sync::atomic::Ordering::Relaxed);
+    let out = tokio::task::spawn_blocking(move || watch.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("health_changed"), "{line}");
+    assert!(line.contains("passing (HTTP 200 from /healthz)"), "{line}");
+
+    signal(&register, "TERM");
+    let _ = wait_exit(register).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_stays_critical_is_deregistered_after_its_limit() {
+    let mut settings = Settings::ephemeral();
+    settings.health.interval_ms = 50;
+    let server = NetSelServer::with_settings(settings);
+    server.start().await.unwrap();
+    let registry = server.bound().unwrap().registry;
+    let catalog = server.catalog().unwrap();
+    let closed = free_port();
+    let mut conn = std::net::TcpStream::connect(registry).unwrap();
+    std::io::Write::write_all(
+        &mut conn,
+        format!("REGISTER|doomed|127.0.0.1:{closed}|check=tcp|deregister_critical_after=300ms\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    BufReader::new(conn).read_line(&mut answer).unwrap();
+    assert!(answer.starts_with("REGISTERED|"), "{answer}");
+    let id = answer.split('|').nth(1).unwrap().to_string();
+    eventually("the check fails", || {
+        catalog
+            .check_result(&id)
+            .is_some_and(|r| r.output.contains("connection refused"))
+    })
+    .await;
+    eventually("deregistered after 300 ms critical", || {
+        catalog.snapshot().instance(&id).is_none()
+    })
+    .await;
+    server.shutdown().await;
+}

@@ -225,6 +225,7 @@ fn instance(id: &str, service: &str, port: u16, deadline_unix_ms: u64) -> Instan
         protocol: AppProtocol::Tcp,
         check: None,
         ttl_ms: 1000,
+        deregister_critical_after_ms: None,
         owner_peer: None,
         pool_port: false,
         secret: Secret::from_string("s".repeat(32)),
@@ -850,4 +851,62 @@ fn the_store_is_private_to_its_owner() {
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700, "the data dir holds secrets");
     assert_eq!(mode(&data.join(STORE_FILE)), 0o600);
+}
+
+/// An instance with an active check gets no traffic after a restart until a check passes
+/// again: nothing has checked it since (issue #17).
+#[tokio::test]
+async fn a_checked_instance_restarts_critical_until_checked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // A backend that passes its check.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = backend.local_addr().unwrap();
+    let mut s = settings(dir.path());
+    s.health.interval_ms = 50;
+    let server = start(s.clone()).await;
+    let addr = server.bound().unwrap().registry;
+    let req = Request::Register {
+        name: "checked".into(),
+        endpoint: Some(endpoint),
+        options: RegisterOptions {
+            check: Some(netsel::protocol::Check::Tcp),
+            ..RegisterOptions::default()
+        },
+    };
+    let Response::Registered(reply) = line(addr, &req).await else {
+        panic!("registered")
+    };
+    let catalog = server.catalog().unwrap();
+    let health = |c: &netsel::catalog::Catalog| {
+        c.snapshot()
+            .instance(&reply.id)
+            .map(|i| i.health.as_str())
+            .unwrap_or("gone")
+    };
+    let mut index = catalog.watch_index();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while health(&catalog) != "passing" {
+            index.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("passes its first check");
+    server.shutdown().await;
+
+    // Restarted with the backend gone and one check round an hour: were the instance
+    // restored passing, one failed check (fall is 3) would leave it passing.
+    drop(backend);
+    s.health.interval_ms = 3_600_000;
+    let server = start(s).await;
+    let catalog = server.catalog().unwrap();
+    assert_eq!(health(&catalog), "critical");
+    assert_eq!(
+        catalog
+            .snapshot()
+            .service("checked")
+            .unwrap()
+            .healthy_count(),
+        0
+    );
+    server.shutdown().await;
 }

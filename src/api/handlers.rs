@@ -217,6 +217,16 @@ pub(crate) async fn register(
         service_port: req.service_port,
         protocol,
         check,
+        deregister_critical_after: match req.deregister_critical_after_secs {
+            None => None,
+            Some(0) => {
+                return Err(ApiError::invalid(
+                    "deregister_critical_after_secs",
+                    "must be at least 1",
+                ));
+            }
+            Some(s) => Some(Duration::from_secs(s)),
+        },
         replace: req.replace.unwrap_or(true),
     };
     let registered = state.inner.catalog.register(reg).await?;

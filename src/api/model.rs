@@ -69,6 +69,10 @@ pub struct RegisterRequest {
     /// registers again after its instance was removed or superseded.
     #[serde(default)]
     pub replace: Option<bool>,
+    /// Seconds the instance may stay critical before it is deregistered (default: the
+    /// `[health] deregister_critical_after_secs` setting; off unless set).
+    #[serde(default, deserialize_with = "integer")]
+    pub deregister_critical_after_secs: Option<u64>,
 }
 
 /// An active health check: `{"type": "tcp"}` or `{"type": "http", "path": "/health"}`.
@@ -167,6 +171,50 @@ pub struct HeartbeatResponse {
     pub lease_remaining_ms: u64,
 }
 
+/// An instance's last check, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckStatus {
+    /// `passing`, `critical`, or `pending` (not checked yet, or checked by another node).
+    pub status: &'static str,
+    /// What the check saw: `HTTP 200 from /healthz`, `connect 127.0.0.1:8000: connection
+    /// refused`, `waiting for the first check`.
+    pub output: String,
+    /// When it ran, Unix milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checked_at_unix_ms: Option<u64>,
+    /// Checks in a row with this outcome.
+    pub consecutive: u32,
+    /// Since when it has been failing, Unix milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing_since_unix_ms: Option<u64>,
+}
+
+impl CheckStatus {
+    /// The check status of `i` on this node.
+    pub fn of(catalog: &Catalog, i: &Instance) -> Option<Self> {
+        i.check.as_ref()?;
+        Some(match catalog.check_result(i.id.as_str()) {
+            Some(r) => CheckStatus {
+                status: if r.passing { "passing" } else { "critical" },
+                output: r.output,
+                checked_at_unix_ms: Some(r.checked_at_unix_ms),
+                consecutive: r.consecutive,
+                failing_since_unix_ms: r.failing_since_unix_ms,
+            },
+            None => CheckStatus {
+                status: "pending",
+                output: match (&i.owner, catalog.owns(i)) {
+                    (Some(node), false) => format!("checked by node {node}"),
+                    _ => "waiting for the first check".into(),
+                },
+                checked_at_unix_ms: None,
+                consecutive: 0,
+                failing_since_unix_ms: None,
+            },
+        })
+    }
+}
+
 /// One instance as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceView {
@@ -201,6 +249,12 @@ pub struct InstanceView {
     /// Its active health check, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckSpec>,
+    /// What its last check saw (instances with a check).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check_result: Option<CheckStatus>,
+    /// Seconds it may stay critical before it is deregistered, if set on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deregister_critical_after_secs: Option<u64>,
     /// The cluster node that holds its lease and takes its heartbeats (cluster mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
@@ -225,6 +279,8 @@ impl InstanceView {
             lease_remaining_ms: catalog.lease_remaining(i).as_millis() as u64,
             registered_index: i.registered_index,
             check: i.check.as_ref().map(CheckSpec::from_check),
+            check_result: CheckStatus::of(catalog, i),
+            deregister_critical_after_secs: i.deregister_critical_after.map(|d| d.as_secs()),
             owner: i.owner.as_deref().map(str::to_string),
         }
     }

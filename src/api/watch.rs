@@ -122,6 +122,24 @@ fn json_event(kind: &str, data: &impl serde::Serialize) -> Event {
         .unwrap_or_else(|_| Event::default().event(kind))
 }
 
+/// A change as the event stream sends it: a health change also carries the new state and
+/// what the check saw (`"health": "critical", "output": "HTTP 503 from /healthz"`).
+fn with_health(catalog: &crate::catalog::Catalog, change: &Change) -> serde_json::Value {
+    let mut data = serde_json::to_value(change).unwrap_or_default();
+    if change.kind == crate::catalog::ChangeKind::HealthChanged
+        && let (Some(id), Some(o)) = (&change.instance, data.as_object_mut())
+    {
+        let snap = catalog.snapshot();
+        if let Some(i) = snap.instance(id.as_str()) {
+            o.insert("health".into(), i.health.as_str().into());
+        }
+        if let Some(r) = catalog.check_result(id.as_str()) {
+            o.insert("output".into(), r.output.into());
+        }
+    }
+    data
+}
+
 /// `GET /v1/events[?service=NAME]`: a server-sent-event stream. It opens with a `hello`
 /// event carrying the current index, then sends one `change` event per catalog change
 /// (`{"index","kind","service","instance"}`). A subscriber that falls behind gets a
@@ -174,7 +192,8 @@ pub(crate) async fn events(
                 };
                 match received {
                     Ok(change) if s.wants(&change) => {
-                        let event = json_event("change", &change).id(change.index.to_string());
+                        let data = with_health(&s.state.inner.catalog, &change);
+                        let event = json_event("change", &data).id(change.index.to_string());
                         return Some((Ok(event), s));
                     }
                     Ok(_) => continue,

@@ -79,7 +79,10 @@ fn log(catalog: &Catalog, c: &Change) {
         }
         ChangeKind::HealthChanged => {
             let health = inst.map_or("gone", |i| i.health.as_str());
-            audit!(instance = %id, %endpoint, %health, "instance health changed")
+            let check = catalog
+                .check_result(id)
+                .map_or_else(String::new, |r| r.output);
+            audit!(instance = %id, %endpoint, %health, %check, "instance health changed")
         }
     }
 }

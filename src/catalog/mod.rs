@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::CatalogMetrics;
-pub use model::{Instance, Lease, Service};
+pub use model::{CheckResult, Instance, Lease, Service};
 
 use crate::model::{AppProtocol, Check, InstanceRecord, Op, ServiceRecord, VipHold};
 pub use crate::model::{Health, InstanceId, NameError, NodeId, NodeInfo, Secret, ServiceName};
@@ -243,6 +243,9 @@ pub struct Registration {
     pub protocol: Option<AppProtocol>,
     /// An active health check (none by default: the lease alone decides).
     pub check: Option<Check>,
+    /// Deregister the instance once it has been critical this long (default: the
+    /// `[health] deregister_critical_after_secs` setting, off unless set).
+    pub deregister_critical_after: Option<Duration>,
     /// Whether an explicit endpoint already registered under the name is taken over
     /// (default; right for a restarted owner). `false` registers a new instance beside it
     /// instead: what a client sends when it registers again after being told its instance
@@ -263,6 +266,7 @@ impl Registration {
             service_port: None,
             protocol: None,
             check: None,
+            deregister_critical_after: None,
             replace: true,
         }
     }
@@ -641,6 +645,7 @@ impl State {
             weight: rec.weight.max(1),
             protocol: rec.protocol,
             check: rec.check,
+            deregister_critical_after: rec.deregister_critical_after_ms.map(Duration::from_millis),
             ttl: Duration::from_millis(rec.ttl_ms),
             owner_peer: rec.owner_peer,
             pool_port: rec.pool_port,
@@ -761,6 +766,10 @@ struct Inner {
     /// Instances this node is expiring right now: their removal, when the watch delivers
     /// it, is an expiry, not a deregistration.
     expiring: Mutex<HashSet<InstanceId>>,
+    /// The last active-check result of each checked instance this node checks. Not part
+    /// of snapshots (a result per check round would mean a snapshot per round): health
+    /// transitions are catalog writes, the detail behind them lives here.
+    checks: Mutex<HashMap<InstanceId, CheckResult>>,
     timers: mpsc::UnboundedSender<(u64, InstanceId)>,
     timer_rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, InstanceId)>>>,
     metrics: CatalogMetrics,
@@ -890,6 +899,7 @@ impl Catalog {
                 node,
                 self_info: Mutex::new(self_info),
                 expiring: Mutex::new(HashSet::new()),
+                checks: Mutex::new(HashMap::new()),
                 timers,
                 timer_rx: Mutex::new(Some(timer_rx)),
                 metrics: CatalogMetrics::default(),
@@ -955,11 +965,14 @@ impl Catalog {
             claimed.insert(vip);
             ops.push((s.created_index, Op::PutService(ServiceRecord { vip, ..s })));
         }
-        ops.extend(
-            p.instances
-                .into_iter()
-                .map(|r| (r.registered_index, Op::PutInstance(r))),
-        );
+        // An instance with an active check is not used until a check passes, after a
+        // restart too: nothing has checked it since.
+        ops.extend(p.instances.into_iter().map(|mut r| {
+            if r.check.is_some() {
+                r.health = Health::Critical;
+            }
+            (r.registered_index, Op::PutInstance(r))
+        }));
         let fx = self.apply_batch(&mut st, index, ops, &ctx);
         for id in fx.orphans {
             tracing::warn!(instance = %id, "stored instance has no service; dropped");
@@ -1112,6 +1125,34 @@ impl Catalog {
     /// Whether this node holds `instance`'s lease (always, on a single node).
     pub fn owns(&self, instance: &Instance) -> bool {
         instance.owner.as_ref() == self.inner.node.as_ref()
+    }
+
+    /// Records the result of an instance's active check (the health checker's report).
+    pub fn record_check(&self, id: &InstanceId, result: CheckResult) {
+        self.inner
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), result);
+    }
+
+    /// The last check result of instance `id`, if this node has checked it.
+    pub fn check_result(&self, id: &str) -> Option<CheckResult> {
+        self.inner
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Forgets the check results of instances that are gone.
+    pub fn retain_check_results(&self, keep: impl Fn(&InstanceId) -> bool) {
+        self.inner
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| keep(id));
     }
 
     /// This node's id in a cluster.
@@ -1531,6 +1572,7 @@ impl Catalog {
             && prev.weight == weight
             && prev.protocol == protocol
             && prev.check == reg.check
+            && prev.deregister_critical_after == reg.deregister_critical_after
             && prev.ttl == ttl
         {
             // The seed client registering again from the same address: a renewal.
@@ -1641,6 +1683,7 @@ impl Catalog {
             weight,
             protocol,
             check: reg.check.clone(),
+            deregister_critical_after_ms: reg.deregister_critical_after.map(ms),
             ttl_ms: ms(ttl),
             owner_peer,
             pool_port,
@@ -1648,7 +1691,13 @@ impl Catalog {
             registered_index,
             deadline_unix_ms: ctx.unix_ms(deadline),
             owner: ctx.node.cloned(),
-            health: previous.as_ref().map(|p| p.health).unwrap_or_default(),
+            // A new check (a new instance, or a changed check) starts critical: nothing is
+            // routed to it until its first check passes.
+            health: match &previous {
+                Some(p) if p.check == reg.check => p.health,
+                _ if reg.check.is_some() => Health::Critical,
+                _ => Health::Passing,
+            },
             request,
         };
         ops.push(Op::PutInstance(rec));
@@ -2003,6 +2052,7 @@ fn record_of(i: &Instance, ctx: &Ctx<'_>, health: Health) -> InstanceRecord {
         weight: i.weight,
         protocol: i.protocol,
         check: i.check.clone(),
+        deregister_critical_after_ms: i.deregister_critical_after.map(ms),
         ttl_ms: ms(i.ttl),
         owner_peer: i.owner_peer,
         pool_port: i.pool_port,

@@ -35,6 +35,24 @@ impl Lease {
     }
 }
 
+/// The outcome of an instance's last active check.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CheckResult {
+    /// Whether it passed.
+    pub passing: bool,
+    /// What was seen: `HTTP 200 from /healthz`, `connect 127.0.0.1:8000: connection
+    /// refused`, `no answer within 2s`.
+    pub output: String,
+    /// When it ran, Unix milliseconds.
+    pub checked_at_unix_ms: u64,
+    /// How many checks in a row have had this outcome.
+    pub consecutive: u32,
+    /// Since when (Unix milliseconds) the instance has been failing its checks, while it
+    /// fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing_since_unix_ms: Option<u64>,
+}
+
 /// One registered instance of a service. Immutable once in a snapshot, except for the
 /// shared [`Lease`].
 #[derive(Debug, Clone)]
@@ -55,6 +73,9 @@ pub struct Instance {
     pub protocol: AppProtocol,
     /// Its active health check, if any.
     pub check: Option<Check>,
+    /// How long it may stay critical before it is deregistered (none: the default of
+    /// `[health] deregister_critical_after_secs`).
+    pub deregister_critical_after: Option<Duration>,
     /// Lease TTL.
     pub ttl: Duration,
     /// For bare-name (seed) registrations: the peer IP that registered it, the only address

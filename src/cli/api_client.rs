@@ -277,6 +277,33 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// A duration flag: `30s`, `2m`, `1500ms`, or a bare number of seconds.
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    let d = crate::protocol::parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
+}
+
+/// `--check`: `tcp` or `http:/PATH`, as the API's check object.
+fn parse_check_arg(s: &str) -> Result<Value, String> {
+    match s {
+        "tcp" => Ok(serde_json::json!({ "type": "tcp" })),
+        _ => match s.strip_prefix("http:") {
+            Some(path) if path.starts_with('/') => {
+                Ok(serde_json::json!({ "type": "http", "path": path }))
+            }
+            _ => Err("expected tcp or http:/PATH (for example http:/healthz)".into()),
+        },
+    }
+}
+
+/// Whole seconds for the API, rounded up (a 1500ms TTL is 2 s, never 0).
+fn whole_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 /// Options of `netsel register` and `netsel run` that describe the instance.
 #[derive(Debug, Clone, Args)]
 pub struct InstanceArgs {
@@ -289,9 +316,17 @@ pub struct InstanceArgs {
     /// Balancing weight, 1..=10000.
     #[arg(long)]
     pub weight: Option<u32>,
-    /// Lease TTL in seconds [default: the server's max_heartbeat_age].
-    #[arg(long, value_name = "SECS")]
-    pub ttl: Option<u64>,
+    /// Lease TTL: `30s`, `2m`, `1500ms` (a bare number is seconds) [default: the
+    /// server's max_heartbeat_age].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub ttl: Option<Duration>,
+    /// Active health check run by NetSel: `tcp` (connect) or `http:/PATH` (GET, 2xx or 3xx
+    /// passes). With a check, the instance gets no traffic until its first check passes.
+    #[arg(long, value_name = "tcp|http:/PATH", value_parser = parse_check_arg)]
+    pub check: Option<Value>,
+    /// Deregister the instance once its check has kept it critical this long (`90s`, `10m`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub deregister_critical_after: Option<Duration>,
     /// The service's port on its VIP [default: the first instance's port].
     #[arg(long, value_name = "PORT")]
     pub service_port: Option<u16>,
@@ -320,7 +355,17 @@ impl InstanceArgs {
         let opt = |v: Option<Value>| v.unwrap_or(Value::Null);
         for (k, v) in [
             ("weight", opt(self.weight.map(Value::from))),
-            ("ttl_secs", opt(self.ttl.map(Value::from))),
+            (
+                "ttl_secs",
+                opt(self.ttl.map(|d| Value::from(whole_secs(d)))),
+            ),
+            ("check", opt(self.check.clone())),
+            (
+                "deregister_critical_after_secs",
+                opt(self
+                    .deregister_critical_after
+                    .map(|d| Value::from(whole_secs(d)))),
+            ),
             ("service_port", opt(self.service_port.map(Value::from))),
             ("protocol", opt(self.protocol.clone().map(Value::from))),
         ] {

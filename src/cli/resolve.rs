@@ -62,11 +62,17 @@ async fn resolve(args: &ResolveArgs) -> Result<ExitCode, Failure> {
                         i["lease_remaining_ms"].as_u64().unwrap_or(0),
                     )),
                     tags.join(","),
+                    i["check_result"]["output"]
+                        .as_str()
+                        .unwrap_or("-")
+                        .to_string(),
                 ]
             })
             .collect();
         print_table(
-            &["ID", "ENDPOINT", "HEALTH", "WEIGHT", "LEASE", "TAGS"],
+            &[
+                "ID", "ENDPOINT", "HEALTH", "WEIGHT", "LEASE", "TAGS", "CHECK",
+            ],
             &rows,
         );
     }

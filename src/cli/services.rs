@@ -1,4 +1,5 @@
-//! `netsel services`: every registered service with its VIP, counts and health.
+//! `netsel services`: every registered service with its VIP, counts and health, then the
+//! instances whose check is not passing, with what their check saw.
 
 use std::process::ExitCode;
 
@@ -23,7 +24,7 @@ pub async fn run(args: ServicesArgs) -> ExitCode {
 
 async fn list(args: &ApiArgs) -> Result<(), Failure> {
     let api = Api::new(args).await?;
-    let a = api.get("/v1/services").await?;
+    let a = api.get("/v1/services?detail=true").await?;
     if args.json {
         print_json(&a.body);
         return Ok(());
@@ -50,5 +51,30 @@ async fn list(args: &ApiArgs) -> Result<(), Failure> {
         })
         .collect();
     print_table(&["NAME", "VIP", "HEALTHY", "HEALTH", "TAGS"], &rows);
+    // Why an instance is not passing: `web 1a24… 127.0.0.1:8000 critical: connect …`.
+    let unwell: Vec<String> = services
+        .iter()
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .filter_map(|i| {
+            let r = i.get("check_result")?;
+            let status = r["status"].as_str()?;
+            (status != "passing" || i["health"] != "passing").then(|| {
+                format!(
+                    "  {} {} {} {}: {}",
+                    i["service"].as_str().unwrap_or(""),
+                    i["id"].as_str().unwrap_or(""),
+                    i["endpoint"].as_str().unwrap_or(""),
+                    i["health"].as_str().unwrap_or(""),
+                    r["output"].as_str().unwrap_or("")
+                )
+            })
+        })
+        .collect();
+    if !unwell.is_empty() {
+        println!("\ninstances not passing their checks:");
+        for line in unwell {
+            println!("{line}");
+        }
+    }
     Ok(())
 }

@@ -71,13 +71,21 @@ async fn watch(args: &WatchArgs) -> Result<(), Failure> {
             match event.event.as_str() {
                 // Status lines go to stderr, so stdout holds only the changes.
                 "hello" => eprintln!("watching from index {}", data["index"]),
-                "change" => println!(
-                    "{:>6} {:<22} {} {}",
-                    data["index"],
-                    data["kind"].as_str().unwrap_or(""),
-                    data["service"].as_str().unwrap_or(""),
-                    data["instance"].as_str().unwrap_or("")
-                ),
+                "change" => {
+                    // A health change says to what, and why: `critical (HTTP 503 from /healthz)`.
+                    let health = match (data["health"].as_str(), data["output"].as_str()) {
+                        (Some(h), Some(o)) => format!(" {h} ({o})"),
+                        (Some(h), None) => format!(" {h}"),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "{:>6} {:<22} {} {}{health}",
+                        data["index"],
+                        data["kind"].as_str().unwrap_or(""),
+                        data["service"].as_str().unwrap_or(""),
+                        data["instance"].as_str().unwrap_or("")
+                    )
+                }
                 "resync" => eprintln!(
                     "fell behind ({} changes missed); now at index {}",
                     data["missed"], data["index"]

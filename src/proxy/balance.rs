@@ -556,6 +556,7 @@ mod tests {
                 protocol: Default::default(),
                 check: None,
                 ttl_ms: 60_000,
+                deregister_critical_after_ms: None,
                 owner_peer: None,
                 pool_port: false,
                 secret: Secret::generate(),

@@ -363,6 +363,7 @@ impl Connection {
                     service_port: options.service_port,
                     protocol: options.protocol,
                     check: options.check,
+                    deregister_critical_after: options.deregister_critical_after,
                     replace: options.replace.unwrap_or(true),
                 };
                 match catalog.register(reg).await {

@@ -124,6 +124,16 @@
 
   const tags = (list) => list.map((t) => '<span class="tag">' + esc(t) + '</span>').join('');
 
+  // What the instance's last active check saw, and when: "HTTP 503 from /healthz · 3× · 4s ago".
+  function checkCell(i) {
+    const r = i.check_result;
+    if (!r) return '–';
+    const parts = [esc(r.output)];
+    if (r.consecutive > 1) parts.push(r.consecutive + '×');
+    if (r.checked_at_unix_ms) parts.push(fmtLease(Date.now() - r.checked_at_unix_ms) + ' ago');
+    return '<span class="badge ' + esc(r.status) + '">' + esc(r.status) + '</span> ' + parts.join(' · ');
+  }
+
   function instanceRows(s) {
     const rows = s.instances.map((i) =>
       '<tr data-instance="' + esc(i.id) + '">' +
@@ -135,11 +145,13 @@
       '<td>' + tags(i.tags) + '</td>' +
       '<td class="num lease" data-deadline="' + i.deadline + '"></td>' +
       '<td class="mono">' + esc(i.owner || '') + '</td>' +
+      '<td class="check">' + checkCell(i) + '</td>' +
       '</tr>').join('');
     return '<tr class="instances" data-instances-of="' + esc(s.name) + '"><td colspan="6">' +
       '<table class="inner"><thead><tr><th>Instance</th><th>Endpoint</th><th>Health</th>' +
       '<th class="num">Weight</th><th>Protocol</th><th>Tags</th><th class="num">Lease</th>' +
-      '<th title="the cluster node that holds its lease">Node</th></tr></thead>' +
+      '<th title="the cluster node that holds its lease">Node</th>' +
+      '<th title="what its last active check saw">Check</th></tr></thead>' +
       '<tbody>' + rows + '</tbody></table></td></tr>';
   }
 
