@@ -218,6 +218,7 @@ pub(crate) async fn register(
         protocol,
         check,
         replace: req.replace.unwrap_or(true),
+        initial_health: None,
     };
     let registered = state.inner.catalog.register(reg).await?;
     let status = if registered.renewed {

@@ -247,6 +247,10 @@ pub struct Registration {
     /// instead: what a client sends when it registers again after being told its instance
     /// is gone or superseded, so a late owner never displaces its replacement.
     pub replace: bool,
+    /// The health a new instance starts with (default passing). A registration that takes
+    /// over an instance keeps that instance's health. The Consul door starts an instance
+    /// with a TTL check critical until its first pass, as Consul does.
+    pub initial_health: Option<Health>,
 }
 
 impl Registration {
@@ -263,6 +267,7 @@ impl Registration {
             protocol: None,
             check: None,
             replace: true,
+            initial_health: None,
         }
     }
 }
@@ -1647,7 +1652,11 @@ impl Catalog {
             registered_index,
             deadline_unix_ms: ctx.unix_ms(deadline),
             owner: ctx.node.cloned(),
-            health: previous.as_ref().map(|p| p.health).unwrap_or_default(),
+            health: previous
+                .as_ref()
+                .map(|p| p.health)
+                .or(reg.initial_health)
+                .unwrap_or_default(),
             request,
         };
         ops.push(Op::PutInstance(rec));

@@ -364,6 +364,7 @@ impl Connection {
                     protocol: options.protocol,
                     check: options.check,
                     replace: options.replace.unwrap_or(true),
+                    initial_health: None,
                 };
                 match catalog.register(reg).await {
                     Ok(r) => Response::Registered(RegisterReply {
