@@ -351,9 +351,11 @@ async fn blocking_queries_return_when_the_answer_changes() {
     assert!(index(&r) > seen);
     assert_eq!(body(&r), json!([]));
 
-    // A bad wait is a 400.
+    // Waits are Go durations; a bad one is a 400.
     let r = get(&s, "/v1/catalog/services?index=1&wait=soon").await;
     assert_eq!(r.status, 400);
+    let r = get(&s, "/v1/catalog/services?index=1&wait=1m30s").await;
+    assert_eq!(r.status, 200, "the client is behind: answered at once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,6 +375,11 @@ async fn ttl_checks_are_leases_and_checkless_services_are_held() {
     assert_eq!(body(&r)[0]["ServiceAddress"], "127.0.0.1");
     let r = get(&s, "/v1/health/service/held?passing").await;
     assert_eq!(body(&r).as_array().unwrap().len(), 1, "no check: passing");
+    assert_eq!(pluck(&body(&r)[0]["Checks"], "/CheckID"), ["serfHealth"]);
+    assert_eq!(
+        get(&s, "/v1/agent/check/pass/service:held").await.status,
+        404
+    );
 
     // The TTL instance leaves when its lease runs out; block until the list changes.
     let mut seen = index(&get(&s, "/v1/catalog/services").await);
@@ -677,10 +684,11 @@ fn py_client(label: &'static str) -> Option<PyClient> {
             std::env::var_os("CI").is_none(),
             "{label} is required in CI (.ci/run installs it)"
         );
-        eprintln!(
-            "note: {label} not installed; skipping (apt-get install python3-consul, or \
-             pip install --target tests/consul/pydeps/{label} {label})"
-        );
+        let how = match label {
+            "python3-consul" => "apt-get install python3-consul".to_string(),
+            _ => format!("python3 -m pip install --target tests/consul/pydeps/{label} {label}"),
+        };
+        eprintln!("note: {label} not installed; skipping ({how}; .ci/run does)");
     }
     found
 }

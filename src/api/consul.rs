@@ -89,9 +89,11 @@ impl Consul {
                     continue;
                 };
                 fresh.services.insert(sid.clone(), inst.id.clone());
-                fresh
-                    .checks
-                    .insert(format!("service:{sid}"), inst.id.clone());
+                if has_check(inst) {
+                    fresh
+                        .checks
+                        .insert(format!("service:{sid}"), inst.id.clone());
+                }
                 if let Some(cid) = inst.meta.get(META_CHECK) {
                     fresh.checks.insert(cid.clone(), inst.id.clone());
                 }
@@ -240,14 +242,24 @@ impl Params {
         Ok(())
     }
 
+    /// `?index=N&wait=D` (a Go duration, at most `api.max_wait_secs`; Consul's default
+    /// of 5 minutes).
     fn blocking(&self, api: &ApiState) -> Result<BlockingQuery, ConsulError> {
-        let mut q = BTreeMap::new();
-        for key in ["index", "wait"] {
-            if let Some(v) = self.get(key) {
-                q.insert(key.to_string(), v.to_string());
-            }
-        }
-        Ok(BlockingQuery::parse(&q, api)?)
+        let index = match self.get("index").filter(|i| !i.is_empty()) {
+            None => None,
+            Some(i) => Some(i.parse::<u64>().map_err(|_| {
+                ConsulError::bad(format!("Invalid index {i:?}: expected an integer"))
+            })?),
+        };
+        let wait = match self.get("wait").filter(|w| !w.is_empty()) {
+            None => Duration::from_secs(300),
+            Some(w) => go_duration(&Value::String(w.to_string()), "wait")?,
+        };
+        let max = Duration::from_secs(api.inner.settings.max_wait_secs);
+        Ok(BlockingQuery {
+            index,
+            wait: wait.min(max),
+        })
     }
 }
 
@@ -311,6 +323,13 @@ fn visible_meta(inst: &Instance) -> Map<String, Value> {
 
 fn status(inst: &Instance) -> &'static str {
     inst.health.as_str()
+}
+
+/// Whether an instance has a service check: an active check, or a lease its client
+/// renews (a TTL check, or a NetSel-native lease). A Consul registration without checks
+/// has none, as in Consul.
+fn has_check(inst: &Instance) -> bool {
+    inst.check.is_some() || inst.meta.get(META_LEASE).map(String::as_str) != Some("agent")
 }
 
 fn check_type(inst: &Instance) -> &'static str {
@@ -421,10 +440,10 @@ fn catalog_service(node: &str, inst: &Instance) -> Value {
 // ---- reads ----
 
 /// `GET /v1/agent/self`: enough of Consul's answer for clients that read the datacenter,
-/// node name and version.
+/// node name and version. Any known token may read it (it names no service).
 async fn agent_self(State(state): State<Consul>, caller: Caller) -> Result<Response, ConsulError> {
     let acl = &state.api.inner.acl;
-    if !acl.can_read_all(caller) {
+    if caller == Caller::Anonymous && !acl.can_read_all(caller) {
         return Err(ConsulError::denied("read the agent (agent:read)"));
     }
     let node = state.node_name(None);
@@ -581,10 +600,14 @@ async fn health_service(
         .iter()
         .map(|i| {
             let node = state.node_name(Some(i));
+            let mut checks = vec![node_check(&node)];
+            if has_check(i) {
+                checks.push(service_check(&node, i));
+            }
             json!({
                 "Node": node_json(&node, i.endpoint.ip()),
                 "Service": agent_service(i),
-                "Checks": [node_check(&node), service_check(&node, i)],
+                "Checks": checks,
             })
         })
         .collect();
@@ -605,7 +628,7 @@ fn checks_in_state(state: &Consul, caller: Caller, snap: &Snapshot, wanted: &str
             continue;
         }
         for i in svc.instances.iter() {
-            if wanted == "any" || wanted == status(i) {
+            if has_check(i) && (wanted == "any" || wanted == status(i)) {
                 out.push(service_check(&state.node_name(Some(i)), i));
             }
         }
