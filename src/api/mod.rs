@@ -20,6 +20,8 @@
 //! | `GET /v1/openapi.yaml` | the OpenAPI document |
 //! | `GET /metrics` | Prometheus metrics |
 //! | `GET /ui/` | the live dashboard |
+//!
+//! [`consul`] serves a Consul-compatible API on its own listener over the same state.
 
 mod acl;
 pub mod consul;
