@@ -819,6 +819,14 @@ mod tests {
     }
 
     #[test]
+    fn consul_addr_is_off_unless_set() {
+        assert_eq!(Settings::default().consul_addr, None);
+        let s = Settings::from_toml("consul_addr = \"127.0.0.1:8500\"").unwrap();
+        assert_eq!(s.consul_addr, Some("127.0.0.1:8500".parse().unwrap()));
+        assert!(Settings::from_toml("consul_addr = \"nowhere\"").is_err());
+    }
+
+    #[test]
     fn example_config_parses() {
         let text = include_str!("../examples/netsel.toml");
         let s = Settings::from_toml(text).unwrap();

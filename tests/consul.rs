@@ -446,6 +446,17 @@ async fn registrations_are_read_like_consul_and_refused_with_reasons() {
     let r = get(&s, "/v1/health/service/shop").await;
     assert_eq!(body(&r)[0]["Checks"][1]["CheckID"], "shop-alive");
     assert_eq!(body(&r)[0]["Checks"][1]["Status"], "critical");
+    // Registered again without checks, it has none and is passing.
+    let r = put(
+        &s,
+        "/v1/agent/service/register",
+        json!({"Name": "shop", "ID": "shop-a", "Address": "127.0.0.1", "Port": 8444}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(&s, "/v1/health/service/shop?passing").await;
+    assert_eq!(pluck(&body(&r), "/Service/ID"), ["shop-a"]);
+    assert_eq!(pluck(&body(&r)[0]["Checks"], "/CheckID"), ["serfHealth"]);
 
     // Refusals: 400 with a reason.
     for (bad, why) in [

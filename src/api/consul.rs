@@ -1052,6 +1052,13 @@ async fn register(
         initial_health: initial,
     };
     let registered = catalog.register(reg).await?;
+    if checks.is_empty() {
+        // No check left to fail: an update that drops its checks is passing (a no-op
+        // unless it was critical).
+        catalog
+            .set_health(registered.id.as_str(), Health::Passing)
+            .await?;
+    }
     if let Some(p) = previous
         && p.id != registered.id
     {
@@ -1246,25 +1253,26 @@ pub async fn serve(
 
 /// Renews the leases of instances registered through the Consul API without a TTL check
 /// (`consul-lease = agent`), as a Consul agent keeps such a service until it is
-/// deregistered. Runs until `shutdown`, renewing every third of the default TTL.
+/// deregistered. Runs until `shutdown`, renewing every third of the shortest such TTL
+/// (instances restored from the store keep the TTL they were registered with).
 pub async fn hold_leases(catalog: Catalog, shutdown: CancellationToken) {
-    let every = (catalog.settings().default_ttl / 3)
-        .clamp(Duration::from_millis(50), Duration::from_secs(10));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (floor, ceiling) = (Duration::from_millis(50), Duration::from_secs(10));
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
         let snap = catalog.snapshot();
+        let mut every = catalog.settings().default_ttl / 3;
         for inst in snap.instances() {
-            if inst.meta.get(META_LEASE).map(String::as_str) == Some("agent")
-                && catalog.owns(inst)
-                && let Err(e) = catalog.heartbeat(inst.id.as_str(), inst.secret.expose())
+            if inst.meta.get(META_LEASE).map(String::as_str) != Some("agent") || !catalog.owns(inst)
             {
+                continue;
+            }
+            every = every.min(inst.ttl / 3);
+            if let Err(e) = catalog.heartbeat(inst.id.as_str(), inst.secret.expose()) {
                 tracing::debug!(error = %e, instance = %inst.id, "renewing a Consul lease");
             }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every.clamp(floor, ceiling)) => {}
         }
     }
 }
