@@ -108,12 +108,15 @@ impl Consul {
         map.get(id).and_then(|i| snap.instance(i.as_str())).cloned()
     }
 
-    fn node_name(&self, inst: Option<&Instance>) -> String {
-        match inst.and_then(|i| i.owner.as_deref()) {
-            Some(owner) => owner.to_string(),
-            None => self.catalog().self_info().id.to_string(),
-        }
+    /// This node's name: its NetSel node id (`local` on a single node).
+    fn local_node(&self) -> String {
+        self.catalog().self_info().id.to_string()
     }
+}
+
+/// The node an instance is shown on: the cluster node holding its lease, else `local`.
+fn node_of<'a>(inst: &'a Instance, local: &'a str) -> &'a str {
+    inst.owner.as_deref().unwrap_or(local)
 }
 
 /// A refusal in Consul's manner: a status and a plain-text message.
@@ -446,7 +449,7 @@ async fn agent_self(State(state): State<Consul>, caller: Caller) -> Result<Respo
     if caller == Caller::Anonymous && !acl.can_read_all(caller) {
         return Err(ConsulError::denied("read the agent (agent:read)"));
     }
-    let node = state.node_name(None);
+    let node = state.local_node();
     let body = json!({
         "Config": {
             "Datacenter": DATACENTER,
@@ -577,9 +580,10 @@ async fn catalog_service_nodes(
     q.check_read()?;
     let query = q.blocking(&state.api)?;
     let snap = block_on_service(&state, query, &name).await;
+    let local = state.local_node();
     let list: Vec<Value> = instances_of(&state, caller, &snap, &name, &q, false)
         .iter()
-        .map(|i| catalog_service(&state.node_name(Some(i)), i))
+        .map(|i| catalog_service(node_of(i, &local), i))
         .collect();
     Ok(reply(&state, snap.index, Value::Array(list)))
 }
@@ -596,16 +600,17 @@ async fn health_service(
     let query = q.blocking(&state.api)?;
     let passing = q.flag("passing");
     let snap = block_on_service(&state, query, &name).await;
+    let local = state.local_node();
     let list: Vec<Value> = instances_of(&state, caller, &snap, &name, &q, passing)
         .iter()
         .map(|i| {
-            let node = state.node_name(Some(i));
-            let mut checks = vec![node_check(&node)];
+            let node = node_of(i, &local);
+            let mut checks = vec![node_check(node)];
             if has_check(i) {
-                checks.push(service_check(&node, i));
+                checks.push(service_check(node, i));
             }
             json!({
-                "Node": node_json(&node, i.endpoint.ip()),
+                "Node": node_json(node, i.endpoint.ip()),
                 "Service": agent_service(i),
                 "Checks": checks,
             })
@@ -618,10 +623,10 @@ async fn health_service(
 /// read: each instance's service check, and the node's own.
 fn checks_in_state(state: &Consul, caller: Caller, snap: &Snapshot, wanted: &str) -> Vec<Value> {
     let acl = &state.api.inner.acl;
-    let node = state.node_name(None);
+    let local = state.local_node();
     let mut out = Vec::new();
     if matches!(wanted, "any" | "passing") {
-        out.push(node_check(&node));
+        out.push(node_check(&local));
     }
     for svc in snap.services() {
         if !acl.can_read(caller, svc.name.as_str()) {
@@ -629,7 +634,7 @@ fn checks_in_state(state: &Consul, caller: Caller, snap: &Snapshot, wanted: &str
         }
         for i in svc.instances.iter() {
             if has_check(i) && (wanted == "any" || wanted == status(i)) {
-                out.push(service_check(&state.node_name(Some(i)), i));
+                out.push(service_check(node_of(i, &local), i));
             }
         }
     }
