@@ -251,6 +251,11 @@ async fn register_pass_read_and_deregister_over_http() {
     assert_eq!(services["web-2"]["Port"], 8002);
     let checks = body(&get(&s, "/v1/agent/checks").await);
     assert_eq!(checks["service:web-3"]["Status"], "passing");
+    let r = get(&s, "/v1/health/checks/web").await;
+    assert_eq!(
+        pluck(&body(&r), "/CheckID"),
+        ["service:web-1", "service:web-2", "service:web-3"]
+    );
 
     // The same instances through NetSel's own API.
     let r = send(s.api, HttpRequest::new("GET", "/v1/services/web")).await;
@@ -487,6 +492,7 @@ async fn registrations_are_read_like_consul_and_refused_with_reasons() {
             json!({"Name": "x", "Port": 1, "Kind": "connect-proxy"}),
             "kind",
         ),
+        (json!({"Name": "x", "ID": "a/b", "Port": 1}), "service ID"),
         (
             json!({"Name": "x", "Port": 1, "Checks": [{"TTL": "5s"}, {"TTL": "6s"}]}),
             "one TTL",
@@ -526,6 +532,11 @@ async fn registrations_are_read_like_consul_and_refused_with_reasons() {
     );
     assert_eq!(get(&s, "/v1/kv/a").await.status, 404);
     assert_eq!(get(&s, "/v1/health/state/bogus").await.status, 400);
+    // Nodes carry no metadata: a node-meta filter matches nothing.
+    let r = get(&s, "/v1/health/service/shop?node-meta=rack:a").await;
+    assert_eq!((r.status, body(&r)), (200, json!([])));
+    let r = get(&s, "/v1/catalog/services?node-meta=rack:a").await;
+    assert_eq!(body(&r), json!({}));
     // Instances registered through NetSel's own API are read, not written, here.
     let r = send(
         s.api,

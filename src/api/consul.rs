@@ -221,6 +221,12 @@ impl Params {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Whether a `node-meta` filter is given: NetSel's nodes carry no metadata, so it
+    /// matches nothing, as it would on a Consul whose nodes have none.
+    fn node_meta(&self) -> bool {
+        self.all("node-meta").any(|v| !v.is_empty())
+    }
+
     /// A flag given bare (`?passing`) or with a value other than false/0.
     fn flag(&self, key: &str) -> bool {
         self.get(key).is_some_and(|v| !matches!(v, "false" | "0"))
@@ -493,10 +499,10 @@ async fn datacenters(State(state): State<Consul>) -> Response {
 }
 
 /// The `/v1/catalog/services` answer: readable service names and their tags.
-fn services_map(state: &Consul, caller: Caller, snap: &Snapshot) -> Map<String, Value> {
+fn services_map(state: &Consul, caller: Caller, snap: &Snapshot, q: &Params) -> Map<String, Value> {
     let acl = &state.api.inner.acl;
     snap.services()
-        .filter(|s| acl.can_read(caller, s.name.as_str()))
+        .filter(|s| !q.node_meta() && acl.can_read(caller, s.name.as_str()))
         .map(|s| {
             let tags: BTreeSet<&str> = s
                 .instances
@@ -517,13 +523,13 @@ async fn catalog_services(
     q.check_read()?;
     let query = q.blocking(&state.api)?;
     let first = state.catalog().snapshot();
-    let before = services_map(&state, caller, &first);
+    let before = services_map(&state, caller, &first, &q);
     let behind = query.index.is_some_and(|seen| seen < first.index);
     let snap = block(&state.api, query, |snap| {
-        behind || services_map(&state, caller, snap) != before
+        behind || services_map(&state, caller, snap, &q) != before
     })
     .await;
-    let body = services_map(&state, caller, &snap);
+    let body = services_map(&state, caller, &snap, &q);
     Ok(reply(&state, snap.index, Value::Object(body)))
 }
 
@@ -552,7 +558,7 @@ fn instances_of(
     q: &Params,
     passing: bool,
 ) -> Vec<Arc<Instance>> {
-    if !state.api.inner.acl.can_read(caller, name) {
+    if q.node_meta() || !state.api.inner.acl.can_read(caller, name) {
         return Vec::new();
     }
     let Some(svc) = snap.service(name) else {
@@ -619,12 +625,42 @@ async fn health_service(
     Ok(reply(&state, snap.index, Value::Array(list)))
 }
 
+/// `GET /v1/health/checks/{name}`: the service checks of its instances; `?tag=`-less,
+/// blocking like `health/service`.
+async fn health_checks(
+    State(state): State<Consul>,
+    caller: Caller,
+    PathParam(name): PathParam,
+    Query(q): Query,
+) -> Result<Response, ConsulError> {
+    q.check_read()?;
+    let query = q.blocking(&state.api)?;
+    let snap = block_on_service(&state, query, &name).await;
+    let local = state.local_node();
+    let everything = Params(Vec::new());
+    let list: Vec<Value> = instances_of(&state, caller, &snap, &name, &everything, false)
+        .iter()
+        .filter(|i| !q.node_meta() && has_check(i))
+        .map(|i| service_check(node_of(i, &local), i))
+        .collect();
+    Ok(reply(&state, snap.index, Value::Array(list)))
+}
+
 /// The checks in state `wanted` (`any`, `passing`, `warning`, `critical`) the caller may
 /// read: each instance's service check, and the node's own.
-fn checks_in_state(state: &Consul, caller: Caller, snap: &Snapshot, wanted: &str) -> Vec<Value> {
+fn checks_in_state(
+    state: &Consul,
+    caller: Caller,
+    snap: &Snapshot,
+    wanted: &str,
+    q: &Params,
+) -> Vec<Value> {
     let acl = &state.api.inner.acl;
     let local = state.local_node();
     let mut out = Vec::new();
+    if q.node_meta() {
+        return out;
+    }
     if matches!(wanted, "any" | "passing") {
         out.push(node_check(&local));
     }
@@ -656,13 +692,13 @@ async fn health_state(
     }
     let query = q.blocking(&state.api)?;
     let first = state.catalog().snapshot();
-    let before = checks_in_state(&state, caller, &first, &wanted);
+    let before = checks_in_state(&state, caller, &first, &wanted, &q);
     let behind = query.index.is_some_and(|seen| seen < first.index);
     let snap = block(&state.api, query, |snap| {
-        behind || checks_in_state(&state, caller, snap, &wanted) != before
+        behind || checks_in_state(&state, caller, snap, &wanted, &q) != before
     })
     .await;
-    let list = checks_in_state(&state, caller, &snap, &wanted);
+    let list = checks_in_state(&state, caller, &snap, &wanted, &q);
     Ok(reply(&state, snap.index, Value::Array(list)))
 }
 
@@ -685,7 +721,7 @@ async fn agent_services(State(state): State<Consul>, caller: Caller) -> Response
 async fn agent_checks(State(state): State<Consul>, caller: Caller) -> Response {
     let snap = state.catalog().snapshot();
     let mut map = Map::new();
-    for c in checks_in_state(&state, caller, &snap, "any") {
+    for c in checks_in_state(&state, caller, &snap, "any", &Params(Vec::new())) {
         if c["ServiceID"] != "" {
             map.insert(c["CheckID"].as_str().unwrap_or("").to_string(), c);
         }
@@ -800,6 +836,14 @@ fn parse_check(obj: &Map<String, Value>) -> Result<CheckDef, ConsulError> {
         None => string_field(obj, "id", "Check.ID")?,
     }
     .filter(|s| !s.is_empty());
+    if let Some(id) = &id
+        && (id.len() > crate::protocol::MAX_VALUE_LEN
+            || id.chars().any(|c| c.is_control() || c == '/'))
+    {
+        return Err(ConsulError::bad(
+            "Invalid CheckID: too long, or a '/' or control character",
+        ));
+    }
     let ttl = field(obj, "ttl")
         .map(|v| go_duration(v, "TTL"))
         .transpose()?;
@@ -901,8 +945,12 @@ async fn register(
     let sid = string_field(&obj, "id", "ID")?
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| name.clone());
-    if sid.len() > crate::protocol::MAX_VALUE_LEN || sid.chars().any(char::is_control) {
-        return Err(ConsulError::bad("Invalid service ID"));
+    if sid.len() > crate::protocol::MAX_VALUE_LEN || sid.chars().any(|c| c.is_control() || c == '/')
+    {
+        return Err(ConsulError::bad(format!(
+            "Invalid service ID: at most {} bytes, no '/' or control characters",
+            crate::protocol::MAX_VALUE_LEN
+        )));
     }
     let tags = match field(&obj, "tags") {
         None => Vec::new(),
@@ -1222,6 +1270,7 @@ pub fn router(api: ApiState, addr: SocketAddr) -> Router {
         .route("/v1/catalog/service/{name}", get(catalog_service_nodes))
         .route("/v1/health/service/{name}", get(health_service))
         .route("/v1/health/state/{state}", get(health_state))
+        .route("/v1/health/checks/{name}", get(health_checks))
         .route(
             "/v1/agent/service/register",
             axum::routing::put(register).post(register),
