@@ -346,6 +346,20 @@ async fn blocking_queries_return_when_the_answer_changes() {
     assert!(index(&r) > seen);
     assert_eq!(body(&r)["db"], json!(["x"]));
 
+    // The critical checks wake when one turns critical (Traefik watches health/state).
+    let r = get(&s, "/v1/health/state/critical").await;
+    let seen = index(&r);
+    assert_eq!(pluck(&body(&r), "/ServiceID"), ["db-1", "o-1"]);
+    let path = format!("/v1/health/state/critical?index={seen}&wait=60s");
+    let blocked = tokio::spawn(async move { send(consul, HttpRequest::new("GET", &path)).await });
+    assert_eq!(
+        get(&s, "/v1/agent/check/fail/service:api-1").await.status,
+        200
+    );
+    let r = blocked.await.unwrap();
+    assert!(index(&r) > seen);
+    assert_eq!(pluck(&body(&r), "/ServiceID"), ["api-1", "db-1", "o-1"]);
+
     // The catalog view of one service wakes when it is deregistered.
     let r = get(&s, "/v1/catalog/service/db").await;
     let seen = index(&r);

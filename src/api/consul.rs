@@ -691,11 +691,22 @@ async fn health_state(
         )));
     }
     let query = q.blocking(&state.api)?;
+    // What the answer depends on, cheap to compare on every catalog change: the
+    // instances listed and their modify indexes.
+    let acl = &state.api.inner.acl;
+    let fingerprint = |snap: &Snapshot| -> Vec<(InstanceId, u64)> {
+        snap.services()
+            .filter(|s| acl.can_read(caller, s.name.as_str()))
+            .flat_map(|s| s.instances.iter())
+            .filter(|i| has_check(i) && (wanted == "any" || wanted == status(i)))
+            .map(|i| (i.id.clone(), i.modify_index))
+            .collect()
+    };
     let first = state.catalog().snapshot();
-    let before = checks_in_state(&state, caller, &first, &wanted, &q);
+    let before = fingerprint(&first);
     let behind = query.index.is_some_and(|seen| seen < first.index);
     let snap = block(&state.api, query, |snap| {
-        behind || checks_in_state(&state, caller, snap, &wanted, &q) != before
+        behind || fingerprint(snap) != before
     })
     .await;
     let list = checks_in_state(&state, caller, &snap, &wanted, &q);
