@@ -1261,8 +1261,14 @@ async fn method_not_allowed() -> ConsulError {
 }
 
 /// The Consul-compatible router over the API's state; `addr` is the listener's address
-/// (reported as the leader).
-pub fn router(api: ApiState, addr: SocketAddr) -> Router {
+/// (reported as the leader; loopback stands in for an unspecified address).
+pub fn router(api: ApiState, mut addr: SocketAddr) -> Router {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        });
+    }
     let body_limit = api.inner.settings.max_body_bytes;
     let state = Consul {
         api: api.clone(),
