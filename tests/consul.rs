@@ -35,19 +35,25 @@ impl Drop for Server {
 /// Starts the binary in memory with every listener on 127.0.0.1:0, a lease TTL of
 /// `ttl_secs`, and `config` (TOML) as its configuration file.
 fn serve(ttl_secs: u64, config: &str) -> Server {
+    let pool = format!("127.{}.{}.0/24", fastrand::u8(1..=250), fastrand::u8(..));
+    serve_with(ttl_secs, config, None, &pool)
+}
+
+/// [`serve`], durable in `data_dir` when given, with VIP pool `pool`.
+fn serve_with(ttl_secs: u64, config: &str, data_dir: Option<&Path>, pool: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("netsel.toml");
     std::fs::write(&conf, format!("min_ttl_ms = 100\n{config}")).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_netsel"));
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&conf)
-        .arg("--in-memory");
+    cmd.arg("serve").arg("--config").arg(&conf);
+    match data_dir {
+        Some(d) => cmd.arg("--data-dir").arg(d),
+        None => cmd.arg("--in-memory"),
+    };
     for flag in common::LISTEN_FLAGS.iter().chain(&["--consul-addr"]) {
         cmd.args([flag, "127.0.0.1:0"]);
     }
-    let pool = format!("127.{}.{}.0/24", fastrand::u8(1..=250), fastrand::u8(..));
-    cmd.args(["--vip-cidr", &pool])
+    cmd.args(["--vip-cidr", pool])
         .args(["--max-heartbeat-age", &ttl_secs.to_string()])
         .args(["--health-check-interval", "1"])
         .env("RUST_LOG", "warn")
@@ -413,6 +419,57 @@ async fn ttl_checks_are_leases_and_checkless_services_are_held() {
     // By then (over 1 s after it registered) the held service is still there.
     let r = get(&s, "/v1/catalog/services").await;
     assert!(body(&r).get("held").is_some(), "{}", r.text());
+}
+
+/// Consul registrations are ordinary instances: they survive a restart of a durable
+/// server with their Consul IDs, check IDs and held leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_registrations_survive_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let pool = format!("127.{}.{}.0/24", fastrand::u8(1..=250), fastrand::u8(..));
+    let mut reg = ttl_reg("pay", "pay-1", 7100, &["v2"]);
+    reg["Check"] = json!({"CheckID": "pay-ttl", "TTL": "30s"});
+    let held = json!({"Name": "ledger", "ID": "ledger-1", "Port": 7200});
+    {
+        let s = serve_with(2, "", Some(data.path()), &pool);
+        assert_eq!(put(&s, "/v1/agent/service/register", reg).await.status, 200);
+        assert_eq!(
+            put(&s, "/v1/agent/service/register", held).await.status,
+            200
+        );
+        assert_eq!(get(&s, "/v1/agent/check/pass/pay-ttl").await.status, 200);
+    } // killed
+    let s = serve_with(2, "", Some(data.path()), &pool);
+    let r = get(&s, "/v1/catalog/services").await;
+    assert_eq!(body(&r), json!({"ledger": [], "pay": ["v2"]}));
+    let r = get(&s, "/v1/health/service/pay").await;
+    assert_eq!(pluck(&body(&r), "/Service/ID"), ["pay-1"]);
+    assert_eq!(
+        pluck(&body(&r)[0]["Checks"], "/CheckID"),
+        ["serfHealth", "pay-ttl"]
+    );
+    assert_eq!(get(&s, "/v1/agent/check/fail/pay-ttl").await.status, 200);
+    // The held lease (2 s) is renewed after the restart too: the ledger outlives the
+    // moment its restored lease would have run out.
+    let r = get(&s, "/v1/health/service/ledger").await;
+    let seen = index(&r);
+    let r = get(
+        &s,
+        &format!("/v1/health/service/ledger?index={seen}&wait=3s"),
+    )
+    .await;
+    assert_eq!(
+        pluck(&body(&r), "/Service/ID"),
+        ["ledger-1"],
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        put(&s, "/v1/agent/service/deregister/ledger-1", json!({}))
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
