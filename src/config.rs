@@ -373,6 +373,9 @@ pub struct Settings {
     pub config: NetSelConfig,
     /// HTTP API, UI and metrics. Default `127.0.0.1:9001`.
     pub api_addr: SocketAddr,
+    /// The Consul-compatible API (docs/consul.md); off unless set. Consul's usual address
+    /// is `127.0.0.1:8500`.
+    pub consul_addr: Option<SocketAddr>,
     /// Where the embedded store lives; `None` keeps state in memory only.
     pub data_dir: Option<PathBuf>,
     /// The cluster store (etcd); when set, `data_dir` is not used.
@@ -416,6 +419,7 @@ impl From<NetSelConfig> for Settings {
         Settings {
             config,
             api_addr: SocketAddr::new(LOCAL, 9001),
+            consul_addr: None,
             data_dir: None,
             store: crate::store::StoreSettings::default(),
             network: NetworkSettings::default(),
@@ -446,6 +450,7 @@ struct FileConfig {
     health_check_interval: Option<u64>,
     max_heartbeat_age: Option<u64>,
     api_addr: Option<SocketAddr>,
+    consul_addr: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     store: Option<crate::store::StoreSettings>,
     min_ttl_ms: Option<u64>,
@@ -514,6 +519,9 @@ impl Settings {
         );
         if f.data_dir.is_some() {
             s.data_dir = f.data_dir;
+        }
+        if f.consul_addr.is_some() {
+            s.consul_addr = f.consul_addr;
         }
         if let Some(store) = f.store {
             s.store = store;
@@ -808,6 +816,14 @@ mod tests {
                 (v, v)
             );
         }
+    }
+
+    #[test]
+    fn consul_addr_is_off_unless_set() {
+        assert_eq!(Settings::default().consul_addr, None);
+        let s = Settings::from_toml("consul_addr = \"127.0.0.1:8500\"").unwrap();
+        assert_eq!(s.consul_addr, Some("127.0.0.1:8500".parse().unwrap()));
+        assert!(Settings::from_toml("consul_addr = \"nowhere\"").is_err());
     }
 
     #[test]

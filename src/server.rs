@@ -65,6 +65,8 @@ pub struct BoundAddrs {
     pub tcp_proxy: Option<SocketAddr>,
     /// HTTP proxy.
     pub http_proxy: Option<SocketAddr>,
+    /// Consul-compatible API (off unless `consul_addr` is set).
+    pub consul: Option<SocketAddr>,
 }
 
 impl BoundAddrs {
@@ -77,6 +79,7 @@ impl BoundAddrs {
             ("dns", self.dns),
             ("tcp_proxy", self.tcp_proxy),
             ("http_proxy", self.http_proxy),
+            ("consul", self.consul),
         ];
         out.extend(optional.into_iter().filter_map(|(n, a)| a.map(|a| (n, a))));
         out
@@ -232,13 +235,21 @@ impl NetSelServer {
             reason: e.to_string(),
         })?;
         let api = bind_tcp("api", s.api_addr).await?;
+        let consul = match s.consul_addr {
+            Some(addr) => Some(bind_tcp("consul", addr).await?),
+            None => None,
+        };
         let mut bound = BoundAddrs {
             registry: local_addr(&registry, s.config.registry_addr),
             api: Some(local_addr(&api, s.api_addr)),
             dns: Some(dns_sockets.local_addr().unwrap_or(s.config.dns_addr)),
             tcp_proxy: None,
             http_proxy: None,
+            consul: None,
         };
+        if let (Some(l), Some(addr)) = (&consul, s.consul_addr) {
+            bound.consul = Some(local_addr(l, addr));
+        }
         // (Each front end binds here and fills in its `bound` field.)
         let http_listener = crate::proxy::http::bind(s.config.http_proxy_addr, &s.http_proxy)
             .map_err(|source| ServerError::Bind {
@@ -317,6 +328,18 @@ impl NetSelServer {
             Some(metrics.clone()),
             shutdown.clone(),
         );
+        if let (Some(listener), Some(addr)) = (consul, bound.consul) {
+            tasks.spawn(crate::api::consul::serve(
+                listener,
+                api_state.clone(),
+                addr,
+                shutdown.clone(),
+            ));
+            tasks.spawn(crate::api::consul::hold_leases(
+                catalog.clone(),
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(crate::api::serve(api, api_state, shutdown.clone()));
         tasks.spawn(crate::dns::serve(
             dns_handler,
@@ -328,12 +351,16 @@ impl NetSelServer {
         tasks.spawn(http_proxy.serve(http_listener, shutdown.clone()));
         tasks.spawn(tcp_proxy.clone().run(Some(tcp_gateway), shutdown.clone()));
         if !s.acl.enabled {
-            let open: Vec<String> = [("registry", Some(bound.registry)), ("api", bound.api)]
-                .into_iter()
-                .filter_map(|(n, a)| a.map(|a| (n, a)))
-                .filter(|(_, a)| !a.ip().is_loopback())
-                .map(|(n, a)| format!("{n} on {a}"))
-                .collect();
+            let open: Vec<String> = [
+                ("registry", Some(bound.registry)),
+                ("api", bound.api),
+                ("consul", bound.consul),
+            ]
+            .into_iter()
+            .filter_map(|(n, a)| a.map(|a| (n, a)))
+            .filter(|(_, a)| !a.ip().is_loopback())
+            .map(|(n, a)| format!("{n} on {a}"))
+            .collect();
             if !open.is_empty() {
                 tracing::warn!(listeners = %open.join(", "),
                     "ACLs are off and these listen beyond loopback: anyone who reaches them \

@@ -228,6 +228,7 @@ pub(crate) async fn register(
             Some(s) => Some(Duration::from_secs(s)),
         },
         replace: req.replace.unwrap_or(true),
+        initial_health: None,
     };
     let registered = state.inner.catalog.register(reg).await?;
     let status = if registered.renewed {

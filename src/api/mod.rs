@@ -20,8 +20,11 @@
 //! | `GET /v1/openapi.yaml` | the OpenAPI document |
 //! | `GET /metrics` | Prometheus metrics |
 //! | `GET /ui/` | the live dashboard |
+//!
+//! [`consul`] serves a Consul-compatible API on its own listener over the same state.
 
 mod acl;
+pub mod consul;
 mod error;
 mod handlers;
 mod limit;
@@ -175,8 +178,20 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// (blocking queries and event streams end at once). At most `api.max_connections`
 /// connections are served at a time; further clients wait in the listen backlog.
 pub async fn serve(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(state.inner.settings.max_connections));
-    let app = router(state);
+    let max_connections = state.inner.settings.max_connections;
+    serve_app(listener, router(state), max_connections, "api", shutdown).await;
+}
+
+/// Serves `app` on `listener` with the API's bounds (connection limit, header timeout,
+/// graceful shutdown): the API's own listener and the Consul-compatible one.
+pub(crate) async fn serve_app(
+    listener: TcpListener,
+    app: Router,
+    max_connections: usize,
+    what: &'static str,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = AutoBuilder::new(TokioExecutor::new());
     builder
@@ -198,7 +213,7 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: Cancellatio
             accepted = listener.accept() => match accepted {
                 Ok(a) => { backoff = Duration::from_millis(5); a }
                 Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
+                    tracing::warn!(error = %e, listener = what, "accept failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
@@ -220,11 +235,11 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: Cancellatio
         tokio::spawn(
             async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "API connection ended");
+                    tracing::debug!(error = %e, listener = what, "connection ended");
                 }
                 drop(permit);
             }
-            .instrument(tracing::debug_span!("api", %peer)),
+            .instrument(tracing::debug_span!("http", listener = what, %peer)),
         );
     }
     drop(listener);

@@ -251,6 +251,10 @@ pub struct Registration {
     /// instead: what a client sends when it registers again after being told its instance
     /// is gone or superseded, so a late owner never displaces its replacement.
     pub replace: bool,
+    /// The health a new instance starts with (default passing). A registration that takes
+    /// over an instance keeps that instance's health. The Consul door starts an instance
+    /// with a TTL check critical until its first pass, as Consul does.
+    pub initial_health: Option<Health>,
 }
 
 impl Registration {
@@ -268,6 +272,7 @@ impl Registration {
             check: None,
             deregister_critical_after: None,
             replace: true,
+            initial_health: None,
         }
     }
 }
@@ -1691,12 +1696,16 @@ impl Catalog {
             registered_index,
             deadline_unix_ms: ctx.unix_ms(deadline),
             owner: ctx.node.cloned(),
-            // A new check (a new instance, or a changed check) starts critical: nothing is
-            // routed to it until its first check passes.
+            // A re-registration with the same check keeps its health. A new check (a new
+            // instance, or a changed check) starts critical, so nothing is routed to it
+            // until its first check passes, unless the door says otherwise (Consul's).
             health: match &previous {
                 Some(p) if p.check == reg.check => p.health,
-                _ if reg.check.is_some() => Health::Critical,
-                _ => Health::Passing,
+                _ => reg.initial_health.unwrap_or(if reg.check.is_some() {
+                    Health::Critical
+                } else {
+                    Health::Passing
+                }),
             },
             request,
         };

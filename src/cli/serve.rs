@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// HTTP API, UI and metrics address [default: 127.0.0.1:9001].
     #[arg(long, value_name = "ADDR")]
     api_addr: Option<SocketAddr>,
+    /// Serve a Consul-compatible API at this address (off by default; Consul's usual
+    /// address is 127.0.0.1:8500). See docs/consul.md.
+    #[arg(long, value_name = "ADDR")]
+    consul_addr: Option<SocketAddr>,
     /// DNS address, UDP and TCP [default: 127.0.0.1:5353].
     #[arg(long, value_name = "ADDR")]
     dns_addr: Option<SocketAddr>,
@@ -83,6 +87,9 @@ impl ServeArgs {
         );
         if self.data_dir.is_some() {
             s.data_dir = self.data_dir.clone();
+        }
+        if self.consul_addr.is_some() {
+            s.consul_addr = self.consul_addr;
         }
         if let Some(url) = &self.store {
             s.store

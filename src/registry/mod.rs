@@ -365,6 +365,7 @@ impl Connection {
                     check: options.check,
                     deregister_critical_after: options.deregister_critical_after,
                     replace: options.replace.unwrap_or(true),
+                    initial_health: None,
                 };
                 match catalog.register(reg).await {
                     Ok(r) => Response::Registered(RegisterReply {
