@@ -112,6 +112,18 @@ pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
+/// Whether hyper (the `http` crate's `Uri`) keeps an origin-form target byte for byte:
+/// within its length limit, no fragment (`#`, which it cuts off), no byte it refuses in a
+/// path or a query (`"`, `<`, `>`, `` ` ``, DEL, controls) and no non-ASCII byte (refused
+/// unless UTF-8). Other targets go to the general path, so an instance never gets a
+/// target from the fast path that the general path would have changed or refused.
+fn verbatim_target(path: &str) -> bool {
+    path.len() < usize::from(u16::MAX - 1)
+        && path
+            .bytes()
+            .all(|b| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x5F | 0x61..=0x7E))
+}
+
 /// Serves the connection's requests while they fit the fast path.
 pub(super) async fn serve(
     proxy: &HttpProxy,
@@ -234,7 +246,7 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Fallback;
     };
-    if method == "CONNECT" || !path.starts_with('/') {
+    if method == "CONNECT" || !path.starts_with('/') || !verbatim_target(path) {
         return Parsed::Fallback;
     }
     let (mut host, mut hosts) = (None, 0);
@@ -927,6 +939,35 @@ mod tests {
 
     async fn head_len(mut input: &[u8], max_head: usize) -> Result<usize, AttemptError> {
         read_upstream_head(&mut input, &mut BytesMut::new(), max_head, |_, len| Ok(len)).await
+    }
+
+    /// Found by the differential test (`tests/http_proxy_differential.rs`): the fast path
+    /// forwarded `/frag#x` as sent while the general path forwards `/frag`, and forwarded
+    /// targets hyper refuses with 400.
+    #[test]
+    fn targets_hyper_would_change_or_refuse_leave_the_fast_path() {
+        for kept in [
+            "/",
+            "/a/b?x=1&y=%20",
+            "/a{b}|c^\\[]",
+            "/q?a={}|^\\",
+            "/~!$&'()*+,;=:@",
+        ] {
+            assert!(verbatim_target(kept), "{kept}");
+            assert_eq!(hyper::Uri::try_from(kept).unwrap().to_string(), kept);
+        }
+        for odd in [
+            "/frag#x",
+            "/a\"b",
+            "/a<b>",
+            "/a`b",
+            "/q?a\"b",
+            "/caf\u{e9}",
+            "/\x7f",
+        ] {
+            assert!(!verbatim_target(odd), "{odd}");
+        }
+        assert!(!verbatim_target(&format!("/{}", "a".repeat(70_000))));
     }
 
     /// Found by the `http_head` fuzz target: a head over the limit was accepted when it
