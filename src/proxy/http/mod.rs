@@ -40,7 +40,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, TRANSFER_ENCODING,
+};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -749,6 +751,17 @@ impl HttpProxy {
             *req.version_mut() = Version::HTTP_11;
             *req.uri_mut() = Uri::from(parts.path.clone());
             req.headers_mut().insert(HOST, host);
+            // A body of unknown length (the client's was chunked) goes out chunked, said
+            // explicitly: without the header hyper's client sends no body at all for GET,
+            // HEAD and CONNECT, dropping what the client sent (the fast path forwards it;
+            // found by tests/http_proxy_differential.rs).
+            if let UpBody::Stream(b) = req.body()
+                && b.size_hint().exact().is_none()
+                && !req.headers().contains_key(CONTENT_LENGTH)
+            {
+                req.headers_mut()
+                    .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
         }
         req
     }
