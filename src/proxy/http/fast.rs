@@ -353,6 +353,8 @@ pub(crate) enum AttemptError {
     BadResponse,
     /// The client went away while its body was being pumped: nothing more to do.
     ClientGone,
+    /// The client's chunked body turned out malformed after its head had been sent.
+    BadBody,
 }
 
 /// Proxies one request; `true` when the client connection can take another.
@@ -455,6 +457,14 @@ async fn exchange(
                 return keep;
             }
             Err(AttemptError::ClientGone) => return false,
+            Err(AttemptError::BadBody) => {
+                // The client's fault, not the instance's: answered like the general path
+                // answers it (400, connection closed), and nothing counted against it.
+                let (status, body) = bad_body_answer();
+                m.request(status.as_u16(), start.elapsed());
+                local_answer(client, &mut bufs.resp, status, &body, false, head.is_head).await;
+                return false;
+            }
             Err(AttemptError::Timeout) => {
                 tries.timed_out();
                 break;
@@ -480,7 +490,27 @@ async fn exchange(
     if !consumed {
         buf.advance(body_end);
     }
-    let out = &mut bufs.resp;
+    local_answer(client, &mut bufs.resp, status, &body, keep, head.is_head).await
+}
+
+/// The proxy's own answer to a request whose body turned out malformed after its head
+/// had been forwarded (the general path gives the same, see `HttpProxy::forward`).
+pub(crate) fn bad_body_answer() -> (hyper::StatusCode, String) {
+    (
+        hyper::StatusCode::BAD_REQUEST,
+        "bad request: malformed or incomplete request body\n".to_string(),
+    )
+}
+
+/// Writes the proxy's own plain-text answer; `true` when the connection can go on.
+async fn local_answer(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    status: hyper::StatusCode,
+    body: &str,
+    keep: bool,
+    is_head: bool,
+) -> bool {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -492,7 +522,7 @@ async fn exchange(
         out.extend_from_slice(b"\r\nconnection: close");
     }
     out.extend_from_slice(b"\r\n\r\n");
-    if !head.is_head {
+    if !is_head {
         out.extend_from_slice(body.as_bytes());
     }
     client.write_all(out).await.is_ok() && keep
@@ -564,6 +594,7 @@ async fn attempt(
                         match r {
                             Ok(()) => body_complete = true,
                             Err(PumpError::Client) => return Err(AttemptError::ClientGone),
+                            Err(PumpError::Malformed) => return Err(AttemptError::BadBody),
                             // The instance stopped reading; its response may say why.
                             Err(PumpError::Upstream) => {}
                         }
@@ -611,7 +642,7 @@ async fn attempt(
                         pumped = true;
                         match r {
                             Ok(()) => body_complete = true,
-                            Err(PumpError::Client) => return Ok(false),
+                            Err(PumpError::Client | PumpError::Malformed) => return Ok(false),
                             Err(PumpError::Upstream) => {}
                         }
                     }
@@ -657,8 +688,10 @@ fn body_step(body: &mut RespBody, bytes: &[u8]) -> (usize, bool, bool) {
 
 /// Why pumping a request body stopped.
 enum PumpError {
-    /// The client closed, failed or sent a malformed body.
+    /// The client closed or failed.
     Client,
+    /// The client's chunked body is malformed.
+    Malformed,
     /// The instance stopped taking it.
     Upstream,
 }
@@ -692,7 +725,7 @@ async fn pump_body(
             Pump::Chunked(t) => match t.feed(buf) {
                 ChunkStep::End(k) => (k, true),
                 ChunkStep::More => (buf.len(), false),
-                ChunkStep::Bad => return Err(PumpError::Client),
+                ChunkStep::Bad => return Err(PumpError::Malformed),
             },
         };
         uw.write_all(&buf[..take])

@@ -843,6 +843,17 @@ impl HttpProxy {
                     tracing::debug!(%addr, error = %e, "upstream connection not usable, retrying");
                     body = Some(unsent_req.into_body());
                 }
+                Err((_, e)) if e.is_user() => {
+                    // The client's body failed (malformed chunking, cut short): not the
+                    // instance's fault, so nothing counts against it, and the client is
+                    // told (the fast path answers the same).
+                    tracing::debug!(service = %svc.name, %addr, error = %e, "request body failed");
+                    let (status, body) = fast::bad_body_answer();
+                    let mut r = local(status, body);
+                    r.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                    return r;
+                }
                 Err((_, e)) => {
                     tracing::debug!(service = %svc.name, %addr, error = %e, "upstream request failed");
                     if tries.failed(&pick, reused, replayable) {
