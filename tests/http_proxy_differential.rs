@@ -348,13 +348,19 @@ fn framing_strategy() -> impl Strategy<Value = Vec<String>> {
         1 => Just("Transfer-Encoding : chunked"),
         1 => Just("Transfer-Encoding:\tchunked"),
     ];
-    let line = prop_oneof![length.boxed(), encoding.boxed()].prop_map(String::from);
+    let line = prop_oneof![length.boxed(), encoding.boxed()];
     prop_oneof![
         3 => Just(vec![]),
-        3 => Just(vec!["Content-Length: {n}".to_string()]),
-        3 => Just(vec!["Transfer-Encoding: chunked".to_string()]),
+        3 => Just(vec!["Content-Length: {n}"]),
+        3 => Just(vec!["Transfer-Encoding: chunked"]),
+        // The classic smuggling pairs, each well formed on its own.
+        1 => Just(vec!["Content-Length: {n}", "Transfer-Encoding: chunked"]),
+        1 => Just(vec!["Transfer-Encoding: chunked", "Content-Length: {n}"]),
+        1 => Just(vec!["Content-Length: {n}", "Content-Length: {n}"]),
+        1 => Just(vec!["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"]),
         3 => prop::collection::vec(line, 1..4),
     ]
+    .prop_map(|v| v.into_iter().map(String::from).collect())
 }
 
 fn other_headers() -> impl Strategy<Value = Vec<String>> {
