@@ -1215,6 +1215,16 @@ fn divergences_found_stay_fixed() {
                 if b == b"hello"
         ));
 
+        // `TE: gzip` then `TE: trailers`: the general path dropped both, the fast path
+        // kept `TE: trailers`.
+        let req = b"POST / HTTP/1.1\r\nHost: svc\r\nTE: gzip\r\nTE: trailers\r\n\r\n";
+        let seen = compare(&h, req).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            &seen.instance[..],
+            [Seen::Request { headers, .. }]
+                if headers.iter().filter(|(n, _)| n == "te").eq([&("te".into(), "trailers".into())])
+        ));
+
         // A chunked body that turns bad after its head went out: the fast path closed
         // without an answer, the general path answered 502 (and ejected the instance).
         let head = &b"POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"[..];
