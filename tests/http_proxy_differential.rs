@@ -358,6 +358,10 @@ fn framing_strategy() -> impl Strategy<Value = Vec<String>> {
         1 => Just(vec!["Transfer-Encoding: chunked", "Content-Length: {n}"]),
         1 => Just(vec!["Content-Length: {n}", "Content-Length: {n}"]),
         1 => Just(vec!["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"]),
+        // Framing folded over two lines (obs-fold).
+        1 => Just(vec!["Transfer-Encoding:", " chunked"]),
+        1 => Just(vec!["Transfer-Encoding: gzip,", "\tchunked"]),
+        1 => Just(vec!["Content-Length: {n}", " 0"]),
         3 => prop::collection::vec(line, 1..4),
     ]
     .prop_map(|v| v.into_iter().map(String::from).collect())
