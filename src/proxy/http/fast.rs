@@ -112,6 +112,18 @@ pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
+/// Whether hyper (the `http` crate's `Uri`) keeps an origin-form target byte for byte:
+/// within its length limit, no fragment (`#`, which it cuts off), no byte it refuses in a
+/// path or a query (`"`, `<`, `>`, `` ` ``, DEL, controls) and no non-ASCII byte (refused
+/// unless UTF-8). Other targets go to the general path, so an instance never gets a
+/// target from the fast path that the general path would have changed or refused.
+fn verbatim_target(path: &str) -> bool {
+    path.len() < usize::from(u16::MAX - 1)
+        && path
+            .bytes()
+            .all(|b| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x5F | 0x61..=0x7E))
+}
+
 /// Serves the connection's requests while they fit the fast path.
 pub(super) async fn serve(
     proxy: &HttpProxy,
@@ -234,7 +246,7 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Fallback;
     };
-    if method == "CONNECT" || !path.starts_with('/') {
+    if method == "CONNECT" || !path.starts_with('/') || !verbatim_target(path) {
         return Parsed::Fallback;
     }
     let (mut host, mut hosts) = (None, 0);
@@ -341,6 +353,8 @@ pub(crate) enum AttemptError {
     BadResponse,
     /// The client went away while its body was being pumped: nothing more to do.
     ClientGone,
+    /// The client's chunked body turned out malformed after its head had been sent.
+    BadBody,
 }
 
 /// Proxies one request; `true` when the client connection can take another.
@@ -443,6 +457,14 @@ async fn exchange(
                 return keep;
             }
             Err(AttemptError::ClientGone) => return false,
+            Err(AttemptError::BadBody) => {
+                // The client's fault, not the instance's: answered like the general path
+                // answers it (400, connection closed), and nothing counted against it.
+                let (status, body) = bad_body_answer();
+                m.request(status.as_u16(), start.elapsed());
+                local_answer(client, &mut bufs.resp, status, &body, false, head.is_head).await;
+                return false;
+            }
             Err(AttemptError::Timeout) => {
                 tries.timed_out();
                 break;
@@ -468,7 +490,27 @@ async fn exchange(
     if !consumed {
         buf.advance(body_end);
     }
-    let out = &mut bufs.resp;
+    local_answer(client, &mut bufs.resp, status, &body, keep, head.is_head).await
+}
+
+/// The proxy's own answer to a request whose body turned out malformed after its head
+/// had been forwarded (the general path gives the same, see `HttpProxy::forward`).
+pub(crate) fn bad_body_answer() -> (hyper::StatusCode, String) {
+    (
+        hyper::StatusCode::BAD_REQUEST,
+        "bad request: malformed or incomplete request body\n".to_string(),
+    )
+}
+
+/// Writes the proxy's own plain-text answer; `true` when the connection can go on.
+async fn local_answer(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    status: hyper::StatusCode,
+    body: &str,
+    keep: bool,
+    is_head: bool,
+) -> bool {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -480,7 +522,7 @@ async fn exchange(
         out.extend_from_slice(b"\r\nconnection: close");
     }
     out.extend_from_slice(b"\r\n\r\n");
-    if !head.is_head {
+    if !is_head {
         out.extend_from_slice(body.as_bytes());
     }
     client.write_all(out).await.is_ok() && keep
@@ -552,6 +594,7 @@ async fn attempt(
                         match r {
                             Ok(()) => body_complete = true,
                             Err(PumpError::Client) => return Err(AttemptError::ClientGone),
+                            Err(PumpError::Malformed) => return Err(AttemptError::BadBody),
                             // The instance stopped reading; its response may say why.
                             Err(PumpError::Upstream) => {}
                         }
@@ -599,7 +642,7 @@ async fn attempt(
                         pumped = true;
                         match r {
                             Ok(()) => body_complete = true,
-                            Err(PumpError::Client) => return Ok(false),
+                            Err(PumpError::Client | PumpError::Malformed) => return Ok(false),
                             Err(PumpError::Upstream) => {}
                         }
                     }
@@ -645,8 +688,10 @@ fn body_step(body: &mut RespBody, bytes: &[u8]) -> (usize, bool, bool) {
 
 /// Why pumping a request body stopped.
 enum PumpError {
-    /// The client closed, failed or sent a malformed body.
+    /// The client closed or failed.
     Client,
+    /// The client's chunked body is malformed.
+    Malformed,
     /// The instance stopped taking it.
     Upstream,
 }
@@ -680,7 +725,7 @@ async fn pump_body(
             Pump::Chunked(t) => match t.feed(buf) {
                 ChunkStep::End(k) => (k, true),
                 ChunkStep::More => (buf.len(), false),
-                ChunkStep::Bad => return Err(PumpError::Client),
+                ChunkStep::Bad => return Err(PumpError::Malformed),
             },
         };
         uw.write_all(&buf[..take])
@@ -927,6 +972,35 @@ mod tests {
 
     async fn head_len(mut input: &[u8], max_head: usize) -> Result<usize, AttemptError> {
         read_upstream_head(&mut input, &mut BytesMut::new(), max_head, |_, len| Ok(len)).await
+    }
+
+    /// Found by the differential test (`tests/http_proxy_differential.rs`): the fast path
+    /// forwarded `/frag#x` as sent while the general path forwards `/frag`, and forwarded
+    /// targets hyper refuses with 400.
+    #[test]
+    fn targets_hyper_would_change_or_refuse_leave_the_fast_path() {
+        for kept in [
+            "/",
+            "/a/b?x=1&y=%20",
+            "/a{b}|c^\\[]",
+            "/q?a={}|^\\",
+            "/~!$&'()*+,;=:@",
+        ] {
+            assert!(verbatim_target(kept), "{kept}");
+            assert_eq!(hyper::Uri::try_from(kept).unwrap().to_string(), kept);
+        }
+        for odd in [
+            "/frag#x",
+            "/a\"b",
+            "/a<b>",
+            "/a`b",
+            "/q?a\"b",
+            "/caf\u{e9}",
+            "/\x7f",
+        ] {
+            assert!(!verbatim_target(odd), "{odd}");
+        }
+        assert!(!verbatim_target(&format!("/{}", "a".repeat(70_000))));
     }
 
     /// Found by the `http_head` fuzz target: a head over the limit was accepted when it

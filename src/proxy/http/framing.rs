@@ -26,13 +26,22 @@ const POISON: &[u8] = b"\0\r\n\r\n";
 /// Header line bytes kept for inspection (names and framing values are short).
 const LINE_KEEP: usize = 256;
 
+/// Most chunk-extension bytes in one body, and most trailer-section bytes and trailer
+/// fields: hyper's limits (`CHUNKED_EXTENSIONS_LIMIT`, `TRAILER_LIMIT`, its default
+/// header count), so a body the fast path passes on is one hyper would take too.
+const MAX_EXTENSION_BYTES: u32 = 16 * 1024 - 1;
+const MAX_TRAILER_BYTES: u32 = 16 * 1024 - 1;
+const MAX_TRAILERS: u32 = 100;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     /// At the start of a chunk-size line: a hex digit must come.
     SizeStart,
     /// In a chunk-size line: the size so far.
     Size(u64),
-    /// In chunk extensions, up to the end of the line.
+    /// Whitespace after the size: only more whitespace, `;` or CR may follow.
+    SizeLws(u64),
+    /// In chunk extensions, up to the CR that ends the line.
     Ext(u64),
     /// After the CR that ends a chunk-size line: LF.
     SizeLf(u64),
@@ -42,18 +51,39 @@ enum Chunk {
     DataCr,
     /// After chunk data: LF.
     DataLf,
-    /// Trailer section, at the start of a line.
+    /// Trailer section, at the start of a line: a field name or the final CR.
     TrailerLineStart,
-    /// Inside a trailer line.
-    TrailerLine,
+    /// In a trailer field's name (at least one token character read).
+    TrailerName,
+    /// In a trailer field's value.
+    TrailerValue,
+    /// After the CR that ends a trailer field: LF.
+    TrailerLf,
     /// Final CR seen; LF ends the message.
     TrailerEnd,
 }
 
 /// Follows a chunked body (RFC 9112 §7.1) byte by byte, to find where it ends. Used by
 /// the guard below and by the fast path, which passes chunked bodies through verbatim.
+///
+/// It is exactly as strict as hyper's decoder (the general path's), or stricter: every
+/// line ends with CRLF (a bare LF is malformed, as are a CR without LF and chunk data
+/// not followed by CRLF); a size is hex digits whose value fits in 64 bits, optionally
+/// followed by whitespace, then only `;` and extensions; extensions and trailers stay
+/// within hyper's limits; each trailer line is `token ":" value` without control
+/// characters (no obs-fold). The fast path hands a body it calls malformed to the
+/// general path when it sees it with the head, so the two paths cannot disagree on
+/// where a body ends or whether it is acceptable (the differential test in
+/// `tests/http_proxy_differential.rs` checks this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ChunkedBody(Chunk);
+pub(crate) struct ChunkedBody {
+    state: Chunk,
+    /// Chunk-extension bytes so far, over the whole body.
+    ext_bytes: u32,
+    /// Trailer-section bytes and fields so far.
+    trailer_bytes: u32,
+    trailers: u32,
+}
 
 /// What [`ChunkedBody::feed`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,61 +96,102 @@ pub(crate) enum ChunkStep {
     Bad,
 }
 
+/// A field-name character (RFC 9110 `tchar`).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A field-value character: visible ASCII, space, tab, or obs-text.
+fn is_value_char(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
+}
+
 impl ChunkedBody {
     /// At the start of a chunked body.
     pub(crate) fn new() -> Self {
-        ChunkedBody(Chunk::SizeStart)
+        ChunkedBody {
+            state: Chunk::SizeStart,
+            ext_bytes: 0,
+            trailer_bytes: 0,
+            trailers: 0,
+        }
     }
 
     /// Follows the next bytes of the body.
     pub(crate) fn feed(&mut self, bytes: &[u8]) -> ChunkStep {
         let mut i = 0;
         while i < bytes.len() {
-            if let Chunk::Data(left) = &mut self.0 {
+            if let Chunk::Data(left) = &mut self.state {
                 let take = (*left).min((bytes.len() - i) as u64);
                 *left -= take;
                 i += take as usize;
                 if *left == 0 {
-                    self.0 = Chunk::DataCr;
+                    self.state = Chunk::DataCr;
                 }
                 continue;
             }
             let b = bytes[i];
             i += 1;
-            let next = match self.0 {
+            if matches!(
+                self.state,
+                Chunk::TrailerLineStart
+                    | Chunk::TrailerName
+                    | Chunk::TrailerValue
+                    | Chunk::TrailerLf
+                    | Chunk::TrailerEnd
+            ) {
+                self.trailer_bytes += 1;
+                if self.trailer_bytes > MAX_TRAILER_BYTES {
+                    return ChunkStep::Bad;
+                }
+            }
+            let next = match self.state {
                 Chunk::SizeStart => hex(b).map(Chunk::Size),
                 Chunk::Size(n) => match b {
-                    _ if hex(b).is_some() && n < 1 << 56 => {
-                        Some(Chunk::Size(n * 16 + hex(b).unwrap_or(0)))
-                    }
-                    b';' | b' ' | b'\t' => Some(Chunk::Ext(n)),
+                    _ if hex(b).is_some() => n
+                        .checked_mul(16)
+                        .and_then(|n| n.checked_add(hex(b).unwrap_or(0)))
+                        .map(Chunk::Size),
+                    b' ' | b'\t' => Some(Chunk::SizeLws(n)),
+                    b';' => Some(Chunk::Ext(n)),
                     b'\r' => Some(Chunk::SizeLf(n)),
-                    b'\n' => Some(end_size_line(n)),
+                    _ => None,
+                },
+                Chunk::SizeLws(n) => match b {
+                    b' ' | b'\t' => Some(Chunk::SizeLws(n)),
+                    b';' => Some(Chunk::Ext(n)),
+                    b'\r' => Some(Chunk::SizeLf(n)),
                     _ => None,
                 },
                 Chunk::Ext(n) => match b {
                     b'\r' => Some(Chunk::SizeLf(n)),
-                    b'\n' => Some(end_size_line(n)),
-                    _ => Some(Chunk::Ext(n)),
+                    b'\n' => None,
+                    _ => {
+                        self.ext_bytes += 1;
+                        (self.ext_bytes < MAX_EXTENSION_BYTES).then_some(Chunk::Ext(n))
+                    }
                 },
                 Chunk::SizeLf(n) => (b == b'\n').then(|| end_size_line(n)),
                 Chunk::Data(_) => None, // handled above
-                Chunk::DataCr => match b {
-                    b'\r' => Some(Chunk::DataLf),
-                    b'\n' => Some(Chunk::SizeStart),
-                    _ => None,
-                },
+                Chunk::DataCr => (b == b'\r').then_some(Chunk::DataLf),
                 Chunk::DataLf => (b == b'\n').then_some(Chunk::SizeStart),
                 Chunk::TrailerLineStart => match b {
                     b'\r' => Some(Chunk::TrailerEnd),
-                    b'\n' => return self.end(i),
-                    _ => Some(Chunk::TrailerLine),
+                    _ if is_tchar(b) && self.trailers < MAX_TRAILERS => {
+                        self.trailers += 1;
+                        Some(Chunk::TrailerName)
+                    }
+                    _ => None,
                 },
-                Chunk::TrailerLine => Some(if b == b'\n' {
-                    Chunk::TrailerLineStart
-                } else {
-                    Chunk::TrailerLine
-                }),
+                Chunk::TrailerName => match b {
+                    b':' => Some(Chunk::TrailerValue),
+                    _ => is_tchar(b).then_some(Chunk::TrailerName),
+                },
+                Chunk::TrailerValue => match b {
+                    b'\r' => Some(Chunk::TrailerLf),
+                    _ => is_value_char(b).then_some(Chunk::TrailerValue),
+                },
+                Chunk::TrailerLf => (b == b'\n').then_some(Chunk::TrailerLineStart),
                 Chunk::TrailerEnd => {
                     if b == b'\n' {
                         return self.end(i);
@@ -129,7 +200,7 @@ impl ChunkedBody {
                 }
             };
             match next {
-                Some(c) => self.0 = c,
+                Some(c) => self.state = c,
                 None => return ChunkStep::Bad,
             }
         }
@@ -139,14 +210,14 @@ impl ChunkedBody {
     /// Chunk data bytes left in the current chunk, when the next byte is chunk data
     /// (so a decoder can pass data on and feed only the framing byte by byte).
     pub(crate) fn data_left(&self) -> Option<u64> {
-        match self.0 {
+        match self.state {
             Chunk::Data(n) => Some(n),
             _ => None,
         }
     }
 
     fn end(&mut self, n: usize) -> ChunkStep {
-        self.0 = Chunk::SizeStart;
+        *self = ChunkedBody::new();
         ChunkStep::End(n)
     }
 }
@@ -542,6 +613,51 @@ mod tests {
         for bad in [&b"\r\n"[..], b"x\r\n", b"5\rX\n", b"2\r\nabX", b"-1\r\n"] {
             assert_eq!(ChunkedBody::new().feed(bad), ChunkStep::Bad, "{bad:?}");
         }
+    }
+
+    /// Found by the differential test (`tests/http_proxy_differential.rs`): the fast path
+    /// passed on chunked bodies hyper refuses (bare LF line ends, a digit after the
+    /// size's whitespace, malformed trailer lines), so an instance behind it got a body
+    /// the general path would never forward.
+    #[test]
+    fn chunked_body_is_as_strict_as_hyper() {
+        let end = |body: &[u8]| ChunkedBody::new().feed(body);
+        for good in [
+            &b"5\r\nhello\r\n0\r\n\r\n"[..],
+            b"5 \t;a=b\r\nhello\r\n0;x\r\n\r\n",
+            b"0005\r\nhello\r\n00\r\nX-T: 1\r\nX-Empty:\r\n\r\n",
+            b"0\r\nX-Obs: caf\xe9\r\n\r\n",
+        ] {
+            assert_eq!(end(good), ChunkStep::End(good.len()), "{good:?}");
+        }
+        let huge = format!("1;{}\r\na\r\n0\r\n\r\n", "x".repeat(20_000));
+        let many: String = (0..101).map(|i| format!("X-{i}: 1\r\n")).collect();
+        let many = format!("0\r\n{many}\r\n");
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5;a\nhello\r\n0\r\n\r\n",
+            b"0\r\n\n",
+            b"0\r\nX-T: 1\n\r\n",
+            b"5 1\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"0\r\nnot a field\r\n\r\n",
+            b"0\r\n folded\r\n\r\n",
+            b"0\r\nX-T : 1\r\n\r\n",
+            b"0\r\nX-T: a\x00b\r\n\r\n",
+            b"1FFFFFFFFFFFFFFFF\r\n",
+            huge.as_bytes(),
+            many.as_bytes(),
+        ] {
+            assert_eq!(
+                end(bad),
+                ChunkStep::Bad,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // The largest size hyper takes is taken (and waits for its data).
+        assert_eq!(end(b"FFFFFFFFFFFFFFFF\r\nabc"), ChunkStep::More);
     }
 
     #[test]

@@ -99,10 +99,19 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for name in &HOP_BY_HOP {
         h.remove(name);
     }
-    if let Some(te) = h.get(TE)
-        && !te_survives(te.as_bytes())
-    {
+    // Each `TE` field is judged alone, as the raw-head writer does
+    // (`is_hop_by_hop_raw`): `TE: gzip` and `TE: trailers` leave `TE: trailers`.
+    if h.get_all(TE).iter().any(|v| !te_survives(v.as_bytes())) {
+        let kept: Vec<HeaderValue> = h
+            .get_all(TE)
+            .iter()
+            .filter(|v| te_survives(v.as_bytes()))
+            .cloned()
+            .collect();
         h.remove(TE);
+        for v in kept {
+            h.append(TE, v);
+        }
     }
     if upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -300,6 +309,34 @@ mod tests {
         assert_eq!(r.headers()["connection"], "upgrade");
         assert_eq!(r.headers()["upgrade"], "websocket");
         assert_eq!(r.headers()["te"], "trailers");
+    }
+
+    /// Found by the differential test (`tests/http_proxy_differential.rs`): with
+    /// `TE: gzip` before `TE: trailers`, the general path dropped both and the fast path
+    /// kept `TE: trailers`.
+    #[test]
+    fn each_te_field_is_judged_alone() {
+        for (fields, want) in [
+            (&["gzip", "trailers"][..], &["trailers"][..]),
+            (&["trailers", "gzip"], &["trailers"]),
+            (&["trailers"], &["trailers"]),
+            (&["gzip", "deflate"], &[]),
+        ] {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(TE, HeaderValue::from_static(f));
+            }
+            strip_hop_by_hop(&mut h, false);
+            let left: Vec<_> = h.get_all(TE).iter().map(|v| v.to_str().unwrap()).collect();
+            assert_eq!(left, want, "{fields:?}");
+            // The raw-head writer (fast path, h2 bridge) agrees.
+            let raw: Vec<&str> = fields
+                .iter()
+                .copied()
+                .filter(|v| !is_hop_by_hop_raw("te", v.as_bytes(), &[]))
+                .collect();
+            assert_eq!(raw, want, "{fields:?}");
+        }
     }
 
     #[test]

@@ -40,7 +40,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, TRANSFER_ENCODING,
+};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -752,6 +754,17 @@ impl HttpProxy {
             *req.version_mut() = Version::HTTP_11;
             *req.uri_mut() = Uri::from(parts.path.clone());
             req.headers_mut().insert(HOST, host);
+            // A body of unknown length (the client's was chunked) goes out chunked, said
+            // explicitly: without the header hyper's client sends no body at all for GET,
+            // HEAD and CONNECT, dropping what the client sent (the fast path forwards it;
+            // found by tests/http_proxy_differential.rs).
+            if let UpBody::Stream(b) = req.body()
+                && b.size_hint().exact().is_none()
+                && !req.headers().contains_key(CONTENT_LENGTH)
+            {
+                req.headers_mut()
+                    .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
         }
         req
     }
@@ -832,6 +845,17 @@ impl HttpProxy {
                     // The connection closed before the request went out: try again.
                     tracing::debug!(%addr, error = %e, "upstream connection not usable, retrying");
                     body = Some(unsent_req.into_body());
+                }
+                Err((_, e)) if e.is_user() => {
+                    // The client's body failed (malformed chunking, cut short): not the
+                    // instance's fault, so nothing counts against it, and the client is
+                    // told (the fast path answers the same).
+                    tracing::debug!(service = %svc.name, %addr, error = %e, "request body failed");
+                    let (status, body) = fast::bad_body_answer();
+                    let mut r = local(status, body);
+                    r.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                    return r;
                 }
                 Err((_, e)) => {
                     tracing::debug!(service = %svc.name, %addr, error = %e, "upstream request failed");
