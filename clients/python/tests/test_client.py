@@ -274,8 +274,8 @@ class OpenServer(unittest.TestCase):
         def listen() -> None:
             try:
                 for ev in self.client.events(service="py-events", timeout=20):
-                    out.put(ev)
-                    if ev.kind == "instance_registered":
+                    if ev.kind == "instance_registered":  # after service_created, maybe
+                        out.put(ev)
                         return
             except Exception as e:
                 out.put(e)
