@@ -206,8 +206,7 @@ class Client:
             raise ValueError("no API address given")
         self._token = token if token is not None else os.environ.get("NETSEL_TOKEN")
         self.timeout = timeout
-        self._current = 0
-        self._lock = threading.Lock()
+        self._current = 0  # index of the address that answered last
 
     def __repr__(self) -> str:
         addrs = ",".join(f"{h}:{p}" for h, p in self.addrs)
@@ -215,6 +214,12 @@ class Client:
         return f"Client(api={addrs!r}, token={token!r}, timeout={self.timeout})"
 
     # -- HTTP ---------------------------------------------------------------------------
+
+    def _order(self) -> List[int]:
+        """Address indexes to try: the current one (the last that answered), then the
+        rest in turn."""
+        start, n = self._current, len(self.addrs)
+        return [(start + k) % n for k in range(n)]
 
     def _request(
         self,
@@ -235,9 +240,8 @@ class Client:
             hdrs["Content-Type"] = "application/json"
         hdrs.update(headers or {})
         errors = []
-        for _ in range(len(self.addrs)):
-            with self._lock:
-                host, port = self.addrs[self._current % len(self.addrs)]
+        for i in self._order():
+            host, port = self.addrs[i]
             conn = http.client.HTTPConnection(host, port, timeout=timeout or self.timeout)
             try:
                 conn.request(method, path, body=data, headers=hdrs)
@@ -247,11 +251,10 @@ class Client:
             except (OSError, http.client.HTTPException) as e:
                 errors.append(f"{host}:{port}: {e or type(e).__name__}")
                 log.debug("NetSel API at %s:%s unreachable: %s", host, port, e)
-                with self._lock:
-                    self._current += 1
                 continue
             finally:
                 conn.close()
+            self._current = i  # the next request starts here
             try:
                 decoded = json.loads(raw) if raw else None
             except ValueError:
@@ -289,8 +292,8 @@ class Client:
         seconds or a duration string (``"30s"``; default the server's
         ``max_heartbeat_age``). ``check`` is ``"tcp"``, ``"http:/healthz"`` or the API's
         ``{"type": ..., "path": ...}``. ``protocol`` is ``tcp``, ``http1`` or ``http2``.
-        ``replace=False`` refuses to take over an instance already registered at the same
-        endpoint (409) instead of replacing it."""
+        An instance already registered at the same endpoint is taken over (same id, new
+        secret) unless ``replace=False``, which registers a new instance beside it."""
         body: Dict[str, Any] = {"name": name, "tags": list(tags), "meta": dict(meta or {})}
         if address is not None:
             body["address"] = address
@@ -416,18 +419,18 @@ class Client:
     ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Opens a long-lived GET on the first address that answers."""
         errors = []
-        for _ in range(len(self.addrs)):
-            with self._lock:
-                host, port = self.addrs[self._current % len(self.addrs)]
+        for i in self._order():
+            host, port = self.addrs[i]
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
             try:
                 conn.request("GET", path, headers=headers)
-                return conn, conn.getresponse()
+                resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 errors.append(f"{host}:{port}: {e or type(e).__name__}")
-                with self._lock:
-                    self._current += 1
+                continue
+            self._current = i
+            return conn, resp
         raise NetselConnectionError("cannot reach the NetSel API: " + "; ".join(errors))
 
 

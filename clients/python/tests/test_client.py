@@ -220,6 +220,20 @@ class OpenServer(unittest.TestCase):
         self.assertEqual(instance_ids(self.client, "py-again"), [])
         reg.deregister()  # twice is fine
 
+    def test_a_superseded_registration_registers_again_beside_its_replacement(self) -> None:
+        old = self.client.register("py-fenced", port=18040, address="127.0.0.1", ttl=30)
+        # The same endpoint registered again takes the instance over: same id, new secret.
+        new = self.client.register("py-fenced", port=18040, address="127.0.0.1", ttl=30)
+        self.assertEqual(new.id, old.id)
+        old.heartbeat()  # 403: registers again as a new instance, never over the new one
+        self.assertNotEqual(old.id, new.id)
+        self.assertEqual(sorted(instance_ids(self.client, "py-fenced")), sorted([old.id, new.id]))
+        new.heartbeat()
+        self.assertEqual((old.registrations, new.registrations), (2, 1))
+        old.deregister()
+        new.deregister()
+        self.assertEqual(instance_ids(self.client, "py-fenced"), [])
+
     def test_watch_returns_when_the_service_changes(self) -> None:
         seen: "queue.Queue[object]" = queue.Queue()
 
