@@ -279,8 +279,12 @@ pub struct DnsSettings {
     pub forward_timeout_ms: u64,
     /// Most forwarded queries in flight; more are answered SERVFAIL. Default 256.
     pub max_forwards: usize,
-    /// Seconds a DNS-over-TCP connection may stay idle. Default 10.
+    /// Seconds a DNS-over-TCP connection may stay idle, and the most a query may take to
+    /// arrive or an answer to be read by the client. Default 10.
     pub tcp_idle_secs: u64,
+    /// Most DNS-over-TCP connections open at once; more are closed as soon as they are
+    /// accepted (and counted in `netsel_dns_tcp_refused_connections_total`). Default 1024.
+    pub tcp_max_connections: usize,
     /// Threads answering UDP; 0 means one per CPU (at most 8). Default 0.
     pub udp_workers: usize,
     /// Serve UDP from precomputed wire answers (rebuilt on every catalog change) instead
@@ -301,6 +305,7 @@ impl Default for DnsSettings {
             forward_timeout_ms: 2000,
             max_forwards: 256,
             tcp_idle_secs: 10,
+            tcp_max_connections: 1024,
             udp_workers: 0,
             fast_path: true,
             cache_entries: 16_384,
@@ -650,6 +655,9 @@ impl Settings {
         if d.tcp_idle_secs == 0 {
             return bad("dns.tcp_idle_secs", "must be at least 1".into());
         }
+        if d.tcp_max_connections == 0 {
+            return bad("dns.tcp_max_connections", "must be at least 1".into());
+        }
         if d.udp_workers > 64 {
             return bad("dns.udp_workers", "at most 64".into());
         }
@@ -788,6 +796,7 @@ mod tests {
             "[dns]\ndomain = \"bad domain\"",
             "[dns]\ndomain = \"a..b\"",
             "[dns]\nttl_secs = 100000",
+            "[dns]\ntcp_max_connections = 0",
             "[dns]\ncolour = 1",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");
