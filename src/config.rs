@@ -105,8 +105,12 @@ pub struct RegistryLimits {
     pub max_connections: usize,
     /// Seconds a connection may sit idle between requests.
     pub idle_timeout_secs: u64,
-    /// Seconds a request may take to arrive once it has begun.
+    /// Seconds a request may take to arrive once it has begun (a deadline from its first
+    /// byte, however steadily the rest trickles in).
     pub frame_timeout_secs: u64,
+    /// Seconds an answer may wait for the client to take it; a client that stops reading
+    /// is disconnected after this long. Default 10.
+    pub write_timeout_secs: u64,
     /// Registrations per second allowed from one peer IP (a token bucket); 0 disables.
     pub register_rate_per_ip: u32,
     /// Registrations one peer IP may make in a burst.
@@ -124,6 +128,7 @@ impl Default for RegistryLimits {
             max_connections: 4096,
             idle_timeout_secs: 300,
             frame_timeout_secs: 10,
+            write_timeout_secs: 10,
             register_rate_per_ip: 200,
             register_burst_per_ip: 1000,
             rate_limit_exempt_loopback: true,
@@ -561,7 +566,10 @@ impl Settings {
         if self.registry.max_connections == 0 {
             return bad("registry.max_connections", "must be at least 1");
         }
-        if self.registry.idle_timeout_secs == 0 || self.registry.frame_timeout_secs == 0 {
+        if self.registry.idle_timeout_secs == 0
+            || self.registry.frame_timeout_secs == 0
+            || self.registry.write_timeout_secs == 0
+        {
             return bad("registry timeouts", "must be at least 1 second");
         }
         if self.api.max_body_bytes < 1024 {
@@ -765,6 +773,7 @@ mod tests {
             "[network]\nport_pool_start = 30000\nport_pool_end = 20000",
             "[network]\nvip_cidr = \"127.0.0.0/40\"",
             "[registry]\nmax_connections = 0",
+            "[registry]\nwrite_timeout_secs = 0",
             "[http_proxy]\nmax_header_bytes = 100",
             "[http_proxy]\ndefault_service = \"no such\"",
             "[http_proxy]\nsched_slice_us = 50",
