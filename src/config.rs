@@ -179,6 +179,13 @@ pub struct ApiSettings {
     pub max_event_streams: usize,
     /// Most simultaneous HTTP connections; more wait to be accepted. Default 4096.
     pub max_connections: usize,
+    /// Milliseconds a client has to send a request's head, its first one included (against
+    /// slowloris and silent connections); a keep-alive connection waiting for its next
+    /// request also closes after this long. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// Milliseconds a response (or an event stream) may wait for the client to read it;
+    /// a client that stops reading is disconnected after this long. Default 30000.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -190,6 +197,8 @@ impl Default for ApiSettings {
             max_wait_secs: 600,
             max_event_streams: 1024,
             max_connections: 4096,
+            header_read_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
         }
     }
 }
@@ -587,6 +596,12 @@ impl Settings {
         if self.api.max_connections == 0 {
             return bad("api.max_connections", "must be at least 1");
         }
+        if self.api.header_read_timeout_ms == 0 {
+            return bad("api.header_read_timeout_ms", "must be at least 1 ms");
+        }
+        if self.api.write_timeout_ms == 0 {
+            return bad("api.write_timeout_ms", "must be at least 1 ms");
+        }
         for t in &self.acl.tokens {
             if t.token.len() < 16 {
                 return bad("acl.tokens.token", "must be at least 16 characters");
@@ -774,6 +789,8 @@ mod tests {
             "[network]\nvip_cidr = \"127.0.0.0/40\"",
             "[registry]\nmax_connections = 0",
             "[registry]\nwrite_timeout_secs = 0",
+            "[api]\nheader_read_timeout_ms = 0",
+            "[api]\nwrite_timeout_ms = 0",
             "[http_proxy]\nmax_header_bytes = 100",
             "[http_proxy]\ndefault_service = \"no such\"",
             "[http_proxy]\nsched_slice_us = 50",
