@@ -483,7 +483,21 @@ async fn exchange(
     if !head.is_head {
         out.extend_from_slice(body.as_bytes());
     }
-    client.write_all(out).await.is_ok() && keep
+    write_client(client, out, ms(proxy.settings.idle_timeout_ms)).await && keep
+}
+
+/// Writes `bytes` to the client, giving up when it has not taken them within `within`
+/// (the idle timeout): a client that never reads its responses must not hold its
+/// connection, and a slot of `max_connections`, forever.
+async fn write_client<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    within: std::time::Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(within, w.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// A response body's framing.
@@ -583,13 +597,14 @@ async fn attempt(
         bufs.resp.extend_from_slice(&first[..take]);
         let leftover = first.len() > take;
         bufs.up.clear();
-        if cw.write_all(&bufs.resp).await.is_err() {
+        let within = ms(proxy.settings.idle_timeout_ms);
+        if !write_client(&mut cw, &bufs.resp, within).await {
             return Ok(false);
         }
         let forwarded = if ended {
             Ok(true)
         } else {
-            let forwarding = forward_body(&mut ur, &mut cw, &mut bufs.up, body);
+            let forwarding = forward_body(&mut ur, &mut cw, &mut bufs.up, body, within);
             tokio::pin!(forwarding);
             loop {
                 tokio::select! {
@@ -864,6 +879,7 @@ async fn forward_body(
     cw: &mut WriteHalf<'_>,
     up: &mut BytesMut,
     mut body: RespBody,
+    within: std::time::Duration,
 ) -> Result<bool, ()> {
     loop {
         up.clear();
@@ -877,7 +893,9 @@ async fn forward_body(
         if bad {
             return Err(());
         }
-        cw.write_all(&up[..take]).await.map_err(|_| ())?;
+        if !write_client(cw, &up[..take], within).await {
+            return Err(());
+        }
         if ended {
             let clean = take == up.len();
             up.clear();
