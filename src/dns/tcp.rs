@@ -10,7 +10,9 @@
 //!   accepted and counted in `netsel_dns_tcp_refused_connections_total`;
 //! * a query must arrive whole within `tcp_idle_secs` of the previous answer (slowloris
 //!   and silent connections are closed), and an answer must be taken by the client within
-//!   `tcp_idle_secs` (a client that never reads is disconnected).
+//!   `tcp_idle_secs` (a client that never reads is disconnected; its connection's kernel
+//!   send buffer is kept small, so that is noticed after 128 KiB of answers, not
+//!   megabytes).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{DnsHandler, RawAnswer};
+
+/// Kernel send buffer of a DNS-over-TCP connection, in bytes (the kernel doubles it).
+const SEND_BUFFER: usize = 64 * 1024;
 
 /// Serves DNS over TCP on `listener` until `shutdown`, then lets connections finish the
 /// query they are answering.
@@ -56,6 +61,9 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Answers are at most 64 KiB: a small send buffer bounds the kernel memory a
+        // client that never reads can pin, and lets the write timeout notice it sooner.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let (handler, shutdown) = (handler.clone(), shutdown.clone());
         tracker.spawn(async move {
             connection(&handler, stream, timeout, &shutdown).await;
