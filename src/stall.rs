@@ -16,6 +16,10 @@
 //!   after about a hundred frames instead of tens of thousands (hundreds of milliseconds
 //!   of other clients' latency). A DATA frame costs one unit like any other, so bulk
 //!   transfers are not slowed.
+//! * **HTTP/2 control-frame floods**: more than [`MAX_CONTROL_FRAMES`] PING or SETTINGS
+//!   frames (ACKs aside) within [`CONTROL_WINDOW`] fail the read, which closes the
+//!   connection. h2 answers them one at a time, so they never pile up in memory, but
+//!   answering a flood is all the connection's thread would do meanwhile.
 
 use std::io;
 use std::pin::Pin;
@@ -23,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -39,7 +43,17 @@ pub(crate) struct StallGuard<T> {
     preface: Option<Pin<Box<Sleep>>>,
     /// What the bytes read so far say about the protocol.
     sniff: Sniff,
+    /// PING and SETTINGS frames received since `control_since`.
+    control: usize,
+    control_since: Option<Instant>,
 }
+
+/// More PING and SETTINGS frames (ACKs aside) than this within [`CONTROL_WINDOW`] close
+/// an HTTP/2 connection. Clients send one SETTINGS per connection or a few, and PINGs
+/// for keep-alive or window estimation: a handful a second at most.
+pub(crate) const MAX_CONTROL_FRAMES: usize = 1000;
+/// See [`MAX_CONTROL_FRAMES`].
+pub(crate) const CONTROL_WINDOW: Duration = Duration::from_secs(10);
 
 /// The protocol as told by the first bytes, and HTTP/2 frame boundaries after them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,16 +72,18 @@ enum Sniff {
 }
 
 impl Sniff {
-    /// Looks at `bytes`, the next read; returns how many frame headers ended in them.
-    fn feed(&mut self, mut bytes: &[u8]) -> usize {
+    /// Looks at `bytes`, the next read; returns how many frame headers ended in them, and
+    /// how many of those were PING or SETTINGS frames that ask for an answer (not ACKs).
+    fn feed(&mut self, mut bytes: &[u8]) -> (usize, usize) {
         let mut frames = 0;
+        let mut control = 0;
         while !bytes.is_empty() {
             match self {
-                Sniff::Other => return frames,
+                Sniff::Other => return (frames, control),
                 Sniff::Preface(seen) => {
                     if bytes[0] != H2_PREFACE[*seen] {
                         *self = Sniff::Other;
-                        return frames;
+                        return (frames, control);
                     }
                     *seen += 1;
                     bytes = &bytes[1..];
@@ -100,11 +116,15 @@ impl Sniff {
                             | usize::from(head[1]) << 8
                             | usize::from(head[2]);
                         frames += 1;
+                        // SETTINGS (4) or PING (6) without the ACK flag.
+                        if matches!(head[3], 4 | 6) && head[4] & 1 == 0 {
+                            control += 1;
+                        }
                     }
                 }
             }
         }
-        frames
+        (frames, control)
     }
 
     fn decided(&self) -> bool {
@@ -121,6 +141,8 @@ impl<T> StallGuard<T> {
             write_stall: None,
             preface: None,
             sniff: Sniff::Preface(0),
+            control: 0,
+            control_since: None,
         }
     }
 
@@ -129,6 +151,21 @@ impl<T> StallGuard<T> {
     pub(crate) fn with_preface_deadline(mut self, timeout: Duration) -> Self {
         self.preface = Some(Box::pin(tokio::time::sleep(timeout)));
         self
+    }
+
+    /// Counts `n` more control frames; true when they are a flood.
+    fn control_flood(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let since = *self.control_since.get_or_insert(now);
+        if now.duration_since(since) >= CONTROL_WINDOW {
+            self.control_since = Some(now);
+            self.control = 0;
+        }
+        self.control += n;
+        self.control > MAX_CONTROL_FRAMES
     }
 
     fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
@@ -174,9 +211,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for StallGuard<T> {
                 if fresh.is_empty() {
                     this.sniff = Sniff::Other;
                 }
-                let frames = this.sniff.feed(fresh);
+                let (frames, control) = this.sniff.feed(fresh);
                 // The read itself already cost one unit.
                 charge(cx, frames.saturating_sub(1));
+                if this.control_flood(control) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "HTTP/2 PING or SETTINGS flood",
+                    )));
+                }
                 if this.sniff.decided() {
                     this.preface = None;
                 }
@@ -257,21 +300,49 @@ mod tests {
     #[test]
     fn sniffing_finds_http2_frames_across_reads() {
         let mut s = Sniff::Preface(0);
-        assert_eq!(s.feed(&H2_PREFACE[..10]), 0);
+        assert_eq!(s.feed(&H2_PREFACE[..10]), (0, 0));
         assert!(!s.decided());
         let mut rest = H2_PREFACE[10..].to_vec();
         // SETTINGS (empty), then PING (8 bytes), then the head of a DATA frame of 5.
         rest.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
         rest.extend_from_slice(&[0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
         rest.extend_from_slice(&[0, 0, 5, 0, 0]);
-        assert_eq!(s.feed(&rest), 2);
+        assert_eq!(s.feed(&rest), (2, 2));
         assert!(s.decided());
-        assert_eq!(s.feed(&[0, 0, 0, 1]), 1);
-        assert_eq!(s.feed(b"hello"), 0);
-        assert_eq!(s.feed(&[0, 0, 0, 4, 1, 0, 0, 0, 0]), 1);
+        assert_eq!(s.feed(&[0, 0, 0, 1]), (1, 0));
+        assert_eq!(s.feed(b"hello"), (0, 0));
+        // A SETTINGS ACK is no control frame to answer.
+        assert_eq!(s.feed(&[0, 0, 0, 4, 1, 0, 0, 0, 0]), (1, 0));
         let mut h1 = Sniff::Preface(0);
-        assert_eq!(h1.feed(b"GET / HTTP/1.1\r\n"), 0);
+        assert_eq!(h1.feed(b"GET / HTTP/1.1\r\n"), (0, 0));
         assert_eq!(h1, Sniff::Other);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_flood_fails_the_read_but_keep_alive_pings_do_not() {
+        let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut g = StallGuard::new(a, Duration::from_secs(3));
+        b.write_all(H2_PREFACE).await.unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        assert_eq!(g.read(&mut buf).await.unwrap(), H2_PREFACE.len());
+        // One a second for longer than the window: fine.
+        for _ in 0..30 {
+            b.write_all(&ping).await.unwrap();
+            assert_eq!(g.read(&mut buf).await.unwrap(), ping.len());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // A thousand at once: not.
+        b.write_all(&ping.repeat(MAX_CONTROL_FRAMES + 1))
+            .await
+            .unwrap();
+        let e = loop {
+            match g.read(&mut buf).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test(start_paused = true)]
