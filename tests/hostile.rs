@@ -334,9 +334,10 @@ impl Normal {
 /// Runs `hostile` against the server while a normal client of `listener` (connected
 /// before it starts) keeps making requests, at least [`SAMPLES`] of them and until
 /// `hostile` is done; then checks every normal request succeeded within the p99 bound.
-async fn under_attack<F>(h: &Harness, listener: Listener, hostile: F)
+/// Returns what `hostile` returned.
+async fn under_attack<F, T>(h: &Harness, listener: Listener, hostile: F) -> T
 where
-    F: std::future::Future<Output = ()>,
+    F: std::future::Future<Output = T>,
 {
     let mut normal = Normal::connect(h, listener).await;
     let done = CancellationToken::new();
@@ -359,7 +360,7 @@ where
         }
         Ok(latencies)
     });
-    hostile.await;
+    let outcome = hostile.await;
     done.cancel();
     let mut latencies = measuring.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
     latencies.sort();
@@ -371,6 +372,7 @@ where
         latencies[latencies.len() / 2]
     );
     assert!(p99 < P99, "{listener:?}: normal p99 {p99:?} (max {max:?})");
+    outcome
 }
 
 // ---------------------------------------------------------------- hostile patterns
@@ -600,7 +602,7 @@ async fn flood(h: &Harness, l: Listener) {
     };
     let hold = CancellationToken::new();
     let (served2, refused2, hold2) = (served.clone(), refused.clone(), hold.clone());
-    under_attack(h, l, async move {
+    let (served, refused) = under_attack(h, l, async move {
         let first = match l {
             Listener::Gateway => b"echo\nping".to_vec(),
             Listener::Vip => b"ping".to_vec(),
@@ -631,11 +633,12 @@ async fn flood(h: &Harness, l: Listener) {
                         }
                     };
                     tokio::select! {
+                        biased;
+                        _ = hold.cancelled() => return,
                         got = got => match got {
                             Ok(_) => served.fetch_add(1, Ordering::SeqCst),
                             Err(_) => refused.fetch_add(1, Ordering::SeqCst),
                         },
-                        _ = hold.cancelled() => return,
                     };
                     // Served connections stay open (holding their slot) until the end.
                     hold.cancelled().await;
@@ -656,16 +659,18 @@ async fn flood(h: &Harness, l: Listener) {
         }
         // Give any connection admitted past the cap a moment to show it was served.
         tokio::time::sleep(Duration::from_millis(300)).await;
+        // Counted now: once the held connections go, the waiting ones get their turn.
+        let outcome = (
+            served2.load(Ordering::SeqCst),
+            refused2.load(Ordering::SeqCst),
+        );
         hold2.cancel();
         for t in tasks {
             t.await.unwrap();
         }
+        outcome
     })
     .await;
-    let (served, refused) = (
-        served.load(Ordering::SeqCst),
-        refused.load(Ordering::SeqCst),
-    );
     eprintln!("{l:?} flood: {served} served, {refused} refused");
     assert_eq!(
         served, free,
