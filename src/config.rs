@@ -105,8 +105,12 @@ pub struct RegistryLimits {
     pub max_connections: usize,
     /// Seconds a connection may sit idle between requests.
     pub idle_timeout_secs: u64,
-    /// Seconds a request may take to arrive once it has begun.
+    /// Seconds a request may take to arrive once it has begun (a deadline from its first
+    /// byte, however steadily the rest trickles in).
     pub frame_timeout_secs: u64,
+    /// Seconds an answer may wait for the client to take it; a client that stops reading
+    /// is disconnected after this long. Default 10.
+    pub write_timeout_secs: u64,
     /// Registrations per second allowed from one peer IP (a token bucket); 0 disables.
     pub register_rate_per_ip: u32,
     /// Registrations one peer IP may make in a burst.
@@ -124,6 +128,7 @@ impl Default for RegistryLimits {
             max_connections: 4096,
             idle_timeout_secs: 300,
             frame_timeout_secs: 10,
+            write_timeout_secs: 10,
             register_rate_per_ip: 200,
             register_burst_per_ip: 1000,
             rate_limit_exempt_loopback: true,
@@ -174,6 +179,13 @@ pub struct ApiSettings {
     pub max_event_streams: usize,
     /// Most simultaneous HTTP connections; more wait to be accepted. Default 4096.
     pub max_connections: usize,
+    /// Milliseconds a client has to send a request's head, its first one included (against
+    /// slowloris and silent connections); a keep-alive connection waiting for its next
+    /// request also closes after this long. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// Milliseconds a response (or an event stream) may wait for the client to read it;
+    /// a client that stops reading is disconnected after this long. Default 30000.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -185,6 +197,8 @@ impl Default for ApiSettings {
             max_wait_secs: 600,
             max_event_streams: 1024,
             max_connections: 4096,
+            header_read_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
         }
     }
 }
@@ -279,8 +293,12 @@ pub struct DnsSettings {
     pub forward_timeout_ms: u64,
     /// Most forwarded queries in flight; more are answered SERVFAIL. Default 256.
     pub max_forwards: usize,
-    /// Seconds a DNS-over-TCP connection may stay idle. Default 10.
+    /// Seconds a DNS-over-TCP connection may stay idle, and the most a query may take to
+    /// arrive or an answer to be read by the client. Default 10.
     pub tcp_idle_secs: u64,
+    /// Most DNS-over-TCP connections open at once; more are closed as soon as they are
+    /// accepted (and counted in `netsel_dns_tcp_refused_connections_total`). Default 1024.
+    pub tcp_max_connections: usize,
     /// Threads answering UDP; 0 means one per CPU (at most 8). Default 0.
     pub udp_workers: usize,
     /// Serve UDP from precomputed wire answers (rebuilt on every catalog change) instead
@@ -301,6 +319,7 @@ impl Default for DnsSettings {
             forward_timeout_ms: 2000,
             max_forwards: 256,
             tcp_idle_secs: 10,
+            tcp_max_connections: 1024,
             udp_workers: 0,
             fast_path: true,
             cache_entries: 16_384,
@@ -564,7 +583,10 @@ impl Settings {
         if self.registry.max_connections == 0 {
             return bad("registry.max_connections", "must be at least 1");
         }
-        if self.registry.idle_timeout_secs == 0 || self.registry.frame_timeout_secs == 0 {
+        if self.registry.idle_timeout_secs == 0
+            || self.registry.frame_timeout_secs == 0
+            || self.registry.write_timeout_secs == 0
+        {
             return bad("registry timeouts", "must be at least 1 second");
         }
         if self.api.max_body_bytes < 1024 {
@@ -581,6 +603,12 @@ impl Settings {
         }
         if self.api.max_connections == 0 {
             return bad("api.max_connections", "must be at least 1");
+        }
+        if self.api.header_read_timeout_ms == 0 {
+            return bad("api.header_read_timeout_ms", "must be at least 1 ms");
+        }
+        if self.api.write_timeout_ms == 0 {
+            return bad("api.write_timeout_ms", "must be at least 1 ms");
         }
         for t in &self.acl.tokens {
             if t.token.len() < 16 {
@@ -657,6 +685,9 @@ impl Settings {
         }
         if d.tcp_idle_secs == 0 {
             return bad("dns.tcp_idle_secs", "must be at least 1".into());
+        }
+        if d.tcp_max_connections == 0 {
+            return bad("dns.tcp_max_connections", "must be at least 1".into());
         }
         if d.udp_workers > 64 {
             return bad("dns.udp_workers", "at most 64".into());
@@ -765,6 +796,9 @@ mod tests {
             "[network]\nport_pool_start = 30000\nport_pool_end = 20000",
             "[network]\nvip_cidr = \"127.0.0.0/40\"",
             "[registry]\nmax_connections = 0",
+            "[registry]\nwrite_timeout_secs = 0",
+            "[api]\nheader_read_timeout_ms = 0",
+            "[api]\nwrite_timeout_ms = 0",
             "[http_proxy]\nmax_header_bytes = 100",
             "[http_proxy]\ndefault_service = \"no such\"",
             "[http_proxy]\nsched_slice_us = 50",
@@ -796,6 +830,7 @@ mod tests {
             "[dns]\ndomain = \"bad domain\"",
             "[dns]\ndomain = \"a..b\"",
             "[dns]\nttl_secs = 100000",
+            "[dns]\ntcp_max_connections = 0",
             "[dns]\ncolour = 1",
         ] {
             assert!(Settings::from_toml(text).is_err(), "{text}");

@@ -1331,8 +1331,8 @@ pub async fn serve(
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let max = api.inner.settings.max_connections;
-    super::serve_app(listener, router(api, addr), max, "consul", shutdown).await;
+    let settings = api.inner.settings.clone();
+    super::serve_app(listener, router(api, addr), &settings, "consul", shutdown).await;
 }
 
 /// Renews the leases of instances registered through the Consul API without a TTL check

@@ -171,33 +171,33 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// How long a client may take to send a request's head.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serves the API on `listener` until `shutdown`, then lets in-flight requests finish
 /// (blocking queries and event streams end at once). At most `api.max_connections`
 /// connections are served at a time; further clients wait in the listen backlog.
 pub async fn serve(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
-    let max_connections = state.inner.settings.max_connections;
-    serve_app(listener, router(state), max_connections, "api", shutdown).await;
+    let settings = state.inner.settings.clone();
+    serve_app(listener, router(state), &settings, "api", shutdown).await;
 }
 
-/// Serves `app` on `listener` with the API's bounds (connection limit, header timeout,
-/// graceful shutdown): the API's own listener and the Consul-compatible one.
+/// Serves `app` on `listener` with the API's bounds (`settings`: connection limit, header
+/// and write timeouts, graceful shutdown): the API's own listener and the
+/// Consul-compatible one.
 pub(crate) async fn serve_app(
     listener: TcpListener,
     app: Router,
-    max_connections: usize,
+    settings: &ApiSettings,
     what: &'static str,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let header_timeout = Duration::from_millis(settings.header_read_timeout_ms);
+    let write_timeout = Duration::from_millis(settings.write_timeout_ms);
     let graceful = GracefulShutdown::new();
     let mut builder = AutoBuilder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
+        .header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new());
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -221,6 +221,9 @@ pub(crate) async fn serve_app(
             },
         };
         let _ = stream.set_nodelay(true);
+        // Silent clients and clients that never read must not keep their slot.
+        let io = crate::stall::StallGuard::new(stream, write_timeout)
+            .with_preface_deadline(header_timeout);
         let app = app.clone();
         let service =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -229,7 +232,7 @@ pub(crate) async fn serve_app(
                 tower_service::Service::call(&mut app, req.map(axum::body::Body::new))
             });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(

@@ -21,6 +21,7 @@ const RCODES: [&str; 8] = [
 pub struct DnsMetrics {
     family: Family<Labels, Counter>,
     table: std::sync::Arc<Vec<Counter>>,
+    tcp_refused: Counter,
 }
 
 impl Default for DnsMetrics {
@@ -35,6 +36,7 @@ impl Default for DnsMetrics {
         DnsMetrics {
             family,
             table: std::sync::Arc::new(table),
+            tcp_refused: Counter::default(),
         }
     }
 }
@@ -47,6 +49,21 @@ impl DnsMetrics {
             "DNS queries answered, by query type and response code",
             self.family.clone(),
         );
+        registry.register(
+            "dns_tcp_refused_connections",
+            "DNS-over-TCP connections closed at once because tcp_max_connections were open",
+            self.tcp_refused.clone(),
+        );
+    }
+
+    /// Counts one DNS-over-TCP connection refused by the cap.
+    pub fn tcp_refused(&self) {
+        self.tcp_refused.inc();
+    }
+
+    /// DNS-over-TCP connections refused by the cap so far.
+    pub fn tcp_refused_count(&self) -> u64 {
+        self.tcp_refused.get()
     }
 
     /// Counts one answered query.

@@ -4,7 +4,8 @@
 //! * [`DnsHandler`] is a hickory-server [`RequestHandler`]. It reads `catalog.snapshot()`
 //!   for every query and turns it into records with the pure function [`plan`]; it keeps
 //!   no cache, so an answer reflects a registration or expiry as soon as the catalog does.
-//! * TCP is served by hickory's [`Server`].
+//! * TCP is served by NetSel's own loop (`tcp.rs`): capped at `tcp_max_connections`, with
+//!   the same answers as UDP (never truncated), and read and write timeouts.
 //! * UDP is served by the fast path (`fast.rs`): a few threads on the shared socket that
 //!   keep the encoded answer per distinct query (minus its id) for the current catalog
 //!   index only, and patch the id and the question's letter case into a copy. Any catalog
@@ -17,6 +18,7 @@ mod answer;
 pub(crate) mod fast;
 mod forward;
 mod metrics;
+mod tcp;
 #[cfg(target_os = "linux")]
 use std::io;
 use std::net::SocketAddr;
@@ -399,8 +401,8 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(sock.into())
 }
 
-/// Serves DNS on `sockets` until `shutdown`: TCP through hickory's [`Server`], UDP through
-/// the fast path (or hickory too, when `settings.fast_path` is off).
+/// Serves DNS on `sockets` until `shutdown`: TCP through NetSel's capped loop, UDP through
+/// the fast path (or hickory's [`Server`], when `settings.fast_path` is off).
 pub async fn serve(
     handler: DnsHandler,
     sockets: DnsSockets,
@@ -408,7 +410,15 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut server = Server::new(handler.clone());
-    server.register_listener(sockets.tcp, Duration::from_secs(settings.tcp_idle_secs), 32);
+    let tcp = tokio::spawn(tcp::serve(
+        handler.clone(),
+        sockets.tcp,
+        settings.tcp_max_connections,
+        Duration::from_secs(settings.tcp_idle_secs),
+        shutdown.clone(),
+    ));
+    // Stopped when this task is dropped without a shutdown, like the UDP threads.
+    let _stop_tcp = AbortOnDrop(tcp.abort_handle());
     let mut workers = Vec::new();
     // The UDP threads stop on shutdown, and also when this task is dropped without one
     // (a runtime going away must not wait on them forever).
@@ -426,11 +436,22 @@ pub async fn serve(
         }
     }
     shutdown.cancelled().await;
-    if let Err(e) = server.shutdown_gracefully().await {
+    if !settings.fast_path
+        && let Err(e) = server.shutdown_gracefully().await
+    {
         tracing::debug!(error = %e, "DNS server stopped with an error");
     }
+    let _ = tcp.await;
     for w in workers {
         let _ = w.await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

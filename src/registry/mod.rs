@@ -34,6 +34,9 @@ use codec::{Decoded, Frame};
 /// How long to wait for the rest of a seed frame's NUL padding once its text has arrived.
 const PADDING_WAIT: Duration = Duration::from_millis(300);
 
+/// Kernel send buffer of a registry connection, in bytes (the kernel doubles it).
+const SEND_BUFFER: usize = 64 * 1024;
+
 /// Counts of refused line-protocol requests by reason (`netsel_registry_errors_total`).
 #[derive(Debug, Clone, Default)]
 pub struct RegistryMetrics {
@@ -138,6 +141,9 @@ pub async fn serve_with_acl(
             },
         };
         let _ = stream.set_nodelay(true);
+        // Answers are short lines: a small send buffer bounds the kernel memory a client
+        // that never reads can pin, and lets the write timeout notice it sooner.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             metrics.error("too_many_connections");
             tracker.spawn(refuse(stream));
@@ -181,6 +187,18 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
+/// Writes `out`, giving up after `timeout`: a client that does not read its answers must
+/// not hold its connection (and a slot of `max_connections`) forever.
+async fn write(stream: &mut TcpStream, out: &[u8], timeout: Duration) -> io::Result<()> {
+    match tokio::time::timeout(timeout, stream.write_all(out)).await {
+        Ok(written) => written,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client does not read its answers",
+        )),
+    }
+}
+
 struct Connection {
     catalog: Catalog,
     limits: RegistryLimits,
@@ -204,31 +222,48 @@ impl Connection {
         let mut out = Vec::with_capacity(256);
         let idle = Duration::from_secs(self.limits.idle_timeout_secs);
         let frame_timeout = Duration::from_secs(self.limits.frame_timeout_secs);
+        let write_timeout = Duration::from_secs(self.limits.write_timeout_secs);
+        // When the request being read must be complete: set by its first byte, so a
+        // request trickled in a byte at a time still ends at the deadline (slowloris).
+        let mut frame_deadline: Option<tokio::time::Instant> = None;
         loop {
             // Answer every complete request that has arrived; write the answers together.
             let padding_only = loop {
                 match codec::decode(&mut buf) {
-                    Decoded::Frame(frame) => self.answer(frame, &mut out).await,
+                    Decoded::Frame(frame) => {
+                        // The next request's deadline starts with its own first byte.
+                        frame_deadline = None;
+                        self.answer(frame, &mut out).await;
+                        // One read can hold thousands of pipelined requests: let other
+                        // connections' tasks run between them.
+                        tokio::task::consume_budget().await;
+                    }
                     Decoded::NeedMore { padding_only } => break padding_only,
                     Decoded::TooLong => {
                         self.metrics.error("too_long");
                         let e = ProtocolError::TooLong(protocol::MAX_LINE_LEN);
                         Response::Failed(e.to_string()).encode_into(Framing::Line, &mut out);
-                        stream.write_all(&out).await?;
+                        write(&mut stream, &out, write_timeout).await?;
                         return close_gracefully(stream).await;
                     }
                 }
             };
             if !out.is_empty() {
-                stream.write_all(&out).await?;
+                write(&mut stream, &out, write_timeout).await?;
                 out.clear();
             }
+            let now = tokio::time::Instant::now();
             let wait = if buf.is_empty() {
+                frame_deadline = None;
                 idle
-            } else if padding_only {
-                PADDING_WAIT
             } else {
-                frame_timeout
+                let deadline = *frame_deadline.get_or_insert(now + frame_timeout);
+                let left = deadline.saturating_duration_since(now);
+                if padding_only {
+                    left.min(PADDING_WAIT)
+                } else {
+                    left
+                }
             };
             let read = tokio::select! {
                 _ = shutdown.cancelled(), if buf.is_empty() => return Ok(()),
@@ -245,7 +280,7 @@ impl Connection {
                     // A seed frame whose padding never came: answer what we have.
                     let frame = codec::take_partial_seed(&mut buf);
                     self.answer(frame, &mut out).await;
-                    stream.write_all(&out).await?;
+                    write(&mut stream, &out, write_timeout).await?;
                     out.clear();
                     if matches!(read, Read::Eof) {
                         return Ok(());
@@ -256,7 +291,7 @@ impl Connection {
                     self.metrics.error("timeout");
                     let reason = "timed out waiting for the rest of the request";
                     Response::Failed(reason.into()).encode_into(Framing::Line, &mut out);
-                    stream.write_all(&out).await?;
+                    write(&mut stream, &out, write_timeout).await?;
                     return close_gracefully(stream).await;
                 }
                 Read::Eof => {
@@ -264,7 +299,7 @@ impl Connection {
                     if !buf.is_empty() {
                         let frame = Frame::Line(buf.split());
                         self.answer(frame, &mut out).await;
-                        stream.write_all(&out).await?;
+                        write(&mut stream, &out, write_timeout).await?;
                     }
                     return Ok(());
                 }

@@ -462,7 +462,15 @@ async fn exchange(
                 // answers it (400, connection closed), and nothing counted against it.
                 let (status, body) = bad_body_answer();
                 m.request(status.as_u16(), start.elapsed());
-                local_answer(client, &mut bufs.resp, status, &body, false, head.is_head).await;
+                local_answer(
+                    client,
+                    &mut bufs.resp,
+                    (status, &body),
+                    false,
+                    head.is_head,
+                    proxy,
+                )
+                .await;
                 return false;
             }
             Err(AttemptError::Timeout) => {
@@ -490,7 +498,15 @@ async fn exchange(
     if !consumed {
         buf.advance(body_end);
     }
-    local_answer(client, &mut bufs.resp, status, &body, keep, head.is_head).await
+    local_answer(
+        client,
+        &mut bufs.resp,
+        (status, &body),
+        keep,
+        head.is_head,
+        proxy,
+    )
+    .await
 }
 
 /// The proxy's own answer to a request whose body turned out malformed after its head
@@ -506,10 +522,10 @@ pub(crate) fn bad_body_answer() -> (hyper::StatusCode, String) {
 async fn local_answer(
     client: &mut TcpStream,
     out: &mut Vec<u8>,
-    status: hyper::StatusCode,
-    body: &str,
+    (status, body): (hyper::StatusCode, &str),
     keep: bool,
     is_head: bool,
+    proxy: &HttpProxy,
 ) -> bool {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -525,7 +541,23 @@ async fn local_answer(
     if !is_head {
         out.extend_from_slice(body.as_bytes());
     }
-    client.write_all(out).await.is_ok() && keep
+    write_client(client, out, ms(proxy.settings.idle_timeout_ms)).await && keep
+}
+
+/// Writes `bytes` to the client, giving up when it has not taken them within `within`
+/// (the idle timeout): a client that never reads its responses must not hold its
+/// connection, and a slot of `max_connections`, forever.
+async fn write_client<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    within: std::time::Duration,
+) -> bool {
+    let mut write = std::pin::pin!(w.write_all(bytes));
+    // Nearly every write completes at once: only one that waits gets a timer.
+    if let Some(done) = futures_util::FutureExt::now_or_never(write.as_mut()) {
+        return done.is_ok();
+    }
+    matches!(tokio::time::timeout(within, write).await, Ok(Ok(())))
 }
 
 /// A response body's framing.
@@ -626,13 +658,14 @@ async fn attempt(
         bufs.resp.extend_from_slice(&first[..take]);
         let leftover = first.len() > take;
         bufs.up.clear();
-        if cw.write_all(&bufs.resp).await.is_err() {
+        let within = ms(proxy.settings.idle_timeout_ms);
+        if !write_client(&mut cw, &bufs.resp, within).await {
             return Ok(false);
         }
         let forwarded = if ended {
             Ok(true)
         } else {
-            let forwarding = forward_body(&mut ur, &mut cw, &mut bufs.up, body);
+            let forwarding = forward_body(&mut ur, &mut cw, &mut bufs.up, body, within);
             tokio::pin!(forwarding);
             loop {
                 tokio::select! {
@@ -909,6 +942,7 @@ async fn forward_body(
     cw: &mut WriteHalf<'_>,
     up: &mut BytesMut,
     mut body: RespBody,
+    within: std::time::Duration,
 ) -> Result<bool, ()> {
     loop {
         up.clear();
@@ -922,7 +956,9 @@ async fn forward_body(
         if bad {
             return Err(());
         }
-        cw.write_all(&up[..take]).await.map_err(|_| ())?;
+        if !write_client(cw, &up[..take], within).await {
+            return Err(());
+        }
         if ended {
             let clean = take == up.len();
             up.clear();

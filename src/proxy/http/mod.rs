@@ -583,6 +583,8 @@ impl HttpProxy {
         ctx.touch();
         let stream = fast::Rewind::new(pre, stream);
         let io = framing::Guarded::new(stream, self.settings.max_header_bytes);
+        // A client that stops reading its responses is let go after the idle timeout.
+        let io = crate::stall::StallGuard::new(io, ms(self.settings.idle_timeout_ms));
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc);
