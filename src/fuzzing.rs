@@ -451,17 +451,25 @@ fn upstream_head(pieces: &[&[u8]], max_head: usize, is_head: bool) -> Result<Str
 // Write-ahead log
 // ---------------------------------------------------------------------------------------
 
-fn wal_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("netsel-fuzz-wal-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        dir
-    })
+/// A scratch directory of this thread's own: tests run the WAL target on several threads
+/// of one process at once, and must not write each other's log files.
+fn wal_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static DIR: PathBuf = {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir()
+                .join(format!("netsel-fuzz-wal-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a scratch directory");
+            dir
+        };
+    }
+    DIR.with(Clone::clone)
 }
 
 /// Writes the two log files (`None`: absent).
-fn write_wal(files: [Option<&[u8]>; 2]) -> &'static PathBuf {
+fn write_wal(files: [Option<&[u8]>; 2]) -> PathBuf {
     let dir = wal_dir();
     for (name, bytes) in wal::WAL_FILES.iter().zip(files) {
         let path = dir.join(name);
@@ -507,13 +515,13 @@ pub fn wal(bytes: &[u8]) {
         0 => [Some(a), Some(b)],
         _ => [Some(b), None],
     };
-    check_replay(write_wal(files), after);
+    check_replay(&write_wal(files), after);
 
     // The payload decoder, behind a valid record.
     let mut framed = Vec::new();
     wal::encode(7, data, &mut framed);
     let dir = write_wal([None, Some(&framed)]);
-    let replayed = wal::replay(dir, 6);
+    let replayed = wal::replay(&dir, 6);
     let direct = serde_json::from_slice::<Vec<Vec<Op>>>(data);
     assert_eq!(
         replayed.is_ok(),
@@ -543,7 +551,7 @@ fn batches_round_trip(batches: Vec<Vec<Op>>) {
     let framed = embedded::frame(&batches, 41).expect("decoded batches encode");
     let bytes: Vec<u8> = framed.into_iter().flat_map(|f| f.bytes).collect();
     let dir = write_wal([Some(&bytes), None]);
-    let replayed = wal::replay(dir, 40).expect("the store's own records replay");
+    let replayed = wal::replay(&dir, 40).expect("the store's own records replay");
     let back: Vec<Vec<Op>> = replayed.into_iter().flat_map(|(_, b)| b).collect();
     assert_eq!(back, batches, "batches changed through the log");
 }
