@@ -174,6 +174,10 @@ pub struct ApiSettings {
     pub max_event_streams: usize,
     /// Most simultaneous HTTP connections; more wait to be accepted. Default 4096.
     pub max_connections: usize,
+    /// How often the dashboard's traffic series (`/v1/traffic`) sample the proxies, in
+    /// milliseconds; each service keeps 180 samples (15 minutes at the default).
+    /// 100..=60000, default 5000.
+    pub traffic_interval_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -185,6 +189,7 @@ impl Default for ApiSettings {
             max_wait_secs: 600,
             max_event_streams: 1024,
             max_connections: 4096,
+            traffic_interval_ms: 5000,
         }
     }
 }
@@ -575,6 +580,9 @@ impl Settings {
                 "api.rate_limit_burst",
                 "must be at least 1 when rate limiting",
             );
+        }
+        if !(100..=60_000).contains(&self.api.traffic_interval_ms) {
+            return bad("api.traffic_interval_ms", "must be between 100 and 60000");
         }
         if self.api.max_wait_secs == 0 || self.api.max_event_streams == 0 {
             return bad("api.max_wait_secs/max_event_streams", "must be at least 1");

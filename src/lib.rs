@@ -66,6 +66,8 @@ pub mod registry;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
+pub mod traffic;
+#[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]
 mod sys;

@@ -1,0 +1,61 @@
+//! `GET /v1/traffic[?service=NAME]`: the recent traffic series ([`crate::traffic`]) of
+//! every service the caller may read, or of one.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::acl::{Caller, Deny};
+use super::handlers::QueryMap;
+use super::{ApiError, ApiState};
+use crate::traffic::SeriesView;
+
+/// The answer.
+#[derive(Debug, Serialize)]
+struct TrafficView {
+    /// Seconds between points.
+    interval_secs: f64,
+    /// Points kept per service.
+    points_max: usize,
+    /// Series by service name.
+    services: HashMap<String, SeriesView>,
+}
+
+pub(crate) async fn traffic(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryMap(q): QueryMap,
+) -> Result<Response, ApiError> {
+    let acl = &state.inner.acl;
+    let one = q.get("service").map(|s| s.to_ascii_lowercase());
+    match &one {
+        Some(name) if !acl.can_read(caller, name) => {
+            return Err(acl.denied(caller, &format!("read {name}")));
+        }
+        None if acl.enabled() && caller == Caller::Anonymous && !acl.can_read_all(caller) => {
+            return Err(acl.denied(caller, "list services"));
+        }
+        _ => {}
+    }
+    let Some(traffic) = &state.inner.traffic else {
+        return Ok(Json(TrafficView {
+            interval_secs: 0.0,
+            points_max: crate::traffic::POINTS,
+            services: HashMap::new(),
+        })
+        .into_response());
+    };
+    let services = traffic.view(|name| match &one {
+        Some(one) => name == one,
+        None => acl.can_read(caller, name),
+    });
+    Ok(Json(TrafficView {
+        interval_secs: traffic.interval().as_secs_f64(),
+        points_max: crate::traffic::POINTS,
+        services,
+    })
+    .into_response())
+}
