@@ -66,11 +66,11 @@ pub mod registry;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
-pub mod traffic;
-#[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]
 mod sys;
+#[cfg(feature = "server")]
+pub mod traffic;
 
 pub use client::ServiceClient;
 #[cfg(feature = "server")]

@@ -224,20 +224,25 @@ impl Traffic {
         st.series = next;
     }
 
-    /// The series of every tracked service `keep` accepts.
-    pub fn view(&self, keep: impl Fn(&str) -> bool) -> HashMap<String, SeriesView> {
+    /// The series of every tracked service `keep` accepts, with the points after
+    /// `since_ms` (Unix milliseconds) only when given.
+    pub fn view(
+        &self,
+        keep: impl Fn(&str) -> bool,
+        since_ms: Option<u64>,
+    ) -> HashMap<String, SeriesView> {
         let st = self.lock();
         st.series
             .iter()
             .filter(|(name, _)| keep(name.as_str()))
-            .map(|(name, s)| (name.to_string(), view(s)))
+            .map(|(name, s)| (name.to_string(), view(s, since_ms.unwrap_or(0))))
             .collect()
     }
 }
 
-fn view(s: &Series) -> SeriesView {
+fn view(s: &Series, since_ms: u64) -> SeriesView {
     let mut v = SeriesView::default();
-    for p in &s.points {
+    for p in s.points.iter().filter(|p| p.t_ms > since_ms) {
         v.t.push(p.t_ms as f64 / 1000.0);
         v.rps.push(round3(f64::from(p.rps)));
         v.error_rate.push(round3(f64::from(p.error_rate)));

@@ -26,7 +26,9 @@ async fn backend() -> SocketAddr {
                     }
                 }
                 let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
                     .await;
             });
         }
@@ -46,7 +48,10 @@ async fn http(addr: SocketAddr, host: &str, path: &str, token: Option<&str>) -> 
     let status = text[9..12].parse().unwrap();
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     // The API answers with a length or chunked; the bodies read here are small JSON.
-    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -137,14 +142,23 @@ async fn traffic_through_the_proxy_becomes_points() {
     assert!(web["p99_ms"][last_busy].as_f64().unwrap() > 0.0, "{web}");
     assert_eq!(web["error_rate"][last_busy].as_f64(), Some(0.0), "{web}");
     let t = web["t"].as_array().unwrap();
-    assert!(t.windows(2).all(|w| w[0].as_f64() <= w[1].as_f64()), "{web}");
+    assert!(
+        t.windows(2).all(|w| w[0].as_f64() <= w[1].as_f64()),
+        "{web}"
+    );
     // A service without traffic has a flat series; no latency without requests.
     let flat = &body["services"]["traffic-idle"];
     assert!(
         flat["rps"].as_array().unwrap().iter().all(|r| r == 0.0),
         "{flat}"
     );
-    assert!(flat["p99_ms"].as_array().unwrap().iter().all(Value::is_null));
+    assert!(
+        flat["p99_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(Value::is_null)
+    );
 
     // One service.
     let (status, body) = http(api, "api", "/v1/traffic?service=traffic-web", None).await;
@@ -152,6 +166,17 @@ async fn traffic_through_the_proxy_becomes_points() {
     let v: Value = serde_json::from_str(&body).unwrap();
     let names: Vec<&String> = v["services"].as_object().unwrap().keys().collect();
     assert_eq!(names, ["traffic-web"]);
+
+    // Only newer points with `since`.
+    let t_last = t.last().unwrap().as_f64().unwrap();
+    let path = format!("/v1/traffic?service=traffic-web&since={t_last}");
+    let (status, body) = http(api, "api", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let newer = v["services"]["traffic-web"]["t"].as_array().unwrap();
+    assert!(newer.iter().all(|x| x.as_f64() > Some(t_last)), "{v}");
+    let (status, _) = http(api, "api", "/v1/traffic?since=yesterday", None).await;
+    assert_eq!(status, 400);
 
     // A service that leaves the catalog leaves the series at the next sample.
     catalog.deregister_admin(idle.id.as_str()).await.unwrap();

@@ -1,5 +1,6 @@
-//! `GET /v1/traffic[?service=NAME]`: the recent traffic series ([`crate::traffic`]) of
-//! every service the caller may read, or of one.
+//! `GET /v1/traffic[?service=NAME][&since=UNIX_S]`: the recent traffic series
+//! ([`crate::traffic`]) of every service the caller may read, or of one; with `since`,
+//! only the points after it (what a dashboard polling for new points asks).
 
 use std::collections::HashMap;
 
@@ -40,6 +41,13 @@ pub(crate) async fn traffic(
         }
         _ => {}
     }
+    let since_ms = match q.get("since") {
+        None => None,
+        Some(v) => match v.parse::<f64>() {
+            Ok(s) if s.is_finite() && s >= 0.0 => Some((s * 1000.0) as u64),
+            _ => return Err(ApiError::invalid("since", "expected Unix seconds")),
+        },
+    };
     let Some(traffic) = &state.inner.traffic else {
         return Ok(Json(TrafficView {
             interval_secs: 0.0,
@@ -48,10 +56,11 @@ pub(crate) async fn traffic(
         })
         .into_response());
     };
-    let services = traffic.view(|name| match &one {
+    let keep = |name: &str| match &one {
         Some(one) => name == one,
         None => acl.can_read(caller, name),
-    });
+    };
+    let services = traffic.view(keep, since_ms);
     Ok(Json(TrafficView {
         interval_secs: traffic.interval().as_secs_f64(),
         points_max: crate::traffic::POINTS,
