@@ -835,6 +835,18 @@ mod tests {
     }
 
     #[test]
+    fn traffic_interval_is_bounded() {
+        let mut s = Settings::default();
+        assert_eq!(s.api.traffic_interval_ms, 5000);
+        for (ms, ok) in [(99, false), (100, true), (60_000, true), (60_001, false)] {
+            s.api.traffic_interval_ms = ms;
+            assert_eq!(s.validate().is_ok(), ok, "{ms}");
+        }
+        let s = Settings::from_toml("[api]\ntraffic_interval_ms = 250").unwrap();
+        assert_eq!(s.api.traffic_interval_ms, 250);
+    }
+
+    #[test]
     fn example_config_parses() {
         let text = include_str!("../examples/netsel.toml");
         let s = Settings::from_toml(text).unwrap();
