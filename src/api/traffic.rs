@@ -44,7 +44,8 @@ pub(crate) async fn traffic(
     let since_ms = match q.get("since") {
         None => None,
         Some(v) => match v.parse::<f64>() {
-            Ok(s) if s.is_finite() && s >= 0.0 => Some((s * 1000.0) as u64),
+            // Rounded: a `t` sent back as given names its own millisecond exactly.
+            Ok(s) if s.is_finite() && s >= 0.0 => Some((s * 1000.0).round() as u64),
             _ => return Err(ApiError::invalid("since", "expected Unix seconds")),
         },
     };
