@@ -249,3 +249,123 @@ async fn traffic_needs_read_rights_when_acls_are_on() {
     }
     server.shutdown().await;
 }
+
+/// A TCP echo backend.
+async fn echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A connection through the TCP gateway to `name`, checked with one echo.
+async fn via_gateway(gateway: SocketAddr, name: &str) -> TcpStream {
+    let mut s = TcpStream::connect(gateway).await.unwrap();
+    s.write_all(format!("{name}\nhello").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    s
+}
+
+/// Polls `/v1/traffic?service=NAME` until `done` accepts the series (bounded).
+async fn wait_for(api: SocketAddr, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = http(api, "api", &format!("/v1/traffic?service={name}"), None).await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let series = &v["services"][name];
+        if !series.is_null() && done(series) {
+            return series.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn any(series: &Value, key: &str, pred: impl Fn(f64) -> bool) -> bool {
+    series[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v.as_f64().is_some_and(&pred))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_connections_failures_and_open_relays_count() {
+    let mut settings = Settings::ephemeral();
+    settings.api.traffic_interval_ms = 100;
+    settings.tcp_proxy.vip_listeners = false;
+    let server = NetSelServer::with_settings(settings);
+    server.start().await.unwrap();
+    let bound = server.bound().unwrap();
+    let (api, gateway) = (bound.api.unwrap(), bound.tcp_proxy.unwrap());
+    let catalog = server.catalog().unwrap();
+    catalog
+        .register(Registration::new(
+            "traffic-tcp",
+            Endpoint::Explicit(echo().await),
+        ))
+        .await
+        .unwrap();
+    // An instance whose port refuses connections.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    catalog
+        .register(Registration::new(
+            "traffic-down",
+            Endpoint::Explicit(refused),
+        ))
+        .await
+        .unwrap();
+    // Both services are tracked before traffic starts (their first sample is the baseline).
+    wait_for(api, "traffic-tcp", |s| {
+        !s["t"].as_array().unwrap().is_empty()
+    })
+    .await;
+    wait_for(api, "traffic-down", |s| {
+        !s["t"].as_array().unwrap().is_empty()
+    })
+    .await;
+
+    // One relay that stays open, and one that ends.
+    let held = via_gateway(gateway, "traffic-tcp").await;
+    drop(via_gateway(gateway, "traffic-tcp").await);
+    let s = wait_for(api, "traffic-tcp", |s| {
+        any(s, "rps", |r| r > 0.0) && any(s, "open", |o| o >= 1.0)
+    })
+    .await;
+    assert!(!any(&s, "error_rate", |e| e > 0.0), "{s}");
+    // No HTTP request: no latency.
+    assert!(
+        s["p99_ms"].as_array().unwrap().iter().all(Value::is_null),
+        "{s}"
+    );
+    drop(held);
+    // Closed: the open count goes back to 0.
+    wait_for(api, "traffic-tcp", |s| {
+        s["open"].as_array().unwrap().last() == Some(&Value::from(0))
+    })
+    .await;
+
+    // A connection whose instance refuses: an error, no relay.
+    let mut c = TcpStream::connect(gateway).await.unwrap();
+    c.write_all(b"traffic-down\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer).await;
+    let s = wait_for(api, "traffic-down", |s| any(s, "error_rate", |e| e > 0.0)).await;
+    assert!(any(&s, "error_rate", |e| e == 1.0), "{s}");
+    server.shutdown().await;
+}
