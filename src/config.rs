@@ -186,6 +186,10 @@ pub struct ApiSettings {
     /// Milliseconds a response (or an event stream) may wait for the client to read it;
     /// a client that stops reading is disconnected after this long. Default 30000.
     pub write_timeout_ms: u64,
+    /// How often the dashboard's traffic series (`/v1/traffic`) sample the proxies, in
+    /// milliseconds; each service keeps 180 samples (15 minutes at the default).
+    /// 100..=60000, default 5000.
+    pub traffic_interval_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -199,6 +203,7 @@ impl Default for ApiSettings {
             max_connections: 4096,
             header_read_timeout_ms: 10_000,
             write_timeout_ms: 30_000,
+            traffic_interval_ms: 5000,
         }
     }
 }
@@ -598,6 +603,9 @@ impl Settings {
                 "must be at least 1 when rate limiting",
             );
         }
+        if !(100..=60_000).contains(&self.api.traffic_interval_ms) {
+            return bad("api.traffic_interval_ms", "must be between 100 and 60000");
+        }
         if self.api.max_wait_secs == 0 || self.api.max_event_streams == 0 {
             return bad("api.max_wait_secs/max_event_streams", "must be at least 1");
         }
@@ -859,6 +867,18 @@ mod tests {
         let s = Settings::from_toml("consul_addr = \"127.0.0.1:8500\"").unwrap();
         assert_eq!(s.consul_addr, Some("127.0.0.1:8500".parse().unwrap()));
         assert!(Settings::from_toml("consul_addr = \"nowhere\"").is_err());
+    }
+
+    #[test]
+    fn traffic_interval_is_bounded() {
+        let mut s = Settings::default();
+        assert_eq!(s.api.traffic_interval_ms, 5000);
+        for (ms, ok) in [(99, false), (100, true), (60_000, true), (60_001, false)] {
+            s.api.traffic_interval_ms = ms;
+            assert_eq!(s.validate().is_ok(), ok, "{ms}");
+        }
+        let s = Settings::from_toml("[api]\ntraffic_interval_ms = 250").unwrap();
+        assert_eq!(s.api.traffic_interval_ms, 250);
     }
 
     #[test]

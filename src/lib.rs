@@ -71,6 +71,8 @@ mod stall;
 pub mod store;
 #[cfg(feature = "server")]
 mod sys;
+#[cfg(feature = "server")]
+pub mod traffic;
 
 pub use client::ServiceClient;
 #[cfg(feature = "server")]

@@ -321,13 +321,24 @@ impl NetSelServer {
                 .await
             }
         });
+        // The dashboard's traffic series: a reader of both proxies' counters.
+        let traffic = crate::traffic::Traffic::new(
+            catalog.clone(),
+            balancer.clone(),
+            Some(http_proxy.metric_handles()),
+            Some(tcp_proxy.metric_handles()),
+            Duration::from_millis(s.api.traffic_interval_ms),
+        );
+        tasks.spawn(traffic.clone().run(shutdown.clone()));
         let api_state = crate::api::ApiState::new(
             catalog.clone(),
             &s.api,
             &s.acl,
             Some(metrics.clone()),
             shutdown.clone(),
-        );
+        )
+        .with_traffic(traffic)
+        .with_dns_domain(s.dns.domain.as_str());
         if let (Some(listener), Some(addr)) = (consul, bound.consul) {
             tasks.spawn(crate::api::consul::serve(
                 listener,

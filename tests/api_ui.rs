@@ -146,3 +146,113 @@ async fn ui_asks_for_a_token_when_acls_are_on() {
     assert!(stdout.contains("\"ok\":true"), "{stdout}");
     server.shutdown().await;
 }
+
+/// A tiny HTTP/1.1 backend answering `ok` to every request, one per connection.
+async fn ok_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One request through the HTTP proxy to `host`; true when it was answered 200.
+async fn through_proxy(proxy: std::net::SocketAddr, host: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(proxy).await else {
+        return false;
+    };
+    let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    out.starts_with(b"HTTP/1.1 200")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ui_charts_traffic_and_shares_its_view_in_chromium() {
+    if !tools_present() {
+        return;
+    }
+    let mut settings = Settings::ephemeral();
+    settings.api.traffic_interval_ms = 200;
+    let server = NetSelServer::with_settings(settings);
+    server.start().await.unwrap();
+    let bound = server.bound().unwrap();
+    let (api, proxy) = (bound.api.unwrap(), bound.http_proxy.unwrap());
+    let catalog = server.catalog().unwrap();
+    let mut web = Registration::new("chart-web", Endpoint::Explicit(ok_backend().await));
+    web.meta = [("version", "1.2.3"), ("team", "edge")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    catalog.register(web).await.unwrap();
+    for (name, port) in [("chart-db", 7101), ("unrelated", 7102)] {
+        let ep = format!("127.0.0.1:{port}").parse().unwrap();
+        catalog
+            .register(Registration::new(name, Endpoint::Explicit(ep)))
+            .await
+            .unwrap();
+    }
+    // Traffic through the proxy for as long as the browser looks.
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            assert!(
+                through_proxy(proxy, "chart-web").await,
+                "proxy did not answer 200"
+            );
+        }
+    });
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("netsel-ui-traffic.png");
+    let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
+    let out = tokio::task::spawn_blocking({
+        let shot = shot.clone();
+        move || {
+            Command::new("node")
+                .arg("ui_traffic_test.mjs")
+                .current_dir(ui)
+                .env("NETSEL_API_URL", format!("http://{api}"))
+                .env("NETSEL_SCREENSHOT", &shot)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        !sender.is_finished(),
+        "the traffic sender stopped: {sender:?}"
+    );
+    sender.abort();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "UI traffic test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("\"ok\":true"), "{stdout}");
+    eprintln!("UI traffic screenshot: {}", shot.display());
+    server.shutdown().await;
+}

@@ -440,6 +440,7 @@ fn health_view(state: &ApiState) -> (bool, HealthView) {
             index: snap.index,
             services: snap.service_count(),
             instances: snap.instance_count(),
+            dns_domain: state.inner.dns_domain.clone(),
         },
     )
 }

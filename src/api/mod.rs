@@ -16,6 +16,7 @@
 //! | `GET /v1/services` | services with counts and health; blocking with `?index=&wait=` |
 //! | `GET /v1/services/{name}` | one service and its instances; blocking too |
 //! | `GET /v1/events` | server-sent change events |
+//! | `GET /v1/traffic` | recent traffic per service, for the dashboard's charts |
 //! | `GET /v1/health` | liveness and readiness |
 //! | `GET /v1/openapi.yaml` | the OpenAPI document |
 //! | `GET /metrics` | Prometheus metrics |
@@ -30,6 +31,7 @@ mod handlers;
 mod limit;
 pub mod model;
 mod sd;
+mod traffic;
 mod ui;
 mod watch;
 
@@ -78,6 +80,10 @@ struct Inner {
     limiter: limit::RateLimiter,
     streams: Arc<Semaphore>,
     shutdown: CancellationToken,
+    /// The traffic series, when the server samples its proxies.
+    traffic: Option<crate::traffic::Traffic>,
+    /// The DNS domain without dots (`netsel`), for the names the UI shows.
+    dns_domain: String,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -111,8 +117,26 @@ impl ApiState {
                 ),
                 streams: Arc::new(Semaphore::new(settings.max_event_streams)),
                 shutdown,
+                traffic: None,
+                dns_domain: "netsel".into(),
             }),
         }
+    }
+
+    fn configure(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("an ApiState is configured before it is cloned")
+    }
+
+    /// Serves `traffic` at `/v1/traffic` (without it, the endpoint answers an empty set).
+    pub fn with_traffic(mut self, traffic: crate::traffic::Traffic) -> Self {
+        self.configure().traffic = Some(traffic);
+        self
+    }
+
+    /// The DNS domain services are named under (default `netsel`), shown by the UI.
+    pub fn with_dns_domain(mut self, domain: &str) -> Self {
+        self.configure().dns_domain = domain.trim_matches('.').to_ascii_lowercase();
+        self
     }
 }
 
@@ -148,6 +172,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes", get(handlers::nodes))
         .route("/v1/services/{name}", get(handlers::service))
         .route("/v1/events", get(watch::events))
+        .route("/v1/traffic", get(traffic::traffic))
         .route("/v1/sd/prometheus", get(sd::prometheus))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -378,4 +378,7 @@ pub struct HealthView {
     pub services: usize,
     /// Instances registered.
     pub instances: usize,
+    /// The DNS domain services are named under, without dots (`netsel`): service `web`
+    /// is `web.netsel.`, its instances `_web._tcp.netsel.` (SRV).
+    pub dns_domain: String,
 }

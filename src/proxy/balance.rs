@@ -368,6 +368,17 @@ impl Balancer {
         }
     }
 
+    /// Connections (TCP proxy) and requests (HTTP proxy) in flight to `svc`'s instances
+    /// now, from both proxies. Reads the table; creates nothing.
+    pub fn in_flight(&self, svc: &Service) -> usize {
+        let t = self.lock();
+        svc.instances
+            .iter()
+            .filter_map(|i| t.backends.get(&i.id))
+            .map(|b| b.active())
+            .sum()
+    }
+
     /// Whether an instance is currently ejected.
     pub fn is_ejected(&self, id: &InstanceId) -> bool {
         let t = self.lock();

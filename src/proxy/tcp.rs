@@ -300,6 +300,11 @@ impl TcpProxy {
         self.shared.lock_vips().affected.values().cloned().collect()
     }
 
+    /// The proxy's metric handles, for the traffic sampler to read.
+    pub(crate) fn metric_handles(&self) -> TcpProxyMetrics {
+        self.shared.metrics.clone()
+    }
+
     /// The open VIP listeners, by service.
     pub fn vip_listeners(&self) -> Vec<(ServiceName, SocketAddr)> {
         let t = self.shared.lock_vips();

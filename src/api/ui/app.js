@@ -1,5 +1,8 @@
 // NetSel dashboard: lists services, VIPs, instances, health, tags and lease countdowns,
-// kept live by the /v1/events server-sent-event stream. No dependencies, no build step.
+// kept live by the /v1/events server-sent-event stream, with small hand-drawn SVG charts
+// of each service's recent traffic from /v1/traffic. The filter, sort, "only unhealthy"
+// and which services are expanded live in the URL (?q=web&expand=web,db&unhealthy=1), so
+// a view can be shared. No dependencies, no build step.
 'use strict';
 (() => {
   const state = {
@@ -11,13 +14,49 @@
     onlyUnhealthy: false,
     token: sessionStorage.getItem('netsel-token') || '',
     index: 0,
+    // Traffic series by service ({t, rps, error_rate, p99_ms, open}), newest last.
+    traffic: new Map(),
+    trafficSince: 0,
+    pointsMax: 180,
+    intervalSecs: 5,
+    domain: 'netsel',
   };
   // For tests and curious operators: a page-load id (unchanged = no reload) and counters.
-  window.netselUi = { loadId: Math.random().toString(36).slice(2), renders: 0, events: 0 };
+  window.netselUi = { loadId: Math.random().toString(36).slice(2), renders: 0, events: 0, trafficPolls: 0 };
 
   const $ = (id) => document.getElementById(id);
   const ESC = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ESC[c]);
+
+  // The view in the URL: read once at load, written (replaceState) on every change.
+  const SORT_KEYS = ['name', 'vip', 'health', 'instances', 'lease'];
+  function readUrl() {
+    const p = new URLSearchParams(location.search);
+    const q = p.get('q') || '';
+    $('filter').value = q;
+    state.filter = q.trim().toLowerCase();
+    state.onlyUnhealthy = p.get('unhealthy') === '1';
+    $('only-unhealthy').checked = state.onlyUnhealthy;
+    state.expandAll = p.get('all') === '1';
+    $('expand-all').checked = state.expandAll;
+    state.open = new Set((p.get('expand') || '').split(',').map((n) => n.trim().toLowerCase()).filter(Boolean));
+    const sort = p.get('sort') || '';
+    const key = sort.replace(/^-/, '');
+    if (SORT_KEYS.includes(key)) state.sort = { key, dir: sort.startsWith('-') ? -1 : 1 };
+  }
+  function writeUrl() {
+    const p = new URLSearchParams();
+    const q = $('filter').value.trim();
+    if (q) p.set('q', q);
+    if (state.sort.key !== 'name' || state.sort.dir !== 1) p.set('sort', (state.sort.dir < 0 ? '-' : '') + state.sort.key);
+    if (state.onlyUnhealthy) p.set('unhealthy', '1');
+    if (state.expandAll) p.set('all', '1');
+    if (state.open.size) p.set('expand', [...state.open].sort().join(','));
+    // Commas stay readable: service names never contain one.
+    const search = p.toString().replace(/%2C/g, ',');
+    const url = location.pathname + (search ? '?' + search : '') + location.hash;
+    if (url !== location.pathname + location.search + location.hash) history.replaceState(null, '', url);
+  }
 
   function authHeaders() {
     return state.token ? { Authorization: 'Bearer ' + state.token } : {};
@@ -146,13 +185,119 @@
       '<td class="num lease" data-deadline="' + i.deadline + '"></td>' +
       '<td class="mono">' + esc(i.owner || '') + '</td>' +
       '<td class="check">' + checkCell(i) + '</td>' +
+      '<td class="meta">' + meta(i.meta) + '</td>' +
       '</tr>').join('');
-    return '<tr class="instances" data-instances-of="' + esc(s.name) + '"><td colspan="6">' +
+    const domain = state.domain ? state.domain + '.' : '';
+    const dns = '<div class="dns">DNS <code data-dns="a">' + esc(s.name + '.' + domain) + '</code> (A, the VIP)' +
+      ' · <code data-dns="srv">' + esc('_' + s.name + '._tcp.' + domain) + '</code> (SRV, healthy instances)</div>';
+    return '<tr class="instances" data-instances-of="' + esc(s.name) + '"><td colspan="7">' + dns +
       '<table class="inner"><thead><tr><th>Instance</th><th>Endpoint</th><th>Health</th>' +
       '<th class="num">Weight</th><th>Protocol</th><th>Tags</th><th class="num">Lease</th>' +
       '<th title="the cluster node that holds its lease">Node</th>' +
-      '<th title="what its last active check saw">Check</th></tr></thead>' +
+      '<th title="what its last active check saw">Check</th><th>Metadata</th></tr></thead>' +
       '<tbody>' + rows + '</tbody></table></td></tr>';
+  }
+
+  const meta = (m) => Object.entries(m || {}).map(([k, v]) =>
+    '<span class="tag meta-kv">' + esc(k) + '=' + esc(v) + '</span>').join('') || '–';
+
+  // --- Traffic charts -------------------------------------------------------------------
+  // Hand-drawn SVG sparklines: newest point at the right edge, the x axis spanning the
+  // whole window (pointsMax intervals), y from 0 to the series' maximum.
+  const CHARTS = [
+    { key: 'rps', label: 'requests/s', cls: 'rps', fmt: (v) => fmtNum(v) + '/s' },
+    { key: 'error_rate', label: 'error rate', cls: 'err', fmt: (v) => fmtNum(v * 100) + '%' },
+    { key: 'p99_ms', label: 'p99 latency', cls: 'p99', fmt: (v) => fmtNum(v) + ' ms' },
+    { key: 'open', label: 'open connections', cls: 'open', fmt: (v) => fmtNum(v) },
+  ];
+  // Rows beyond this many get no charts (filter to see them): the page stays light.
+  const CHART_ROWS = 200;
+  const W = 64;
+  const H = 18;
+
+  function fmtNum(v) {
+    if (v === null || v === undefined || !Number.isFinite(v)) return '–';
+    if (v === 0) return '0';
+    if (Math.abs(v) >= 100) return String(Math.round(v));
+    if (Math.abs(v) >= 10) return v.toFixed(1).replace(/\.0$/, '');
+    return v.toPrecision(2).replace(/\.?0+$/, '');
+  }
+
+  function spark(name, c, values) {
+    const n = values.length;
+    const defined = values.filter((v) => v !== null && v !== undefined);
+    const max = defined.length ? Math.max(...defined) : 0;
+    const step = W / Math.max(1, state.pointsMax - 1);
+    const y = (v) => (H - 1 - (max > 0 ? (v / max) * (H - 2) : 0)).toFixed(1);
+    let d = '';
+    let pen = false;
+    for (let i = 0; i < n; i++) {
+      const v = values[i];
+      if (v === null || v === undefined) { pen = false; continue; }
+      d += (pen ? 'L' : 'M') + (W - (n - 1 - i) * step).toFixed(1) + ' ' + y(v);
+      pen = true;
+    }
+    const last = defined.length ? defined[defined.length - 1] : null;
+    const minutes = Math.round(state.pointsMax * state.intervalSecs / 60);
+    const title = name + ' ' + c.label + ' over the last ' + minutes + ' min: ' + n + ' points, latest ' +
+      c.fmt(last) + ', highest ' + c.fmt(max);
+    return '<span class="chart ' + c.cls + '"><svg class="spark" width="' + W + '" height="' + H +
+      '" viewBox="0 0 ' + W + ' ' + H + '" role="img" aria-label="' + esc(title) + '" data-metric="' + c.key +
+      '" data-points="' + n + '" data-nonzero="' + defined.filter((v) => v > 0).length + '" data-last="' + (last === null ? '' : last) + '" data-max="' + max + '">' +
+      '<title>' + esc(title) + '</title><path d="M0 ' + (H - 0.5) + 'H' + W + '" class="base"/>' +
+      (d ? '<path d="' + d + '"/>' : '') + '</svg><span class="last">' + esc(c.fmt(last)) + '</span></span>';
+  }
+
+  const chartHtml = new Map();
+  function trafficCell(name) {
+    let html = chartHtml.get(name);
+    if (html === undefined) {
+      const t = state.traffic.get(name);
+      html = t ? CHARTS.map((c) => spark(name, c, t[c.key])).join('') : '<span class="muted">no data yet</span>';
+      chartHtml.set(name, html);
+    }
+    return html;
+  }
+
+  const KEYS = ['t', 'rps', 'error_rate', 'p99_ms', 'open'];
+  async function loadTraffic() {
+    const since = state.trafficSince ? '?since=' + state.trafficSince : '';
+    const r = await fetch('/v1/traffic' + since, { headers: authHeaders(), cache: 'no-store' });
+    if (!r.ok) return;
+    const body = await r.json();
+    state.pointsMax = body.points_max || state.pointsMax;
+    state.intervalSecs = body.interval_secs || state.intervalSecs;
+    const next = new Map();
+    for (const [name, fresh] of Object.entries(body.services)) {
+      const old = since ? state.traffic.get(name) : undefined;
+      const series = {};
+      for (const k of KEYS) {
+        const merged = (old ? old[k] : []).concat(fresh[k]);
+        series[k] = merged.slice(Math.max(0, merged.length - state.pointsMax));
+      }
+      next.set(name, series);
+      if (!old || fresh.t.length) chartHtml.delete(name);
+      const last = fresh.t[fresh.t.length - 1];
+      if (last > state.trafficSince) state.trafficSince = last;
+    }
+    // Services the server no longer tracks are gone.
+    for (const name of state.traffic.keys()) if (!next.has(name)) chartHtml.delete(name);
+    state.traffic = next;
+    for (const td of document.querySelectorAll('td[data-traffic]')) {
+      td.innerHTML = trafficCell(td.dataset.traffic);
+    }
+    window.netselUi.trafficPolls++;
+  }
+
+  let trafficTimer = null;
+  function pollTraffic() {
+    clearTimeout(trafficTimer);
+    const again = () => {
+      const ms = Math.min(5000, Math.max(500, state.intervalSecs * 1000));
+      trafficTimer = setTimeout(pollTraffic, ms);
+    };
+    if (document.hidden) { again(); return; }
+    loadTraffic().catch(() => {}).finally(again);
   }
 
   function render() {
@@ -160,6 +305,7 @@
     const list = all.filter(matches).sort(compare);
     const now = Date.now();
     const html = [];
+    let charted = 0;
     for (const s of list) {
       const open = state.expandAll || state.open.has(s.name);
       const fresh = s.fresh && now - s.fresh < 2000;
@@ -170,6 +316,9 @@
         '<td><span class="badge ' + esc(s.health) + '">' + esc(s.health) + '</span></td>' +
         '<td class="num">' + s.healthy_count + '/' + s.instance_count + '</td>' +
         '<td>' + tags(s.tags) + '</td>' +
+        (charted++ < CHART_ROWS
+          ? '<td class="traffic" data-traffic="' + esc(s.name) + '">' + trafficCell(s.name) + '</td>'
+          : '<td class="traffic muted" title="filter to see this service\'s charts">…</td>') +
         '<td class="num lease" data-deadline="' + s.next + '"></td></tr>');
       if (open) html.push(instanceRows(s));
     }
@@ -183,6 +332,7 @@
       th.classList.toggle('sorted-desc', th.dataset.sort === state.sort.key && state.sort.dir === -1);
     }
     tick();
+    writeUrl();
     window.netselUi.renders++;
   }
 
@@ -283,6 +433,10 @@
     try {
       const r = await fetch('/v1/health', { cache: 'no-store' });
       const h = await r.json();
+      if (h.dns_domain !== undefined && h.dns_domain !== state.domain) {
+        state.domain = h.dns_domain;
+        schedule();
+      }
       const el = $('store');
       let text = h.store + (h.node ? ' · node ' + h.node : '');
       if (h.status === 'degraded') {
@@ -296,8 +450,11 @@
       // The status badge already says offline.
     }
   }
+  readUrl();
   storeStatus();
   setInterval(storeStatus, 5000);
+  pollTraffic();
+  document.addEventListener('visibilitychange', () => { if (!document.hidden) pollTraffic(); });
 
   setInterval(tick, 1000);
   // Heartbeats renew leases without change events: refresh open services often and the

@@ -2,14 +2,18 @@
 //! each upstream request went out on a reused connection.
 
 use std::fmt::Write as _;
-use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::catalog::ServiceName;
@@ -58,16 +62,82 @@ struct UpstreamLabels {
     reused: bool,
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs .. ~13 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+/// Finite upper bounds of the latency buckets, in seconds.
+pub(crate) const LATENCY_BUCKETS: usize = 18;
+
+/// The upper bound of latency bucket `i` in seconds: 100 µs .. ~13 s, doubling.
+pub(crate) fn latency_bound(i: usize) -> f64 {
+    // Doubling is exact in floating point: the same values as `exponential_buckets`.
+    0.0001 * f64::from(1u32 << i.min(31))
+}
+
+/// Request latency: the Prometheus histogram, plus the same buckets as plain atomics the
+/// traffic sampler can read (`prometheus-client` keeps its buckets to itself). Clones
+/// share values.
+#[derive(Debug, Clone)]
+pub(crate) struct LatencyHistogram {
+    prom: Histogram,
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    counts: Arc<[AtomicU64; LATENCY_BUCKETS + 1]>,
+}
+
+impl LatencyHistogram {
+    fn new() -> Self {
+        LatencyHistogram {
+            // 100 µs .. ~13 s.
+            prom: Histogram::new(exponential_buckets(0.0001, 2.0, LATENCY_BUCKETS as u16)),
+            counts: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
+        }
+    }
+
+    fn observe(&self, secs: f64) {
+        self.prom.observe(secs);
+        let i = (0..LATENCY_BUCKETS)
+            .find(|&i| secs <= latency_bound(i))
+            .unwrap_or(LATENCY_BUCKETS);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far, per bucket (the last is `+Inf`).
+    pub(crate) fn counts(&self) -> [u64; LATENCY_BUCKETS + 1] {
+        std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed))
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.prom.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+fn latency_histogram() -> LatencyHistogram {
+    LatencyHistogram::new()
+}
+
+/// One service's totals so far, for the traffic sampler.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct HttpTotals {
+    /// Requests answered (every status).
+    pub requests: u64,
+    /// Of which answered 5xx (by the instance or by the proxy).
+    pub errors: u64,
+    /// Latency observations per bucket (the last is `+Inf`).
+    pub latency: [u64; LATENCY_BUCKETS + 1],
 }
 
 /// Metric handles (cheap clones sharing values).
 #[derive(Debug, Clone)]
 pub(crate) struct ProxyMetrics {
     requests: Family<RequestLabels, Counter>,
-    latency: Family<ServiceOnly, Histogram, fn() -> Histogram>,
+    latency: Family<ServiceOnly, LatencyHistogram, fn() -> LatencyHistogram>,
     upstream: Family<UpstreamLabels, Counter>,
     retries: Family<ServiceOnly, Counter>,
     pub(crate) open_connections: Gauge<i64, AtomicI64>,
@@ -93,7 +163,7 @@ impl Default for ProxyMetrics {
 #[derive(Debug)]
 pub(crate) struct ServiceMetrics {
     classes: [Counter; 5],
-    latency: Histogram,
+    latency: LatencyHistogram,
     fresh: Counter,
     reused: Counter,
     retries: Counter,
@@ -119,6 +189,35 @@ impl ServiceMetrics {
 }
 
 impl ProxyMetrics {
+    /// `service`'s totals so far; `None` when the proxy has seen no request for it (read
+    /// without creating series).
+    pub(crate) fn totals(&self, service: &ServiceName) -> Option<HttpTotals> {
+        let label = ServiceLabel(Some(service.clone()));
+        let only = ServiceOnly {
+            service: label.clone(),
+        };
+        // One statement per lookup: a family's read guard lives until its statement ends.
+        let latency = self.latency.get(&only).map(|h| h.counts())?;
+        let mut t = HttpTotals {
+            latency,
+            ..HttpTotals::default()
+        };
+        for c in 1..=5u8 {
+            let n = self
+                .requests
+                .get(&RequestLabels {
+                    service: label.clone(),
+                    class: Class(c),
+                })
+                .map_or(0, |c| c.get());
+            t.requests += n;
+            if c == 5 {
+                t.errors = n;
+            }
+        }
+        Some(t)
+    }
+
     /// The handles for `service`.
     pub(crate) fn service(&self, service: &ServiceLabel) -> ServiceMetrics {
         let class = |c: u8| {

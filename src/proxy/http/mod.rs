@@ -29,7 +29,7 @@ mod bridge;
 pub(crate) mod fast;
 pub(crate) mod framing;
 mod headers;
-mod metrics;
+pub(crate) mod metrics;
 mod route;
 mod upstream;
 
@@ -386,6 +386,11 @@ impl HttpProxy {
     /// Registers the proxy's metrics (`netsel_http_proxy_*`).
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.metrics.register(registry);
+    }
+
+    /// The proxy's metric handles, for the traffic sampler to read.
+    pub(crate) fn metric_handles(&self) -> ProxyMetrics {
+        self.metrics.clone()
     }
 
     /// Idle upstream HTTP/1.1 connections in the pool.

@@ -155,6 +155,18 @@ impl TcpProxyMetrics {
         }
     }
 
+    /// `service`'s totals so far, for the traffic sampler: connections relayed and failed
+    /// connection attempts. Read without creating series.
+    pub(crate) fn totals(&self, service: &str) -> (u64, u64) {
+        let label = ServiceLabel {
+            service: service.to_string(),
+        };
+        // One statement per lookup (see `service`).
+        let connections = self.connections.get(&label).map_or(0, |c| c.get());
+        let failures = self.connect_failures.get(&label).map_or(0, |c| c.get());
+        (connections, failures)
+    }
+
     /// Counts a client connection that got no relay.
     pub fn refused(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabel { reason }).inc();
