@@ -657,7 +657,9 @@ async fn register_tagged(h: &DnsHandler, name: &str, ep: &str, tags: &[&str]) ->
 }
 
 /// What a tag query gets: (rcode, sorted SRV ports or A/AAAA addresses, authority count).
-fn tag_answer(r: &Message) -> (ResponseCode, Vec<String>, usize) {
+type TagAnswer = (ResponseCode, Vec<String>, usize);
+
+fn tag_answer(r: &Message) -> TagAnswer {
     let mut got: Vec<String> = r
         .answers
         .iter()
@@ -686,7 +688,7 @@ async fn tag_queries_on_the_handler_and_the_fast_path() {
     register_tagged(&h, "db", "127.0.0.9:5432", &[]).await;
     let (nx, ok) = (ResponseCode::NXDomain, ResponseCode::NoError);
     let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let cases: Vec<(&str, RecordType, (ResponseCode, Vec<String>, usize))> = vec![
+    let cases: Vec<(&str, RecordType, TagAnswer)> = vec![
         // `_tcp` keeps meaning every instance.
         (
             "_web._tcp.netsel.",
