@@ -9,6 +9,9 @@
 //!   healthy instance 503, failed attempts 502 (504 when they timed out). Only registered
 //!   instances are ever connected to: `CONNECT` gets 405 and absolute-form requests for
 //!   other hosts 404, so it is never an open proxy.
+//! * Tags: `X-Netsel-Tag: TAG`, else a host `TAG.tag.NAME[.<domain>]`, sends a request to
+//!   the instances carrying TAG (503 when none is healthy); else the service's
+//!   `[http_proxy.splits.NAME]` chooses a tag by weight (`HttpProxy::route_tag`).
 //! * Bodies stream both ways. HTTP/1.1 `Upgrade` (WebSocket and others) is tunnelled.
 //! * Hop-by-hop headers are removed; `X-Forwarded-For`, `-Proto` and `-Host` are added;
 //!   `Host` is kept as the client sent it unless `preserve_host = false`.
