@@ -991,7 +991,7 @@ async fn tag_filters_in_the_api_and_the_cli() {
         "{out}"
     );
     assert!(
-        !out.contains("127.0.0.1:8003") && out.contains("2 of 2"),
+        !out.contains("127.0.0.1:8003") && out.contains("2 of 2 instances tagged v1 healthy"),
         "{out}"
     );
     let (code, out, _) = run({

@@ -42,8 +42,13 @@ async fn resolve(args: &ResolveArgs) -> Result<ExitCode, Failure> {
     if args.api.json {
         print_json(s);
     } else {
+        let tagged = if args.tags.is_empty() {
+            String::new()
+        } else {
+            format!(" tagged {}", args.tags.join(","))
+        };
         println!(
-            "{} {}:{} ({} of {} instances healthy)",
+            "{} {}:{} ({} of {} instances{tagged} healthy)",
             s["name"].as_str().unwrap_or(""),
             s["vip"].as_str().unwrap_or(""),
             s["port"],
