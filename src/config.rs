@@ -823,6 +823,39 @@ mod tests {
     }
 
     #[test]
+    fn http_proxy_splits_parse_and_bad_ones_name_the_key() {
+        let s = Settings::from_toml(
+            "[http_proxy.splits.web]\nv1 = 95\ncanary = 5\n[http_proxy.splits.api]\nblue = 1",
+        )
+        .unwrap();
+        assert_eq!(s.http_proxy.splits["web"]["canary"], 5);
+        assert_eq!(s.http_proxy.splits["api"]["blue"], 1);
+        for (text, want) in [
+            (
+                "[http_proxy.splits.web]\nv1 = 95\ncanary = 0",
+                "invalid setting http_proxy.splits: web.canary: weight must be at least 1",
+            ),
+            (
+                "[http_proxy.splits.web]",
+                "invalid setting http_proxy.splits: web: names no tag",
+            ),
+            (
+                "[http_proxy.splits.\"we b\"]\nv1 = 1",
+                "invalid setting http_proxy.splits: 'we b' is not a valid service name",
+            ),
+            (
+                "[http_proxy.splits.web]\nv1 = 1\nV1 = 2",
+                "invalid setting http_proxy.splits: web.v1: tags match case-insensitively",
+            ),
+            ("[http_proxy.splits.web]\nv1 = -1", "v1"),
+            ("[http_proxy.splits.web]\nv1 = \"x\"", "v1"),
+        ] {
+            let e = Settings::from_toml(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn dns_table() {
         let s = Settings::from_toml(
             "[dns]\ndomain = \"svc.local.\"\nttl_secs = 30\nupstreams = [\"127.0.0.1:53\"]",

@@ -892,3 +892,146 @@ async fn an_instance_that_stays_critical_is_deregistered_after_its_limit() {
     .await;
     server.shutdown().await;
 }
+
+async fn register_tagged(api: SocketAddr, name: &str, port: u16, tags: &[&str]) {
+    let body = json!({"name": name, "address": "127.0.0.1", "port": port, "tags": tags});
+    let r = http::send(
+        api,
+        &HttpRequest::new("POST", "/v1/instances").json(body.to_string()),
+        T,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+}
+
+async fn get_json(api: SocketAddr, path: &str) -> (u16, Value) {
+    let r = http::send(api, &HttpRequest::new("GET", path), T)
+        .await
+        .unwrap();
+    (r.status, serde_json::from_slice(&r.body).unwrap())
+}
+
+fn ports(v: &Value) -> Vec<String> {
+    let mut p: Vec<String> = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["endpoint"]
+                .as_str()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    p.sort();
+    p
+}
+
+/// `?tag=` on `GET /v1/services[/{name}]`, and `--tag` on `netsel resolve` and
+/// `netsel services`: exact tags, every one required, as `/v1/sd/prometheus` filters.
+#[tokio::test]
+async fn tag_filters_in_the_api_and_the_cli() {
+    let (server, api, _) = server().await;
+    register_tagged(api, "web", 8001, &["v1"]).await;
+    register_tagged(api, "web", 8002, &["v1", "canary"]).await;
+    register_tagged(api, "web", 8003, &["v2"]).await;
+    register_tagged(api, "db", 5432, &["v2"]).await;
+
+    let (code, v) = get_json(api, "/v1/services/web?tag=v1").await;
+    assert_eq!(code, 200);
+    assert_eq!(ports(&v), ["8001", "8002"]);
+    assert_eq!(
+        (v["instance_count"].as_u64(), v["healthy_count"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(v["tags"], json!(["canary", "v1"]));
+    let (_, v) = get_json(api, "/v1/services/web?tag=v1,canary").await;
+    assert_eq!(ports(&v), ["8002"]);
+    let (_, v) = get_json(api, "/v1/services/web?tag=").await;
+    assert_eq!(
+        ports(&v),
+        ["8001", "8002", "8003"],
+        "an empty filter is no filter"
+    );
+    // Exact, like /v1/sd/prometheus: V1 is another tag. The service exists: 200, empty.
+    let (code, v) = get_json(api, "/v1/services/web?tag=V1").await;
+    assert_eq!(code, 200);
+    assert_eq!(ports(&v), Vec::<String>::new());
+    assert_eq!(v["healthy_count"], 0);
+    let (code, _) = get_json(api, "/v1/services/nope?tag=v1").await;
+    assert_eq!(code, 404);
+    // The list keeps the services with an instance carrying the tags.
+    let (_, v) = get_json(api, "/v1/services?tag=v2&detail=true").await;
+    let names: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["db", "web"]);
+    assert_eq!(ports(&v["services"][1]), ["8003"]);
+    let (_, v) = get_json(api, "/v1/services?tag=canary").await;
+    assert_eq!(v["services"].as_array().unwrap().len(), 1);
+    assert_eq!(v["services"][0]["instance_count"], 1);
+
+    // netsel resolve web --tag v1
+    let (code, out, err) = run({
+        let mut c = netsel(api);
+        c.args(["resolve", "web", "--tag", "v1"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("127.0.0.1:8001") && out.contains("127.0.0.1:8002"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("127.0.0.1:8003") && out.contains("2 of 2 instances tagged v1 healthy"),
+        "{out}"
+    );
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.args(["resolve", "web", "--tag", "v1", "--tag", "canary", "--json"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(ports(&serde_json::from_str(&out).unwrap()), ["8002"]);
+    // A tag no instance carries: no healthy instance, exit 7.
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.args(["resolve", "web", "--tag", "v9"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 7, "{out}");
+
+    // netsel services --tag canary
+    let (code, out, err) = run({
+        let mut c = netsel(api);
+        c.args(["services", "--tag", "canary"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("1/1"), "{row}");
+    assert!(!out.lines().any(|l| l.starts_with("db ")), "{out}");
+    let (code, out, _) = run({
+        let mut c = netsel(api);
+        c.args(["services", "--tag", "v9"]);
+        c
+    })
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("no service has instances tagged v9"), "{out}");
+    server.shutdown().await;
+}

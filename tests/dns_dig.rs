@@ -653,3 +653,123 @@ fn the_checker_catches_what_it_should() {
     let plain = CASES.iter().find(|c| c.name == "plain").unwrap();
     assert_eq!(check(plain, &good), ["an OPT"]);
 }
+
+/// The answer section as dig prints it: for each record its type and data (an SRV record
+/// shown as its port), sorted.
+fn answer_section(out: &str) -> Vec<String> {
+    let mut got: Vec<String> = out
+        .split(";; ANSWER SECTION:\n")
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [_, _, _, "SRV", _, _, port, _] => format!("SRV {port}"),
+                [_, _, _, t, data] => format!("{t} {data}"),
+                _ => panic!("unexpected answer line {l:?} in\n{out}"),
+            }
+        })
+        .collect();
+    got.sort();
+    got
+}
+
+/// Tag queries as a user asks them with `dig`: `_web._v1.netsel SRV` and
+/// `v1.tag.web.netsel A`, over the UDP fast path (each asked twice: the second answer
+/// comes from its cache, which must not confuse `_web._v1` with `_web._tcp`), over
+/// hickory's UDP loop, and over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_tag_queries() {
+    if !have_dig() {
+        return;
+    }
+    let cases: &[(&str, &str, &str, &[&str])] = &[
+        (
+            "_web._tcp.netsel",
+            "SRV",
+            "NOERROR",
+            &["SRV 8001", "SRV 8002", "SRV 8003"],
+        ),
+        (
+            "_web._v1.netsel",
+            "SRV",
+            "NOERROR",
+            &["SRV 8001", "SRV 8002"],
+        ),
+        (
+            "_Web._V1.netsel",
+            "SRV",
+            "NOERROR",
+            &["SRV 8001", "SRV 8002"],
+        ),
+        ("_web._canary.netsel", "SRV", "NOERROR", &["SRV 8003"]),
+        ("_web._v9.netsel", "SRV", "NXDOMAIN", &[]),
+        (
+            "v1.tag.web.netsel",
+            "A",
+            "NOERROR",
+            &["A 127.0.0.1", "A 127.0.0.2"],
+        ),
+        ("canary.tag.web.netsel", "A", "NOERROR", &["A 127.0.0.3"]),
+        ("v1.tag.web.netsel", "AAAA", "NOERROR", &[]),
+        ("v9.tag.web.netsel", "A", "NXDOMAIN", &[]),
+        ("tag.web.netsel", "A", "NOERROR", &[]),
+        ("web.netsel", "A", "NOERROR", &["A <vip>"]),
+    ];
+    let mut failures = Vec::new();
+    for fast_path in [true, false] {
+        let mut s = netsel::Settings::ephemeral();
+        s.dns.fast_path = fast_path;
+        let server = netsel::NetSelServer::with_settings(s);
+        server.start().await.expect("server starts");
+        let dns = server.bound().unwrap().dns.expect("dns is bound");
+        let catalog = server.catalog().unwrap();
+        for (ep, tags) in [
+            ("127.0.0.1:8001", &["v1"][..]),
+            ("127.0.0.2:8002", &["v1"]),
+            ("127.0.0.3:8003", &["canary"]),
+        ] {
+            let mut reg = netsel::catalog::Registration::new(
+                "web",
+                netsel::catalog::Endpoint::Explicit(ep.parse().unwrap()),
+            );
+            reg.tags = tags.iter().map(|t| t.to_string()).collect();
+            catalog.register(reg).await.unwrap();
+        }
+        let vip = catalog.snapshot().service("web").unwrap().vip.to_string();
+        for transport in ["udp", "tcp"] {
+            if transport == "tcp" && !fast_path {
+                continue; // TCP is hickory's either way
+            }
+            for round in 0..2 {
+                for (name, qtype, want_status, want) in cases {
+                    let mut args = vec![*name, *qtype, "+norec"];
+                    if transport == "tcp" {
+                        args.push("+tcp");
+                    }
+                    let out = tokio::task::spawn_blocking(move || dig(dns, &args))
+                        .await
+                        .unwrap();
+                    let want: Vec<String> = want.iter().map(|w| w.replace("<vip>", &vip)).collect();
+                    let got = answer_section(&out);
+                    if status(&out) != *want_status || got != want || !out.contains(" aa") {
+                        failures.push(format!(
+                            "{name} {qtype} over {transport} (fast_path={fast_path}, round {round}): \
+                             want {want_status} {want:?}, got {} {got:?}\n{out}",
+                            status(&out)
+                        ));
+                    }
+                }
+            }
+        }
+        server.shutdown().await;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failing:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

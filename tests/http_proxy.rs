@@ -532,3 +532,245 @@ async fn shutdown_deadline_cuts_requests_that_do_not_finish() {
         .unwrap();
     assert!(r.is_err(), "no response for a request cut at the deadline");
 }
+
+/// Registers `addr` as an instance of `name` carrying `tags`.
+async fn register_tagged(
+    p: &Proxy,
+    name: &str,
+    addr: std::net::SocketAddr,
+    tags: &[&str],
+) -> netsel::client::ServiceClient {
+    let mut b = netsel::client::ServiceClient::builder(name)
+        .registry(p.registry)
+        .endpoint(addr);
+    for t in tags {
+        b = b.tag(*t);
+    }
+    let mut c = b.build();
+    c.register().await.expect("register");
+    c
+}
+
+/// `curl` with `args`, `-s`; (status of success, stdout).
+async fn curl(args: &[&str]) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A request routed to a tag: by `X-Netsel-Tag`, or by the host `TAG.tag.NAME` (as in
+/// DNS), the header winning; on the fast path, the general path and HTTP/2; 503 when no
+/// healthy instance carries the tag, as for a service with none.
+#[tokio::test]
+async fn routes_to_a_tag_by_header_or_host() {
+    if !have("curl") {
+        return;
+    }
+    let p = start().await;
+    let v1a = Backend::start("v1-a", false).await;
+    let v1b = Backend::start("v1-b", false).await;
+    let canary = Backend::start("canary", false).await;
+    let plain = Backend::start("plain", false).await;
+    let _a = register_tagged(&p, "web", v1a.addr, &["v1"]).await;
+    let _b = register_tagged(&p, "web", v1b.addr, &["V1"]).await;
+    let c = register_tagged(&p, "web", canary.addr, &["canary"]).await;
+    let _d = register_tagged(&p, "web", plain.addr, &[]).await;
+    let url = format!("http://{}/", p.http);
+
+    // curl, HTTP/1.1 and h2c: header, host form, both (the header wins).
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        for (headers, want) in [
+            (&["Host: web", "X-Netsel-Tag: canary"][..], "canary"),
+            (&["Host: canary.tag.web.netsel:8081"], "canary"),
+            (&["Host: CANARY.Tag.web"], "canary"),
+            (&["Host: v1.tag.web", "X-Netsel-Tag: canary"], "canary"),
+        ] {
+            let mut args = vec![proto, url.as_str()];
+            for h in headers {
+                args.extend(["-H", h]);
+            }
+            assert_eq!(curl(&args).await, want, "{proto} {headers:?}");
+        }
+    }
+    // The instance sees the Host the client sent, and the tag header.
+    let (status, h, body) = get(p.http, "canary.tag.web", "/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "canary"));
+    assert_eq!(h["x-seen-host"], "canary.tag.web");
+
+    // Many requests on one keep-alive connection (the fast path), then on one the
+    // general path serves (after a request for no service): only v1 instances, both
+    // (tags match case-insensitively), in turn.
+    for general in [false, true] {
+        let mut tx = h1(p.http).await;
+        if general {
+            let r = tx.send_request(req("GET", "nope", "/", empty())).await;
+            assert_eq!(read(r.unwrap()).await.0, StatusCode::NOT_FOUND);
+        }
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..20 {
+            let mut r = req("GET", "web", "/", empty());
+            r.headers_mut()
+                .insert("x-netsel-tag", "v1".parse().unwrap());
+            let (status, _, body) = read(tx.send_request(r).await.unwrap()).await;
+            assert_eq!(status, StatusCode::OK);
+            *seen.entry(body).or_default() += 1;
+        }
+        assert_eq!(
+            seen,
+            [("v1-a".into(), 10), ("v1-b".into(), 10)].into(),
+            "general path: {general}"
+        );
+    }
+
+    // No tag: every instance, untagged ones included.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut tx = h1(p.http).await;
+    for _ in 0..8 {
+        let r = tx.send_request(req("GET", "web", "/", empty())).await;
+        seen.insert(read(r.unwrap()).await.2);
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+
+    // A tag no healthy instance carries: 503 naming it, on both forms; nothing is sent.
+    let before = canary.requests.load(Ordering::SeqCst);
+    p.server
+        .catalog()
+        .unwrap()
+        .set_health(&c.instance_id().unwrap(), netsel::catalog::Health::Critical)
+        .await
+        .unwrap();
+    for headers in [
+        &["Host: web", "X-Netsel-Tag: canary"][..],
+        &["Host: canary.tag.web"],
+        &["Host: v9.tag.web"],
+    ] {
+        let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}", url.as_str()];
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        assert_eq!(curl(&args).await, "503", "{headers:?}");
+    }
+    let (status, _, body) = get(p.http, "v9.tag.web", "/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("no healthy instance tagged 'v9'"), "{body}");
+    assert_eq!(canary.requests.load(Ordering::SeqCst), before);
+    // The host form of an unknown service is a 404, as for the plain name.
+    let (status, _, body) = get(p.http, "v1.tag.nosuch", "/").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+/// `[http_proxy.splits.web] v1 = 95, canary = 5`: 2000 requests with curl (one
+/// keep-alive connection: the fast path) and 400 over h2c; the canary gets 5 % of them
+/// (the split is a Weyl sequence, so the share is exact to a request or two, but the test
+/// allows for binomial noise, ±2.5 %, as if the choice were random: 5 σ at n = 2000),
+/// untagged instances none; a named tag overrides the split; a canary gone gives its share
+/// to v1; with no tag of the split healthy, 503.
+#[tokio::test]
+async fn a_split_sends_a_weighted_share_to_each_tag() {
+    if !have("curl") {
+        return;
+    }
+    let p = start_with(|s| {
+        s.http_proxy.splits.insert(
+            "web".into(),
+            [("v1".to_string(), 95), ("canary".to_string(), 5)].into(),
+        );
+    })
+    .await;
+    let v1a = Backend::start("v1-a", false).await;
+    let v1b = Backend::start("v1-b", false).await;
+    let canary = Backend::start("canary", false).await;
+    let plain = Backend::start("plain", false).await;
+    let a = register_tagged(&p, "web", v1a.addr, &["v1"]).await;
+    let b = register_tagged(&p, "web", v1b.addr, &["v1"]).await;
+    let c = register_tagged(&p, "web", canary.addr, &["canary"]).await;
+    let _d = register_tagged(&p, "web", plain.addr, &[]).await;
+    let counts = || [&v1a, &v1b, &canary, &plain].map(|b| b.requests.swap(0, Ordering::SeqCst));
+
+    // curl's URL globbing: 2000 requests on one connection.
+    let url = format!("http://{}/r[1-2000]", p.http);
+    let out = curl(&[
+        "--http1.1",
+        "-H",
+        "Host: web",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        &url,
+    ])
+    .await;
+    assert_eq!(out.lines().filter(|l| *l == "200").count(), 2000, "{out}");
+    let [x, y, can, none] = counts();
+    assert_eq!(x + y + can, 2000);
+    assert!((50..=150).contains(&can), "canary got {can} of 2000");
+    assert_eq!(none, 0, "untagged instances get nothing under a split");
+    assert!(x.abs_diff(y) <= 100, "v1 balanced: {x} {y}");
+
+    // HTTP/2 (the bridge path): the same share.
+    let mut tx = h2(p.http).await;
+    for _ in 0..400 {
+        let r = tx.send_request(req2("GET", "web", "/", empty())).await;
+        assert_eq!(read(r.unwrap()).await.0, StatusCode::OK);
+    }
+    let [x, y, can, none] = counts();
+    assert_eq!((x + y + can, none), (400, 0));
+    assert!((5..=40).contains(&can), "canary got {can} of 400 over h2");
+
+    // A named tag wins over the split (even a tag outside it).
+    let out = curl(&[
+        "-H",
+        "Host: web",
+        "-H",
+        "X-Netsel-Tag: canary",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        &url.replace("2000", "20"),
+    ])
+    .await;
+    assert_eq!(out.lines().count(), 20);
+    assert_eq!(counts(), [0, 0, 20, 0]);
+    let (_, _, body) = get(p.http, "web", "/").await;
+    assert_ne!(body, "plain");
+    counts();
+
+    // The canary goes critical: v1 takes its share.
+    let catalog = p.server.catalog().unwrap();
+    let critical = netsel::catalog::Health::Critical;
+    catalog
+        .set_health(&c.instance_id().unwrap(), critical)
+        .await
+        .unwrap();
+    curl(&[
+        "-H",
+        "Host: web",
+        "-o",
+        "/dev/null",
+        &url.replace("2000", "100"),
+    ])
+    .await;
+    let [x, y, can, none] = counts();
+    assert_eq!((x + y, can, none), (100, 0, 0));
+    // No tag of the split has a healthy instance: 503, though an untagged one is healthy.
+    for i in [&a, &b] {
+        catalog
+            .set_health(&i.instance_id().unwrap(), critical)
+            .await
+            .unwrap();
+    }
+    let (status, _, body) = get(p.http, "web", "/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("its split"), "{body}");
+    assert_eq!(counts(), [0, 0, 0, 0]);
+}

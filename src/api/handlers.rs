@@ -337,7 +337,8 @@ fn flag(q: &BTreeMap<String, String>, key: &'static str) -> Result<bool, ApiErro
 }
 
 /// `GET /v1/services`: every service the caller may read, with counts and health;
-/// `?detail=true` adds instances; `?index=N&wait=30s` blocks until the catalog changes.
+/// `?detail=true` adds instances; `?tag=x,y` keeps the services with instances carrying
+/// every tag, and only those instances (counts and health too); `?index=N&wait=30s` blocks until the catalog changes.
 pub(crate) async fn services(
     State(state): State<ApiState>,
     caller: Caller,
@@ -348,6 +349,7 @@ pub(crate) async fn services(
         return Err(acl.denied(caller, "list services"));
     }
     let detail = flag(&q, "detail")?;
+    let tags = super::sd::list(&q, "tag");
     let query = BlockingQuery::parse(&q, &state)?;
     let snap = block(&state, query, |_| true).await;
     let catalog = &state.inner.catalog;
@@ -356,13 +358,16 @@ pub(crate) async fn services(
         services: snap
             .services()
             .filter(|s| acl.can_read(caller, s.name.as_str()))
-            .map(|s| ServiceView::new(catalog, s, detail))
+            .map(|s| super::sd::with_tags(s, &tags))
+            .filter(|s| tags.is_empty() || !s.instances.is_empty())
+            .map(|s| ServiceView::new(catalog, &s, detail))
             .collect(),
     };
     Ok((index_header(snap.index), Json(list)).into_response())
 }
 
-/// `GET /v1/services/{name}`: one service with its instances; `?format=line` answers
+/// `GET /v1/services/{name}`: one service with its instances (`?tag=x,y`: only those
+/// carrying every tag; counts and health describe them); `?format=line` answers
 /// in the line protocol's `RESOLVED` form (what the client library's watch reads).
 pub(crate) async fn service(
     State(state): State<ApiState>,
@@ -379,6 +384,7 @@ pub(crate) async fn service(
         Some("line") => true,
         Some(_) => return Err(ApiError::invalid("format", "expected json or line")),
     };
+    let tags = super::sd::list(&q, "tag");
     let query = BlockingQuery::parse(&q, &state)?;
     // Wake for a change to this service: its modify index passing the client's, or its
     // disappearance. A client whose index is behind and who asks for an absent service
@@ -402,6 +408,7 @@ pub(crate) async fn service(
         }
         return Ok((headers, ApiError::NotFound(message)).into_response());
     };
+    let svc = &*super::sd::with_tags(svc, &tags);
     if line {
         let r = crate::registry::resolved(catalog, svc);
         let body = format!("{r}\n");

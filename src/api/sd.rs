@@ -34,7 +34,7 @@ pub(crate) struct TargetGroup {
 }
 
 /// A comma-separated list parameter; absent or empty means no filter.
-fn list<'a>(q: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str> {
+pub(crate) fn list<'a>(q: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str> {
     q.get(key)
         .map(|v| {
             v.split(',')
@@ -43,6 +43,26 @@ fn list<'a>(q: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether `i` carries every tag of `tags` (exactly, case-sensitively); the `?tag=` rule
+/// of this endpoint and of `GET /v1/services[/{name}]`.
+pub(crate) fn carries_all(i: &crate::catalog::Instance, tags: &[&str]) -> bool {
+    tags.iter().all(|t| i.tags.iter().any(|have| have == t))
+}
+
+/// `svc` with only its instances carrying every tag of `tags` (`svc` itself when there is
+/// no filter).
+pub(crate) fn with_tags<'s>(
+    svc: &'s crate::catalog::Service,
+    tags: &[&str],
+) -> std::borrow::Cow<'s, crate::catalog::Service> {
+    if tags.is_empty() {
+        return std::borrow::Cow::Borrowed(svc);
+    }
+    let mut s = svc.clone();
+    s.instances.retain(|i| carries_all(i, tags));
+    std::borrow::Cow::Owned(s)
 }
 
 /// `key` as a Prometheus label-name suffix.
@@ -85,9 +105,7 @@ pub(crate) async fn prometheus(
             continue;
         }
         for i in s.healthy() {
-            if !tags.iter().all(|t| i.tags.iter().any(|have| have == t))
-                || !catalog.settings().allows_endpoint(i.endpoint.ip())
-            {
+            if !carries_all(i, &tags) || !catalog.settings().allows_endpoint(i.endpoint.ip()) {
                 continue;
             }
             let mut labels = BTreeMap::new();

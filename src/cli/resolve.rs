@@ -13,11 +13,15 @@ use crate::client::http::encode_component;
 pub struct ResolveArgs {
     /// Service name.
     name: String,
+    /// Only the instances carrying this tag (repeat: every one of them; exact match).
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
     #[command(flatten)]
     api: ApiArgs,
 }
 
-/// Prints the service. Exit 0; 3 if no such service; 7 if it has no healthy instance.
+/// Prints the service. Exit 0; 3 if no such service; 7 if it has no healthy instance
+/// (with `--tag`: none carrying the tags).
 pub async fn run(args: ResolveArgs) -> ExitCode {
     match resolve(&args).await {
         Ok(code) => code,
@@ -27,16 +31,24 @@ pub async fn run(args: ResolveArgs) -> ExitCode {
 
 async fn resolve(args: &ResolveArgs) -> Result<ExitCode, Failure> {
     let api = Api::new(&args.api).await?;
-    let a = api
-        .get(&format!("/v1/services/{}", encode_component(&args.name)))
-        .await?;
+    let mut path = format!("/v1/services/{}", encode_component(&args.name));
+    if !args.tags.is_empty() {
+        path.push_str("?tag=");
+        path.push_str(&encode_component(&args.tags.join(",")));
+    }
+    let a = api.get(&path).await?;
     let s = &a.body;
     let healthy = s["healthy_count"].as_u64().unwrap_or(0);
     if args.api.json {
         print_json(s);
     } else {
+        let tagged = if args.tags.is_empty() {
+            String::new()
+        } else {
+            format!(" tagged {}", args.tags.join(","))
+        };
         println!(
-            "{} {}:{} ({} of {} instances healthy)",
+            "{} {}:{} ({} of {} instances{tagged} healthy)",
             s["name"].as_str().unwrap_or(""),
             s["vip"].as_str().unwrap_or(""),
             s["port"],

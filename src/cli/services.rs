@@ -6,30 +6,44 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::api_client::{Api, ApiArgs, Failure, print_json, print_table};
+use crate::client::http::encode_component;
 
 /// Flags of `netsel services`.
 #[derive(Debug, Args)]
 pub struct ServicesArgs {
+    /// Only services with instances carrying this tag, and only those instances (repeat:
+    /// every tag; exact match).
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
     #[command(flatten)]
     api: ApiArgs,
 }
 
 /// Lists services. Exit 0, or the API failure's code.
 pub async fn run(args: ServicesArgs) -> ExitCode {
-    match list(&args.api).await {
+    match list(&args.api, &args.tags).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => f.report(),
     }
 }
 
-async fn list(args: &ApiArgs) -> Result<(), Failure> {
+async fn list(args: &ApiArgs, tags: &[String]) -> Result<(), Failure> {
     let api = Api::new(args).await?;
-    let a = api.get("/v1/services?detail=true").await?;
+    let mut path = "/v1/services?detail=true".to_string();
+    if !tags.is_empty() {
+        path.push_str("&tag=");
+        path.push_str(&encode_component(&tags.join(",")));
+    }
+    let a = api.get(&path).await?;
     if args.json {
         print_json(&a.body);
         return Ok(());
     }
     let services = a.body["services"].as_array().cloned().unwrap_or_default();
+    if services.is_empty() && !tags.is_empty() {
+        println!("no service has instances tagged {}", tags.join(","));
+        return Ok(());
+    }
     if services.is_empty() {
         println!("no services registered");
         return Ok(());

@@ -11,7 +11,7 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_server::zone_handler::MessageRequest;
 use ipnet::IpNet;
 
-use crate::catalog::{Service, Snapshot};
+use crate::catalog::{Instance, Service, Snapshot};
 use crate::config::DnsSettings;
 
 /// The largest UDP payload NetSel sends, whatever the client offers (the DNS flag day 2020
@@ -285,17 +285,42 @@ fn lookup_forward(
             _ => Found::NoData,
         },
         [b"_tcp"] => Found::NoData,
+        // `_TAG.netsel.`: an empty non-terminal while some `_NAME._TAG` exists (RFC 8020:
+        // an NXDOMAIN here would deny every name below it). Service names never start
+        // with `_`, so this shadows none.
+        [tag] if tag.first() == Some(&b'_') => {
+            let tag = &tag[1..];
+            let carried = snap
+                .services()
+                .any(|s| s.healthy().any(|i| carries(i, tag)));
+            if carried {
+                Found::NoData
+            } else {
+                Found::NxDomain
+            }
+        }
         [svc] => service_found(zone, snap, svc, qtype, owner),
-        [srv, b"_tcp"] if srv.first() == Some(&b'_') => {
+        // `_NAME._tcp` (every healthy instance) and `_NAME._TAG` (those carrying TAG,
+        // Consul's RFC 2782 form; a tag literally named `tcp` is unreachable this way).
+        [srv, proto] if srv.first() == Some(&b'_') && proto.first() == Some(&b'_') => {
+            let tag = match &proto[1..] {
+                b"tcp" => None,
+                tag => Some(tag),
+            };
             let Some(service) = healthy_service(snap, &srv[1..]) else {
                 return Found::NxDomain;
             };
+            // Like Consul: a tag no healthy instance carries makes the name not exist.
+            let tagged = |i: &&std::sync::Arc<Instance>| tag.is_none_or(|t| carries(i, t));
+            if !service.healthy().any(|i| tagged(&i)) {
+                return Found::NxDomain;
+            }
             if !matches!(qtype, RecordType::SRV | RecordType::ANY) {
                 return Found::NoData;
             }
             let mut answers = Vec::new();
             let mut glue = Vec::new();
-            for inst in service.healthy() {
+            for inst in service.healthy().filter(tagged) {
                 let Ok(target) =
                     Name::from_ascii(format!("{}.{}.{}", inst.id, service.name, zone.domain))
                 else {
@@ -316,6 +341,10 @@ fn lookup_forward(
                 return Found::NxDomain;
             };
             let Some(inst) = service.healthy().find(|i| i.id.as_str() == id) else {
+                // `tag.NAME.netsel.`: an empty non-terminal above `TAG.tag.NAME`.
+                if id == "tag" && service.healthy().any(|i| !i.tags.is_empty()) {
+                    return Found::NoData;
+                }
                 return Found::NxDomain;
             };
             let ip = inst.endpoint.ip();
@@ -329,7 +358,54 @@ fn lookup_forward(
                 _ => Found::NoData,
             }
         }
+        [tag, b"tag", svc] => tagged_addresses(zone, snap, svc, tag, qtype, owner),
         _ => Found::NxDomain,
+    }
+}
+
+/// Whether `inst` carries the tag spelled by a DNS label (ASCII case-insensitively: DNS
+/// names are, and the label arrives lower-cased).
+fn carries(inst: &Instance, tag: &[u8]) -> bool {
+    inst.tags
+        .iter()
+        .any(|t| t.as_bytes().eq_ignore_ascii_case(tag))
+}
+
+/// `TAG.tag.NAME.netsel.`: the endpoint addresses (not the VIP, which balances over every
+/// instance) of NAME's healthy instances carrying TAG, each address once. The name exists
+/// while at least one healthy instance carries the tag.
+fn tagged_addresses(
+    zone: &Zone,
+    snap: &Snapshot,
+    svc: &[u8],
+    tag: &[u8],
+    qtype: RecordType,
+    owner: &Name,
+) -> Found {
+    let Some(service) = healthy_service(snap, svc) else {
+        return Found::NxDomain;
+    };
+    let mut tagged = service.healthy().filter(|i| carries(i, tag)).peekable();
+    if tagged.peek().is_none() {
+        return Found::NxDomain;
+    }
+    match qtype {
+        RecordType::A | RecordType::AAAA | RecordType::ANY => {
+            let ips: BTreeSet<IpAddr> = tagged
+                .map(|i| canonical(i.endpoint.ip()))
+                .filter(|ip| qtype == RecordType::ANY || is_v4(*ip) == (qtype == RecordType::A))
+                .collect();
+            if ips.is_empty() {
+                return Found::NoData;
+            }
+            let answers = ips
+                .into_iter()
+                .map(|ip| address(owner.clone(), zone.ttl, ip))
+                .collect();
+            Found::Records(answers, Vec::new())
+        }
+        RecordType::TXT => txt(owner, zone.ttl, tagged.flat_map(|i| i.meta.iter())),
+        _ => Found::NoData,
     }
 }
 
@@ -417,6 +493,14 @@ fn full_arpa_labels(cidr: IpNet) -> u8 {
 fn healthy_service<'s>(snap: &'s Snapshot, label: &[u8]) -> Option<&'s std::sync::Arc<Service>> {
     let name = std::str::from_utf8(label).ok()?;
     snap.service(name).filter(|s| s.healthy_count() > 0)
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is (both are answered as A).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 fn is_v4(ip: IpAddr) -> bool {

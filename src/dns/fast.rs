@@ -337,6 +337,28 @@ mod tests {
     }
 
     #[test]
+    fn tag_queries_have_keys_of_their_own() {
+        // `_web._tcp` (every instance) and `_web._v1` (a tag) never share an answer; nor do
+        // two tags whose labels have the same length.
+        let q = |name: &[u8]| {
+            let mut q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00".to_vec();
+            q.extend_from_slice(name);
+            q.extend_from_slice(b"\x00\x21\x00\x01");
+            let mut k = Vec::new();
+            cache_key(&q, &mut k).unwrap();
+            k
+        };
+        let tcp = q(b"\x04_web\x04_tcp\x06netsel\x00");
+        let v1 = q(b"\x04_web\x03_v1\x06netsel\x00");
+        let v2 = q(b"\x04_web\x04_v22\x06netsel\x00");
+        let upper = q(b"\x04_WEB\x03_V1\x06NETSEL\x00");
+        assert_ne!(tcp, v1);
+        assert_ne!(tcp, v2);
+        assert_ne!(v1, v2);
+        assert_eq!(v1, upper, "tags are case-insensitive, as their answers are");
+    }
+
+    #[test]
     fn owners_that_repeat_the_question_are_found() {
         // Question WeB.netsel A; answer owner WeB.netsel (uncompressed), then an SOA-ish
         // record owned by the apex via a pointer.

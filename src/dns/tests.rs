@@ -649,3 +649,133 @@ async fn do_bit_on_servfail_when_no_upstream_answers() {
     assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
     assert!(r.edns.is_none());
 }
+
+async fn register_tagged(h: &DnsHandler, name: &str, ep: &str, tags: &[&str]) -> String {
+    let mut reg = Registration::new(name, Endpoint::Explicit(ep.parse().unwrap()));
+    reg.tags = tags.iter().map(|t| t.to_string()).collect();
+    h.catalog().register(reg).await.unwrap().id.to_string()
+}
+
+/// What a tag query gets: (rcode, sorted SRV ports or A/AAAA addresses, authority count).
+type TagAnswer = (ResponseCode, Vec<String>, usize);
+
+fn tag_answer(r: &Message) -> TagAnswer {
+    let mut got: Vec<String> = r
+        .answers
+        .iter()
+        .map(|rec| match &rec.data {
+            RData::SRV(srv) => srv.port.to_string(),
+            RData::A(a) => a.0.to_string(),
+            RData::AAAA(a) => a.0.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    got.sort();
+    (r.metadata.response_code, got, r.authorities.len())
+}
+
+/// `_NAME._TAG` SRV and `TAG.tag.NAME` A/AAAA, through the handler and through the UDP
+/// fast path twice (the second answer from its cache, which must keep `_web._v1` and
+/// `_web._tcp` apart), for letter case and for every negative case.
+#[tokio::test]
+async fn tag_queries_on_the_handler_and_the_fast_path() {
+    let h = handler();
+    register_tagged(&h, "web", "127.0.0.1:8001", &["v1"]).await;
+    register_tagged(&h, "web", "127.0.0.2:8002", &["V1", "canary"]).await;
+    register_tagged(&h, "web", "127.0.0.2:8003", &["v1"]).await;
+    register_tagged(&h, "web", "[::1]:8004", &["v6"]).await;
+    register_tagged(&h, "web", "127.0.0.3:8005", &[]).await;
+    register_tagged(&h, "db", "127.0.0.9:5432", &[]).await;
+    let (nx, ok) = (ResponseCode::NXDomain, ResponseCode::NoError);
+    let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let cases: Vec<(&str, RecordType, TagAnswer)> = vec![
+        // `_tcp` keeps meaning every instance.
+        (
+            "_web._tcp.netsel.",
+            RecordType::SRV,
+            (ok, v(&["8001", "8002", "8003", "8004", "8005"]), 0),
+        ),
+        // Tags match case-insensitively, as DNS names do.
+        (
+            "_web._v1.netsel.",
+            RecordType::SRV,
+            (ok, v(&["8001", "8002", "8003"]), 0),
+        ),
+        (
+            "_WEB._V1.NETSEL.",
+            RecordType::SRV,
+            (ok, v(&["8001", "8002", "8003"]), 0),
+        ),
+        (
+            "_web._canary.netsel.",
+            RecordType::SRV,
+            (ok, v(&["8002"]), 0),
+        ),
+        // A tag no healthy instance carries: the name does not exist (Consul does the same).
+        ("_web._v2.netsel.", RecordType::SRV, (nx, v(&[]), 1)),
+        ("_db._v1.netsel.", RecordType::SRV, (nx, v(&[]), 1)),
+        ("_nope._v1.netsel.", RecordType::SRV, (nx, v(&[]), 1)),
+        // It exists, not with that type: NODATA.
+        ("_web._v1.netsel.", RecordType::A, (ok, v(&[]), 1)),
+        // Endpoint addresses, each once (two v1 instances share 127.0.0.2).
+        (
+            "v1.tag.web.netsel.",
+            RecordType::A,
+            (ok, v(&["127.0.0.1", "127.0.0.2"]), 0),
+        ),
+        (
+            "V1.Tag.Web.netsel.",
+            RecordType::A,
+            (ok, v(&["127.0.0.1", "127.0.0.2"]), 0),
+        ),
+        (
+            "canary.tag.web.netsel.",
+            RecordType::A,
+            (ok, v(&["127.0.0.2"]), 0),
+        ),
+        ("v6.tag.web.netsel.", RecordType::AAAA, (ok, v(&["::1"]), 0)),
+        ("v6.tag.web.netsel.", RecordType::A, (ok, v(&[]), 1)),
+        ("v1.tag.web.netsel.", RecordType::AAAA, (ok, v(&[]), 1)),
+        ("v1.tag.web.netsel.", RecordType::SRV, (ok, v(&[]), 1)),
+        ("v2.tag.web.netsel.", RecordType::A, (nx, v(&[]), 1)),
+        ("v1.tag.db.netsel.", RecordType::A, (nx, v(&[]), 1)),
+        ("v1.tag.nope.netsel.", RecordType::A, (nx, v(&[]), 1)),
+        // Empty non-terminals above existing tag names are NODATA, not NXDOMAIN (RFC 8020).
+        ("tag.web.netsel.", RecordType::A, (ok, v(&[]), 1)),
+        ("tag.db.netsel.", RecordType::A, (nx, v(&[]), 1)),
+        ("_v1.netsel.", RecordType::A, (ok, v(&[]), 1)),
+        ("_v2.netsel.", RecordType::A, (nx, v(&[]), 1)),
+        ("x.v1.tag.web.netsel.", RecordType::A, (nx, v(&[]), 1)),
+    ];
+    let mut worker = fast::Worker::for_test(h.clone());
+    let src: SocketAddr = "127.0.0.1:5300".parse().unwrap();
+    let (mut key, mut out) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        for (name, qtype, want) in &cases {
+            let m = query(name, *qtype);
+            let got = if round == 0 {
+                ask(&h, &m)
+            } else {
+                assert!(worker.answer(&m.to_vec().unwrap(), src, &mut key, &mut out));
+                Message::from_vec(&out).unwrap()
+            };
+            assert_eq!(&tag_answer(&got), want, "{name} {qtype} round {round}");
+            assert!(got.metadata.authoritative);
+            assert_eq!(got.queries[0].name().to_ascii(), *name, "case echoed");
+            if !got.answers.is_empty() {
+                assert_eq!(got.answers[0].name.to_ascii(), *name, "owner case echoed");
+            }
+        }
+    }
+    // Every distinct query got its own cache entry (`_web._v1` and `_WEB._V1` share one).
+    assert_eq!(worker.cached(), cases.len() - 2);
+    // SRV targets of a tag query carry glue, as for `_tcp`.
+    let r = ask(&h, &query("_web._canary.netsel.", RecordType::SRV));
+    assert_eq!(r.additionals.len(), 1);
+    // A change of tags is seen at once, on the fast path too (the cache is per index).
+    register_tagged(&h, "web", "127.0.0.4:8006", &["v2"]).await;
+    let m = query("_web._v2.netsel.", RecordType::SRV);
+    assert!(worker.answer(&m.to_vec().unwrap(), src, &mut key, &mut out));
+    let got = Message::from_vec(&out).unwrap();
+    assert_eq!(tag_answer(&got), (ok, v(&["8006"]), 0));
+}

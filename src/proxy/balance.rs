@@ -38,6 +38,112 @@ pub enum Policy {
     Weighted,
 }
 
+/// Which healthy instances of a service a pick may choose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Subset<'a> {
+    /// Every one.
+    #[default]
+    All,
+    /// Those carrying this tag (ASCII case-insensitively, as in DNS).
+    Tagged(&'a str),
+}
+
+impl Subset<'_> {
+    /// Whether `inst` belongs to the subset.
+    #[inline]
+    pub fn admits(self, inst: &Instance) -> bool {
+        match self {
+            Subset::All => true,
+            Subset::Tagged(tag) => carries(inst, tag),
+        }
+    }
+}
+
+/// Whether `inst` carries `tag`, ASCII case-insensitively.
+pub fn carries(inst: &Instance, tag: &str) -> bool {
+    inst.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))
+}
+
+/// Most tags in one [`Split`].
+pub const MAX_SPLIT_TAGS: usize = 64;
+
+/// A service's traffic split between tags by weight (`[http_proxy.splits.NAME]`): each
+/// request goes to the instances of one tag, chosen in proportion to the weights among
+/// the tags that have a healthy instance. Instances carrying none of the tags get none.
+///
+/// The choice is a Weyl sequence over a shared counter (request *n* takes the tag whose
+/// share of `[0, 1)` holds the fractional part of *n*·φ): no lock, no allocation, no
+/// randomness, and over any run of requests every tag's share is within a few requests
+/// of its weight, spread out rather than in bursts.
+#[derive(Debug)]
+pub struct Split {
+    tags: Vec<(String, u64)>,
+    turn: AtomicU64,
+}
+
+impl Split {
+    /// A split over `weights` (tag, weight ≥ 1), at most [`MAX_SPLIT_TAGS`] of them
+    /// (settings validation enforces both; extra tags are ignored, zero weights count 1).
+    pub fn new<'a>(weights: impl IntoIterator<Item = (&'a str, u32)>) -> Split {
+        Split {
+            tags: weights
+                .into_iter()
+                .take(MAX_SPLIT_TAGS)
+                .map(|(t, w)| (t.to_string(), u64::from(w.max(1))))
+                .collect(),
+            turn: AtomicU64::new(0),
+        }
+    }
+
+    /// The tags and their weights.
+    pub fn tags(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.tags.iter().map(|(t, w)| (t.as_str(), *w))
+    }
+
+    /// The tag the next request of `svc` goes to, among the tags with a healthy instance
+    /// `usable` lets through; `None` when no tag of the split has one. O(instances ×
+    /// tags), no allocation.
+    pub fn choose(&self, svc: &Service, usable: impl Fn(&Instance) -> bool) -> Option<&str> {
+        let mut live = 0u64;
+        for i in svc.instances.iter() {
+            if !i.is_healthy() || !usable(i) {
+                continue;
+            }
+            for (n, (tag, _)) in self.tags.iter().enumerate() {
+                if carries(i, tag) {
+                    live |= 1 << n;
+                }
+            }
+        }
+        let weights = || {
+            self.tags
+                .iter()
+                .enumerate()
+                .filter(move |(n, _)| live & (1 << n) != 0)
+                .map(|(_, (t, w))| (t.as_str(), *w))
+        };
+        let total: u64 = weights().map(|(_, w)| w).sum();
+        if total == 0 {
+            return None;
+        }
+        let n = self.turn.fetch_add(1, Ordering::Relaxed);
+        let mut at = weyl(n, total);
+        for (tag, w) in weights() {
+            if at < w {
+                return Some(tag);
+            }
+            at -= w;
+        }
+        None
+    }
+}
+
+/// The `n`-th point of the golden-ratio Weyl sequence, scaled to `0..total`.
+fn weyl(n: u64, total: u64) -> u64 {
+    let frac = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(frac) * u128::from(total)) >> 64) as u64
+}
+
 /// Balancing settings: a global policy, per-service overrides, and ejection backoff.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -217,17 +323,27 @@ impl Balancer {
     /// Picks an instance of `svc`, skipping any in `exclude` (already tried by this
     /// connection). `None` when no healthy instance is left to try.
     pub fn pick(&self, svc: &Arc<Service>, exclude: &[InstanceId]) -> Option<Pick> {
+        self.pick_in(svc, exclude, Subset::All)
+    }
+
+    /// As [`Balancer::pick`], among the instances of `subset` only.
+    pub fn pick_in(
+        &self,
+        svc: &Arc<Service>,
+        exclude: &[InstanceId],
+        subset: Subset<'_>,
+    ) -> Option<Pick> {
         let hit = CACHE.with_borrow(|cache| {
             cache
                 .iter()
                 .find(|c| c.balancer == self.id && Arc::ptr_eq(&c.svc, svc))
-                .map(|c| self.choose(svc, &c.backends, &c.turn, exclude))
+                .map(|c| self.choose(svc, &c.backends, &c.turn, exclude, subset))
         });
         if let Some(pick) = hit {
             return pick;
         }
         let (backends, turn) = self.state_for(svc);
-        let pick = self.choose(svc, &backends, &turn, exclude);
+        let pick = self.choose(svc, &backends, &turn, exclude, subset);
         CACHE.with_borrow_mut(|cache| {
             // One entry per service: the older version of this one goes.
             cache.retain(|c| c.balancer != self.id || c.svc.name != svc.name);
@@ -251,11 +367,15 @@ impl Balancer {
         backends: &[Arc<Backend>],
         turn: &AtomicUsize,
         exclude: &[InstanceId],
+        subset: Subset<'_>,
     ) -> Option<Pick> {
         // Never an endpoint outside the policy, whatever the catalog holds.
         let settings = self.catalog.settings();
         let candidate = |i: &Instance| {
-            i.is_healthy() && !exclude.contains(&i.id) && settings.allows_endpoint(i.endpoint.ip())
+            i.is_healthy()
+                && !exclude.contains(&i.id)
+                && subset.admits(i)
+                && settings.allows_endpoint(i.endpoint.ip())
         };
         let (mut candidates, mut available) = (0usize, 0usize);
         for (i, b) in svc.instances.iter().zip(backends) {
@@ -325,6 +445,20 @@ impl Balancer {
                 None
             }
         }
+    }
+
+    /// The tag `split` sends the next request of `svc` to (see [`Split::choose`]), among
+    /// instances the endpoint policy allows.
+    pub fn split_tag<'s>(&self, split: &'s Split, svc: &Service) -> Option<&'s str> {
+        let settings = self.catalog.settings();
+        split.choose(svc, |i| settings.allows_endpoint(i.endpoint.ip()))
+    }
+
+    /// Whether `svc` has a healthy instance in `subset` that the endpoint policy allows.
+    pub fn has_healthy(&self, svc: &Service, subset: Subset<'_>) -> bool {
+        let settings = self.catalog.settings();
+        svc.healthy()
+            .any(|i| subset.admits(i) && settings.allows_endpoint(i.endpoint.ip()))
     }
 
     fn is_available(&self, inst: &Instance, b: &Backend) -> bool {
@@ -419,6 +553,70 @@ mod tests {
             *out.entry(p.instance.endpoint.port()).or_default() += 1;
         }
         out
+    }
+
+    async fn catalog_tagged(tags: &[&[&str]]) -> Catalog {
+        let mut s = Settings::default().catalog_settings();
+        s.probe_vip_bind = false;
+        let catalog = Catalog::in_memory(s).unwrap();
+        for (n, t) in tags.iter().enumerate() {
+            let mut reg = Registration::new(
+                "web",
+                Endpoint::Explicit(format!("127.0.0.1:{}", 8000 + n).parse().unwrap()),
+            );
+            reg.tags = t.iter().map(|t| t.to_string()).collect();
+            catalog.register(reg).await.unwrap();
+        }
+        catalog
+    }
+
+    #[tokio::test]
+    async fn a_tagged_pick_stays_within_the_tag() {
+        let catalog = catalog_tagged(&[&["v1"], &["V1", "canary"], &[]]).await;
+        let b = Balancer::new(catalog.clone(), BalanceSettings::default());
+        let snap = catalog.snapshot();
+        let svc = snap.service("web").unwrap();
+        let ports: std::collections::BTreeSet<u16> = (0..20)
+            .map(|_| {
+                b.pick_in(svc, &[], Subset::Tagged("v1"))
+                    .unwrap()
+                    .instance
+                    .endpoint
+                    .port()
+            })
+            .collect();
+        assert_eq!(ports, [8000, 8001].into(), "case-insensitive, both v1");
+        let canary = b.pick_in(svc, &[], Subset::Tagged("canary")).unwrap();
+        assert_eq!(canary.instance.endpoint.port(), 8001);
+        let only = std::slice::from_ref(&canary.instance.id);
+        assert!(b.pick_in(svc, only, Subset::Tagged("canary")).is_none());
+        assert!(b.pick_in(svc, &[], Subset::Tagged("v2")).is_none());
+        assert!(b.has_healthy(svc, Subset::Tagged("CANARY")));
+        assert!(!b.has_healthy(svc, Subset::Tagged("v2")));
+    }
+
+    #[tokio::test]
+    async fn a_split_follows_its_weights_spread_out() {
+        let catalog = catalog_tagged(&[&["v1"], &["canary"], &[]]).await;
+        let b = Balancer::new(catalog.clone(), BalanceSettings::default());
+        let snap = catalog.snapshot();
+        let svc = snap.service("web").unwrap();
+        let split = Split::new([("v1", 95), ("canary", 5)]);
+        let picks: Vec<&str> = (0..2000)
+            .map(|_| b.split_tag(&split, svc).unwrap())
+            .collect();
+        // Every window of 100 requests holds 5 canaries, give or take 1 (a Weyl sequence,
+        // not coin flips); no two canaries are ever adjacent.
+        for w in picks.windows(100).step_by(7) {
+            let c = w.iter().filter(|t| **t == "canary").count();
+            assert!((4..=6).contains(&c), "{c} canaries in a window");
+        }
+        assert_eq!(picks.iter().filter(|t| **t == "canary").count(), 100);
+        assert!(picks.windows(2).all(|w| w != ["canary", "canary"]));
+        // A tag with no healthy instance gives its share to the others; none: None.
+        let split = Split::new([("v1", 1), ("v2", 1)]);
+        assert!((0..10).all(|_| b.split_tag(&split, svc) == Some("v1")));
+        assert_eq!(b.split_tag(&Split::new([("v3", 1)]), svc), None);
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use super::upstream::{ConnectError, ResponseBody};
 use super::{HttpProxy, local};
 use crate::catalog::{InstanceId, Service};
 use crate::protocol::AppProtocol;
-use crate::proxy::balance::Pick;
+use crate::proxy::balance::{Pick, Subset};
 
 /// Fresh connections a request may try after pooled ones turned out closed.
 const MAX_STALE: u32 = 4;
@@ -33,6 +33,8 @@ pub(super) struct Attempts<'a> {
     proxy: &'a HttpProxy,
     svc: &'a Arc<Service>,
     label: &'a ServiceMetrics,
+    /// The instances the request may go to (a tag's, or all).
+    subset: Subset<'a>,
     /// Instances this request does not go to again.
     exclude: Vec<InstanceId>,
     retries_left: u32,
@@ -46,11 +48,13 @@ impl<'a> Attempts<'a> {
         proxy: &'a HttpProxy,
         svc: &'a Arc<Service>,
         label: &'a ServiceMetrics,
+        tag: Option<&'a str>,
     ) -> Attempts<'a> {
         Attempts {
             proxy,
             svc,
             label,
+            subset: tag.map_or(Subset::All, Subset::Tagged),
             exclude: Vec::new(),
             retries_left: proxy.settings.max_retries,
             stale: 0,
@@ -62,7 +66,10 @@ impl<'a> Attempts<'a> {
     /// registered as h2c are passed over (for paths that speak HTTP/1.1 upstream).
     pub(super) fn next(&mut self, h1_only: bool) -> Option<Pick> {
         loop {
-            let pick = self.proxy.balancer.pick(self.svc, &self.exclude)?;
+            let pick = self
+                .proxy
+                .balancer
+                .pick_in(self.svc, &self.exclude, self.subset)?;
             if h1_only && pick.instance.protocol == AppProtocol::Http2 {
                 self.exclude.push(pick.instance.id.clone());
                 continue;
@@ -144,7 +151,12 @@ impl<'a> Attempts<'a> {
             ),
             None => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("service '{name}' has no healthy instance\n"),
+                match self.subset {
+                    Subset::All => format!("service '{name}' has no healthy instance\n"),
+                    Subset::Tagged(tag) => {
+                        format!("service '{name}' has no healthy instance tagged '{tag}'\n")
+                    }
+                },
             ),
         }
     }

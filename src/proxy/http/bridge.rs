@@ -70,6 +70,7 @@ pub(super) async fn forward(
     label: &ServiceMetrics,
     ctx: &ConnCtx,
     in_flight: InFlight,
+    tag: Option<&str>,
 ) -> Response<ResponseBody> {
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(parts.method.as_str().as_bytes());
@@ -89,7 +90,7 @@ pub(super) async fn forward(
     let pool = &ctx.worker.pool;
     let now = Instant::now();
     let mut buf = BytesMut::with_capacity(4096);
-    let mut tries = Attempts::new(proxy, svc, label);
+    let mut tries = Attempts::new(proxy, svc, label, tag);
     while let Some(pick) = tries.next(true) {
         let addr = pick.instance.endpoint;
         let active = pick.start();

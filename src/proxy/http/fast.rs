@@ -19,6 +19,7 @@
 //! upstream connection returns to the pool only when both messages ended cleanly and
 //! both sides allow keep-alive.
 
+use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -67,7 +68,7 @@ enum Pump {
 }
 
 /// What the fast path took from a request head.
-struct Head {
+struct Head<'p> {
     /// Bytes of the head in the client buffer.
     len: usize,
     body: ReqBody,
@@ -76,12 +77,14 @@ struct Head {
     /// The client sent `Connection: close`.
     close: bool,
     svc: Arc<Service>,
+    /// The tag whose instances it goes to (named by the request or chosen by a split).
+    tag: Option<Cow<'p, str>>,
 }
 
-enum Parsed {
+enum Parsed<'p> {
     Partial,
     Fallback,
-    Fast(Head),
+    Fast(Head<'p>),
 }
 
 /// Buffers reused across the requests of one connection.
@@ -221,7 +224,7 @@ fn may_end_head(bytes: &[u8]) -> bool {
 
 /// Parses the head at the start of `buf`; for a fast-path request, writes the upstream
 /// head (up to `Host`) into `bufs.req`.
-fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parsed {
+fn parse<'p>(proxy: &'p HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parsed<'p> {
     let s = &proxy.settings;
     let mut stack = [httparse::EMPTY_HEADER; 128];
     let mut heap;
@@ -253,6 +256,7 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
     let (mut length, mut lengths) = (None, 0);
     let (mut chunked, mut encodings) = (false, 0);
     let mut close = false;
+    let mut tag_header = None;
     let mut connection: Vec<&[u8]> = Vec::new();
     for h in req.headers.iter() {
         let n = h.name.as_bytes();
@@ -278,6 +282,8 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
             }
         } else if eq(n, b"upgrade") || eq(n, b"expect") {
             return Parsed::Fallback;
+        } else if eq(n, super::TAG_HEADER.as_bytes()) && tag_header.is_none() {
+            tag_header = Some(h.value.trim_ascii());
         }
     }
     if hosts != 1 || lengths > 1 || encodings > 1 || (encodings == 1 && (!chunked || lengths > 0)) {
@@ -290,14 +296,21 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
     let Ok(svc) = proxy.lookup(Some(&target)) else {
         return Parsed::Fallback;
     };
-    if svc.healthy_count() == 0
-        || svc
-            .instances
-            .iter()
-            .any(|i| i.protocol == AppProtocol::Http2)
+    if svc
+        .instances
+        .iter()
+        .any(|i| i.protocol == AppProtocol::Http2)
     {
         return Parsed::Fallback;
     }
+    // No healthy instance for the request (of its tag, or at all): the general path
+    // answers 503.
+    let named = tag_header
+        .map(String::from_utf8_lossy)
+        .filter(|v| !v.is_empty());
+    let Ok(tag) = proxy.route_tag(&svc, named.as_deref().or(target.tag)) else {
+        return Parsed::Fallback;
+    };
     let body = match (chunked, length) {
         (true, _) => ReqBody::Chunked,
         (false, Some(n)) => ReqBody::Fixed(n),
@@ -339,6 +352,7 @@ fn parse(proxy: &HttpProxy, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parse
         is_head: method == "HEAD",
         close,
         svc: svc.clone(),
+        tag,
     })
 }
 
@@ -365,7 +379,7 @@ async fn exchange(
     buf: &mut BytesMut,
     bufs: &mut Bufs,
     ctx: &ConnCtx,
-    head: &Head,
+    head: &Head<'_>,
     avail: usize,
     mut pump: Pump,
     mut timer: Pin<&mut tokio::time::Sleep>,
@@ -387,7 +401,7 @@ async fn exchange(
     let body_end = head.len + avail;
     let replayable = matches!(pump, Pump::Done);
     let base = bufs.req.len();
-    let mut tries = Attempts::new(proxy, svc, &m);
+    let mut tries = Attempts::new(proxy, svc, &m, head.tag.as_deref());
     let mut consumed = false;
     // h2c instances registered since the head was parsed are passed over: the fast path
     // speaks HTTP/1.1 only.
@@ -590,7 +604,7 @@ async fn attempt(
     worker: &Worker,
     addr: std::net::SocketAddr,
     pump: &mut Pump,
-    head: &Head,
+    head: &Head<'_>,
     mut deadline: Pin<&mut tokio::time::Sleep>,
     start: Instant,
     m: &ServiceMetrics,

@@ -9,6 +9,9 @@
 //!   healthy instance 503, failed attempts 502 (504 when they timed out). Only registered
 //!   instances are ever connected to: `CONNECT` gets 405 and absolute-form requests for
 //!   other hosts 404, so it is never an open proxy.
+//! * Tags: `X-Netsel-Tag: TAG`, else a host `TAG.tag.NAME[.<domain>]`, sends a request to
+//!   the instances carrying TAG (503 when none is healthy); else the service's
+//!   `[http_proxy.splits.NAME]` chooses a tag by weight (`HttpProxy::route_tag`).
 //! * Bodies stream both ways. HTTP/1.1 `Upgrade` (WebSocket and others) is tunnelled.
 //! * Hop-by-hop headers are removed; `X-Forwarded-For`, `-Proto` and `-Host` are added;
 //!   `Host` is kept as the client sent it unless `preserve_host = false`.
@@ -33,6 +36,8 @@ pub(crate) mod metrics;
 mod route;
 mod upstream;
 
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,12 +63,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Service;
 use crate::protocol::AppProtocol;
-use crate::proxy::balance::Balancer;
+use crate::proxy::balance::{Balancer, Split, Subset};
 
 use attempts::Attempts;
 use metrics::{ProxyMetrics, ServiceLabel, ServiceMetrics};
 use upstream::ResponseBody;
 use upstream::{Hold, InFlight, Pool, PoolSettings, UpBody};
+
+/// The request header naming the tag whose instances a request goes to.
+pub const TAG_HEADER: &str = "x-netsel-tag";
 
 /// The catalog domain used when no other is configured: `web.netsel` routes to `web`.
 pub const DEFAULT_DOMAIN: &str = "netsel";
@@ -129,6 +137,10 @@ pub struct HttpProxySettings {
     /// Service for requests whose host names no service (an IP address, say). Unset:
     /// such requests get 404. Absolute-form requests are never routed here.
     pub default_service: Option<String>,
+    /// Per-service traffic splits between tags, by weight: `[http_proxy.splits.web]`
+    /// `v1 = 95`, `canary = 5`. Applied to requests that name no tag (see
+    /// docs/http-proxy.md, "Tags"). Default none.
+    pub splits: BTreeMap<String, BTreeMap<String, u32>>,
 }
 
 impl Default for HttpProxySettings {
@@ -154,6 +166,7 @@ impl Default for HttpProxySettings {
             pool_max_idle_per_instance: 1024,
             pool_idle_timeout_ms: 90_000,
             default_service: None,
+            splits: BTreeMap::new(),
         }
     }
 }
@@ -201,6 +214,45 @@ impl HttpProxySettings {
             && crate::catalog::ServiceName::new(name).is_err()
         {
             return bad("http_proxy.default_service", "is not a valid service name");
+        }
+        for (service, split) in &self.splits {
+            let bad = |reason: String| Err(("http_proxy.splits", reason));
+            if crate::catalog::ServiceName::new(service).is_err() {
+                return bad(format!("'{service}' is not a valid service name"));
+            }
+            if split.is_empty() {
+                return bad(format!("{service}: names no tag (tag = weight, ...)"));
+            }
+            if split.len() > crate::proxy::balance::MAX_SPLIT_TAGS {
+                return bad(format!(
+                    "{service}: at most {} tags",
+                    crate::proxy::balance::MAX_SPLIT_TAGS
+                ));
+            }
+            for (n, (tag, weight)) in split.iter().enumerate() {
+                if tag.is_empty() {
+                    return bad(format!("{service}: a tag is empty"));
+                }
+                if *weight == 0 {
+                    return bad(format!("{service}.{tag}: weight must be at least 1"));
+                }
+                if split.keys().take(n).any(|t| t.eq_ignore_ascii_case(tag)) {
+                    return bad(format!(
+                        "{service}.{tag}: tags match case-insensitively, so this one is listed twice"
+                    ));
+                }
+            }
+            let key_twice = self
+                .splits
+                .keys()
+                .filter(|k| k.eq_ignore_ascii_case(service))
+                .count()
+                > 1;
+            if key_twice {
+                return bad(format!(
+                    "{service}: service listed twice (names are case-insensitive)"
+                ));
+            }
         }
         Ok(())
     }
@@ -318,6 +370,8 @@ pub struct HttpProxy {
     pools: std::sync::Mutex<Vec<Arc<Pool>>>,
     metrics: ProxyMetrics,
     budget: RetryBudget,
+    /// `splits`, by canonical service name, ready to choose.
+    splits: HashMap<String, Split>,
     drain: Duration,
     /// Cancelled when the drain deadline has passed: everything still open is dropped.
     hard_stop: CancellationToken,
@@ -370,8 +424,17 @@ impl HttpProxy {
             .keep_alive_timeout(Duration::from_secs(20));
         let mut domain: String = domain.into();
         domain = domain.trim_matches('.').to_ascii_lowercase();
+        let splits = s
+            .splits
+            .iter()
+            .map(|(name, split)| {
+                let tags = split.iter().map(|(t, w)| (t.as_str(), *w));
+                (name.to_ascii_lowercase(), Split::new(tags))
+            })
+            .collect();
         Arc::new(HttpProxy {
             budget: RetryBudget::new(s.retry_budget_percent, s.retry_burst),
+            splits,
             settings,
             balancer,
             domain,
@@ -680,23 +743,32 @@ impl HttpProxy {
             .worker
             .metrics(&self.metrics, ServiceLabel(Some(svc.name.clone())));
         let label = &*m;
-        if svc.healthy_count() == 0 {
-            let body = format!("service '{}' has no healthy instance\n", svc.name);
-            return (
-                Labelled::Known(m),
-                local(StatusCode::SERVICE_UNAVAILABLE, body),
-            );
-        }
+        let named = req
+            .headers()
+            .get(TAG_HEADER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .filter(|v| !v.is_empty());
+        let host_tag = target.as_ref().and_then(|t| t.tag);
+        let tag = match self.route_tag(&svc, named.as_deref().or(host_tag)) {
+            Ok(tag) => tag,
+            Err(body) => {
+                return (
+                    Labelled::Known(m),
+                    local(StatusCode::SERVICE_UNAVAILABLE, body),
+                );
+            }
+        };
+        let tag = tag.as_deref();
         let authority = target
             .as_ref()
             .and_then(|t| HeaderValue::from_str(t.authority).ok());
         let timeout = ms(self.settings.request_timeout_ms);
         let resp = if headers::is_upgrade(&req) {
             // Rare and large: boxed, so the common path's future stays small.
-            let up = self.upgrade(req, &svc, label, ctx, authority, in_flight);
+            let up = self.upgrade(req, &svc, label, ctx, authority, in_flight, tag);
             tokio::time::timeout(timeout, Box::pin(up)).await
         } else {
-            let fwd = self.forward(req, &svc, label, ctx, authority, in_flight);
+            let fwd = self.forward(req, &svc, label, ctx, authority, in_flight, tag);
             tokio::time::timeout(timeout, fwd).await
         };
         let resp = resp.unwrap_or_else(|_| {
@@ -704,6 +776,44 @@ impl HttpProxy {
             local(StatusCode::GATEWAY_TIMEOUT, body)
         });
         (Labelled::Known(m), resp)
+    }
+
+    /// The tag a request for `svc` goes to: the one it names (`X-Netsel-Tag`, else the
+    /// host's `TAG.tag.NAME` form), else the one the service's split chooses, else none
+    /// (every instance). `Err` with the `503` body when that leaves no healthy instance.
+    pub(crate) fn route_tag<'p>(
+        &'p self,
+        svc: &Service,
+        named: Option<&str>,
+    ) -> Result<Option<Cow<'p, str>>, String> {
+        if let Some(tag) = named {
+            if self.balancer.has_healthy(svc, Subset::Tagged(tag)) {
+                return Ok(Some(Cow::Owned(tag.to_string())));
+            }
+            return Err(format!(
+                "service '{}' has no healthy instance tagged '{tag}'\n",
+                svc.name
+            ));
+        }
+        if !self.splits.is_empty()
+            && let Some(split) = self.splits.get(svc.name.as_str())
+        {
+            return match self.balancer.split_tag(split, svc) {
+                Some(tag) => Ok(Some(Cow::Borrowed(tag))),
+                None => {
+                    let tags: Vec<&str> = split.tags().map(|(t, _)| t).collect();
+                    Err(format!(
+                        "service '{}' has no healthy instance tagged {} (its split)\n",
+                        svc.name,
+                        tags.join(" or ")
+                    ))
+                }
+            };
+        }
+        if svc.healthy_count() == 0 {
+            return Err(format!("service '{}' has no healthy instance\n", svc.name));
+        }
+        Ok(None)
     }
 
     /// The service `target` names (or the default service): the 404 or 400 answer
@@ -776,6 +886,7 @@ impl HttpProxy {
         req
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         req: Request<Incoming>,
@@ -784,6 +895,7 @@ impl HttpProxy {
         ctx: &ConnCtx,
         authority: Option<HeaderValue>,
         in_flight: InFlight,
+        tag: Option<&str>,
     ) -> Response<ResponseBody> {
         let h2_client = req.version() == Version::HTTP_2;
         let (parts, body) = req.into_parts();
@@ -791,7 +903,7 @@ impl HttpProxy {
         if h2_client && body.is_end_stream() && bridge::fits(svc) {
             // Bodiless HTTP/2 requests to HTTP/1.1 instances: raw sockets, no hand-offs;
             // the head is written straight from the client's headers (same rewriting).
-            return bridge::forward(self, &parts, svc, label, ctx, in_flight).await;
+            return bridge::forward(self, &parts, svc, label, ctx, in_flight, tag).await;
         }
         headers::strip_hop_by_hop(&mut parts.headers, false);
         headers::add_forwarded(&mut parts.headers, &ctx.client_ip, parts.authority.as_ref());
@@ -801,7 +913,7 @@ impl HttpProxy {
             UpBody::Stream(body)
         });
         let replayable = matches!(body, Some(UpBody::Empty)) && parts.method.is_idempotent();
-        let mut tries = Attempts::new(self, svc, label);
+        let mut tries = Attempts::new(self, svc, label, tag);
         while let Some(pick) = tries.next(false) {
             let active = pick.start();
             let addr = pick.instance.endpoint;
@@ -879,6 +991,7 @@ impl HttpProxy {
 
     /// An HTTP/1.1 `Upgrade`: forwarded on a fresh connection; on `101` both sides are
     /// joined byte for byte.
+    #[allow(clippy::too_many_arguments)]
     async fn upgrade(
         &self,
         mut req: Request<Incoming>,
@@ -887,6 +1000,7 @@ impl HttpProxy {
         ctx: &ConnCtx,
         authority: Option<HeaderValue>,
         in_flight: InFlight,
+        tag: Option<&str>,
     ) -> Response<ResponseBody> {
         let client_side = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
@@ -894,7 +1008,7 @@ impl HttpProxy {
         headers::strip_hop_by_hop(&mut parts.headers, true);
         headers::add_forwarded(&mut parts.headers, &ctx.client_ip, parts.authority.as_ref());
         let mut body = Some(UpBody::Stream(body));
-        let mut tries = Attempts::new(self, svc, label);
+        let mut tries = Attempts::new(self, svc, label, tag);
         // An h2c instance cannot take an HTTP/1.1 upgrade.
         while let Some(pick) = tries.next(true) {
             let addr = pick.instance.endpoint;

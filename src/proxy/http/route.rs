@@ -12,6 +12,8 @@ pub(crate) struct Target<'a> {
     pub authority: &'a str,
     /// The service name it names, lower-cased only when needed by the catalog lookup.
     pub name: &'a str,
+    /// The tag named by the host's `TAG.tag.NAME[.<domain>]` form, if it has that form.
+    pub tag: Option<&'a str>,
     /// Whether the HTTP/1 request target was in absolute form (`GET http://host/ ...`):
     /// such a request names its host explicitly and is never routed to a default service.
     pub absolute: bool,
@@ -49,7 +51,13 @@ pub(crate) fn host_of(authority: &str) -> &str {
 /// The service name in `host`: `NAME` or `NAME.<domain>` (case-insensitive). Anything
 /// else (another domain, an IP literal, more labels) yields `None`.
 pub(crate) fn service_name<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
-    let name = match host.len().checked_sub(domain.len() + 1) {
+    let name = without_domain(host, domain);
+    is_label(name).then_some(name)
+}
+
+/// `host` without a trailing `.<domain>` (case-insensitive), if it has one.
+fn without_domain<'a>(host: &'a str, domain: &str) -> &'a str {
+    match host.len().checked_sub(domain.len() + 1) {
         Some(cut)
             if host.as_bytes()[cut] == b'.'
                 && host.is_char_boundary(cut)
@@ -58,11 +66,25 @@ pub(crate) fn service_name<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
             &host[..cut]
         }
         _ => host,
-    };
-    let ok = !name.is_empty()
+    }
+}
+
+fn is_label(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    ok.then_some(name)
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The (tag, service name) in `host` of the form `TAG.tag.NAME` or
+/// `TAG.tag.NAME.<domain>` (as in DNS; `tag` case-insensitive), TAG one DNS label.
+pub(crate) fn tagged_name<'a>(host: &'a str, domain: &str) -> Option<(&'a str, &'a str)> {
+    let rest = without_domain(host, domain);
+    let (tag, rest) = rest.split_once('.')?;
+    let name = rest
+        .get(..4)
+        .filter(|t| t.eq_ignore_ascii_case("tag."))
+        .map(|_| &rest[4..])?;
+    (is_label(tag) && is_label(name)).then_some((tag, name))
 }
 
 /// The target of `req`, given the catalog domain (`netsel`, without dots at either end).
@@ -74,9 +96,17 @@ pub(crate) fn target<'a, B>(req: &'a Request<B>, domain: &str) -> Option<Target<
 /// The target named by `authority` (from a request or a raw HTTP/1 `Host` header).
 pub(crate) fn target_of<'a>(authority: &'a str, absolute: bool, domain: &str) -> Target<'a> {
     let host = host_of(authority);
+    let (name, tag) = match service_name(host, domain) {
+        Some(name) => (name, None),
+        None => match tagged_name(host, domain) {
+            Some((tag, name)) => (name, Some(tag)),
+            None => (host, None),
+        },
+    };
     Target {
         authority,
-        name: service_name(host, domain).unwrap_or(host),
+        name,
+        tag,
         absolute,
     }
 }
@@ -107,6 +137,26 @@ mod tests {
         assert_eq!(service_name(".netsel", "netsel"), None);
         assert_eq!(service_name("", "netsel"), None);
         assert_eq!(service_name("netsel", "netsel"), Some("netsel"));
+    }
+
+    #[test]
+    fn the_tag_form_names_a_tag_and_a_service() {
+        assert_eq!(tagged_name("v1.tag.web", "netsel"), Some(("v1", "web")));
+        assert_eq!(
+            tagged_name("V1.TAG.Web.NetSel", "netsel"),
+            Some(("V1", "Web"))
+        );
+        assert_eq!(tagged_name("v1.tag.web.corp", "netsel"), None);
+        assert_eq!(tagged_name("v1.web", "netsel"), None);
+        assert_eq!(tagged_name("v1.tags.web", "netsel"), None);
+        assert_eq!(tagged_name(".tag.web", "netsel"), None);
+        assert_eq!(tagged_name("v1.tag.", "netsel"), None);
+        assert_eq!(tagged_name("a.v1.tag.web", "netsel"), None);
+        assert_eq!(tagged_name("web", "netsel"), None);
+        let t = target_of("v1.tag.web.netsel:8081", false, "netsel");
+        assert_eq!((t.name, t.tag), ("web", Some("v1")));
+        let t = target_of("web:8081", false, "netsel");
+        assert_eq!((t.name, t.tag), ("web", None));
     }
 
     #[test]
