@@ -1,5 +1,7 @@
 //! The API verbs of the real `netsel` binary against a server on port 0.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -295,19 +297,7 @@ async fn register_heartbeats_in_the_foreground_and_deregisters_on_ctrl_c() {
 
 /// A tool the test needs: present, or the test is skipped (failed in CI).
 fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is required in CI (.ci/run installs it)"
-        );
-        eprintln!("note: {tool} not found; skipping");
-    }
-    found
+    common::have_tool(tool, &["--version"], ".ci/run installs it")
 }
 
 #[tokio::test]

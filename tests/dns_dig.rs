@@ -2,6 +2,8 @@
 //! and by the client library's `dns_resolve`; and a server in process put through ISC's
 //! EDNS compliance cases with `dig` (`dig_edns_compliance`, one table).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -66,15 +68,7 @@ fn spawn_netsel() -> Netsel {
 
 /// Whether `dig` is here. Missing: a failure under CI, a note otherwise.
 fn have_dig() -> bool {
-    let found = Command::new("dig").arg("-v").output().is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "dig is missing: install bind9-dnsutils (.ci/run does)"
-        );
-        eprintln!("note: dig not installed; skipping the dig test (install bind9-dnsutils)");
-    }
-    found
+    common::have_tool("dig", &["-v"], "install bind9-dnsutils (.ci/run does)")
 }
 
 fn dig(dns: SocketAddr, args: &[&str]) -> String {
