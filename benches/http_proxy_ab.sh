@@ -83,10 +83,9 @@ for r in $(seq "$ROUNDS"); do
   else results+=("$(run B 19191)" "$(run A 19181)"); fi
 done
 printf '%s\n' "${results[@]}"
-printf '%s\n' "${results[@]}" | awk '
-  { split($2,a,"="); v=a[2]; if ($1=="A") A[++na]=v; else B[++nb]=v }
-  END {
-    n=asort(A); asort(B)
-    m = (n%2) ? (n+1)/2 : n/2
-    printf "median rps: A %.0f  B %.0f  B/A %.3f\n", A[m], B[m], B[m]/A[m]
-  }'
+median() {  # $1 label: the median rps of its runs
+  printf '%s\n' "${results[@]}" | awk -v l="$1" '$1==l {sub("rps=","",$2); print $2}' | sort -n \
+    | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'
+}
+ma=$(median A); mb=$(median B)
+awk -v a="$ma" -v b="$mb" 'BEGIN {printf "median rps: A %.0f  B %.0f  B/A %.3f\n", a, b, b/a}'
