@@ -39,6 +39,8 @@ pub mod model;
 pub mod protocol;
 
 #[cfg(feature = "server")]
+mod accept;
+#[cfg(feature = "server")]
 pub mod acl;
 #[cfg(feature = "server")]
 pub mod api;

@@ -224,8 +224,9 @@ pub(crate) async fn serve_app(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new());
-    let mut backoff = Duration::from_millis(5);
+    let mut acceptor = crate::accept::Acceptor::new(listener, what);
     loop {
+        // A free slot first: beyond the cap, clients wait in the listen backlog.
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
             p = slots.clone().acquire_owned() => match p {
@@ -233,17 +234,8 @@ pub(crate) async fn serve_app(
                 Err(_) => break,
             },
         };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => { backoff = Duration::from_millis(5); a }
-                Err(e) => {
-                    tracing::warn!(error = %e, listener = what, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = acceptor.next(&shutdown).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         // Silent clients and clients that never read must not keep their slot.
@@ -270,6 +262,6 @@ pub(crate) async fn serve_app(
             .instrument(tracing::debug_span!("http", listener = what, %peer)),
         );
     }
-    drop(listener);
+    drop(acceptor);
     graceful.shutdown().await;
 }

@@ -39,21 +39,8 @@ pub(crate) async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let tracker = TaskTracker::new();
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => { backoff = Duration::from_millis(5); s }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "DNS TCP accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
+    let mut acceptor = crate::accept::Acceptor::new(listener, "dns tcp");
+    while let Some((stream, _)) = acceptor.next(&shutdown).await {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             handler.metrics().tcp_refused();
             tracing::debug!("DNS TCP connection limit reached; closing a connection");

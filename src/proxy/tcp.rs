@@ -606,31 +606,14 @@ async fn accept_loop(
                 .instrument(span),
         );
     };
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            accepted = listener.accept() => match accepted {
-                Ok(a) => { backoff = Duration::from_millis(5); a }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, %route, "TCP proxy accept failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.cancelled() => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => break,
-        };
+    let mut acceptor = crate::accept::Acceptor::new(listener, format!("tcp proxy {route}"));
+    while let Some((stream, peer)) = acceptor.next(&stop).await {
         start(stream, peer);
     }
     // Connections the kernel completed before the stop are served, not reset by closing
     // the socket (clients connecting to a VIP as its service is deregistered). Accepted
     // straight from the socket: the event loop may not have seen them yet.
-    let socket = SockRef::from(&listener);
+    let socket = SockRef::from(acceptor.listener());
     while let Ok((s, peer)) = socket.accept() {
         let Some(peer) = peer.as_socket() else {
             continue;

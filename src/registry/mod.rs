@@ -125,21 +125,8 @@ pub async fn serve_with_acl(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let rate = Arc::new(rate::RateLimiter::new(&limits));
     let tracker = TaskTracker::new();
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => { backoff = Duration::from_millis(5); a }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "registry accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
+    let mut acceptor = crate::accept::Acceptor::new(listener, "registry");
+    while let Some((stream, peer)) = acceptor.next(&shutdown).await {
         let _ = stream.set_nodelay(true);
         // Answers are short lines: a small send buffer bounds the kernel memory a client
         // that never reads can pin, and lets the write timeout notice it sooner.

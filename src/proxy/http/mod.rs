@@ -556,38 +556,26 @@ impl HttpProxy {
                 }
             }
         });
+        let mut acceptor = crate::accept::Acceptor::new(listener, "http proxy");
         loop {
             // Accept, then wait for a slot: each worker has its own socket, so a connection
             // waiting in one worker's accept queue must be taken by that worker; a slot freed
             // anywhere then goes to it (a worker without a waiting connection does not hold
             // one). At most one accepted connection per worker waits beyond the cap.
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
+            let Some((stream, peer)) = acceptor.next(&shutdown).await else {
+                break;
+            };
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.cancelled() => break,
             };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let permit = tokio::select! {
-                        p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                        _ = shutdown.cancelled() => break,
-                    };
-                    let proxy = self.clone();
-                    let (shutdown, w) = (shutdown.clone(), worker.clone());
-                    worker
-                        .tasks
-                        .spawn(proxy.connection(stream, peer, w, shutdown, permit));
-                }
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "http proxy accept failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
-            }
+            let proxy = self.clone();
+            let (shutdown, w) = (shutdown.clone(), worker.clone());
+            worker
+                .tasks
+                .spawn(proxy.connection(stream, peer, w, shutdown, permit));
         }
-        drop(listener);
+        drop(acceptor);
         worker.draining.store(true, Ordering::Relaxed);
         reaper.abort();
         worker.tasks.close();
