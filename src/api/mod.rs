@@ -28,6 +28,7 @@ pub mod consul;
 mod error;
 mod handlers;
 mod limit;
+mod metrics;
 pub mod model;
 mod sd;
 mod ui;
@@ -51,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use error::ApiError;
+pub use metrics::ApiMetrics;
 
 use crate::catalog::Catalog;
 use crate::config::{AclSettings, ApiSettings};
@@ -73,6 +75,7 @@ pub struct ApiState {
 struct Inner {
     catalog: Catalog,
     metrics: Option<MetricsRegistry>,
+    requests: Option<ApiMetrics>,
     settings: ApiSettings,
     acl: acl::Acl,
     limiter: limit::RateLimiter,
@@ -103,6 +106,7 @@ impl ApiState {
             inner: Arc::new(Inner {
                 catalog,
                 metrics,
+                requests: None,
                 settings: settings.clone(),
                 acl: acl::Acl::new(acl),
                 limiter: limit::RateLimiter::new(
@@ -113,6 +117,19 @@ impl ApiState {
                 shutdown,
             }),
         }
+    }
+}
+
+impl ApiState {
+    /// Counts and times every request of [`router`] on `metrics`
+    /// (`netsel_api_requests_total`, `netsel_api_request_duration_seconds`). Call before
+    /// the state is cloned.
+    pub fn with_request_metrics(mut self, metrics: ApiMetrics) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.requests = Some(metrics),
+            None => tracing::warn!("API request metrics set on a shared state: ignored"),
+        }
+        self
     }
 }
 
@@ -153,7 +170,7 @@ pub fn router(state: ApiState) -> Router {
             state.clone(),
             limit::rate_limit,
         ));
-    Router::new()
+    let router = Router::new()
         .merge(limited)
         .route("/v1/health", get(handlers::health))
         .route("/v1/health/ready", get(handlers::health))
@@ -166,7 +183,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/ui/{file}", get(ui::asset))
         .route("/favicon.ico", get(ui::favicon))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    let router = match &state.inner.requests {
+        Some(m) => router.layer(axum::middleware::from_fn_with_state(
+            m.clone(),
+            metrics::record,
+        )),
+        None => router,
+    };
+    router
         .layer(DefaultBodyLimit::max(state.inner.settings.max_body_bytes))
         .with_state(state)
 }
