@@ -437,6 +437,26 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
         "the dashboard queries metrics /metrics does not have: {missing:#?}"
     );
 
+    // Every family served is in docs/api.md's table (the proxies' under their wildcard).
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md"))
+        .expect("docs/api.md");
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (family, kind) = rest.split_once(' ').unwrap();
+        let name = if kind == "counter" {
+            format!("{family}_total")
+        } else {
+            family.to_string()
+        };
+        let documented = docs.contains(&format!("| `{name}` |"))
+            || ["netsel_http_proxy_", "netsel_tcp_proxy_"]
+                .iter()
+                .any(|p| name.starts_with(p) && docs.contains(&format!("| `{p}*` |")));
+        assert!(documented, "{name} is not in docs/api.md's metrics table");
+    }
+
     if common::have_tool(
         "promtool",
         &["--version"],
