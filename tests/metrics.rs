@@ -291,7 +291,12 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
     .await
     .unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
-    for path in ["/v1/services", "/v1/services/web", "/v1/services/nope"] {
+    for path in [
+        "/v1/services",
+        "/v1/services/web",
+        "/v1/services/nope",
+        "/no/such/path",
+    ] {
         http::send(api, &HttpRequest::new("GET", path), T)
             .await
             .unwrap();
@@ -388,6 +393,7 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
         );
         assert!(text.contains(&line), "{line} in\n{text}");
     }
+    assert_eq!(api_count("unmatched", "GET", "404"), 1.0);
     assert!(
         !text.contains("route=\"/v1/services/web\""),
         "routes are templates, never raw paths"
