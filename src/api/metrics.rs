@@ -6,41 +6,74 @@
 //! took; methods outside the standard ones count as `other`. So the label sets stay
 //! bounded whatever clients send.
 
+use std::fmt::Write as _;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::metrics::{LatencyHistogram, exponential_bounds};
+
+/// A route label: the template a request matched (a cheap clone of axum's [`MatchedPath`],
+/// no allocation per request), or `unmatched`.
+#[derive(Debug, Clone)]
+struct Route(Option<MatchedPath>);
+
+impl Route {
+    fn as_str(&self) -> &str {
+        self.0.as_ref().map_or("unmatched", |p| p.as_str())
+    }
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Route {}
+
+impl std::hash::Hash for Route {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl EncodeLabelValue for Route {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
+    route: Route,
     method: &'static str,
     status: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DurationLabels {
-    route: String,
+    route: Route,
     method: &'static str,
 }
 
-fn duration_histogram() -> Histogram {
+fn duration_histogram() -> LatencyHistogram {
     // 100 µs .. ~13 s (blocking queries wait longer and land in +Inf).
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+    LatencyHistogram::new(exponential_bounds(0.0001, 2.0, 18))
 }
 
 /// Request counters and durations of the HTTP/JSON API. Cheap clones sharing values.
 #[derive(Debug, Clone)]
 pub struct ApiMetrics {
     requests: Family<RequestLabels, Counter>,
-    durations: Family<DurationLabels, Histogram, fn() -> Histogram>,
+    durations: Family<DurationLabels, LatencyHistogram, fn() -> LatencyHistogram>,
 }
 
 impl ApiMetrics {
@@ -64,17 +97,6 @@ impl ApiMetrics {
         );
         m
     }
-
-    /// The count for one route, method and status (for tests).
-    pub fn count(&self, route: &str, method: &'static str, status: u16) -> u64 {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.into(),
-                method,
-                status,
-            })
-            .get()
-    }
 }
 
 fn method_label(m: &Method) -> &'static str {
@@ -97,10 +119,7 @@ pub(crate) async fn record(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let route = match req.extensions().get::<MatchedPath>() {
-        Some(p) => p.as_str().to_string(),
-        None => "unmatched".to_string(),
-    };
+    let route = Route(req.extensions().get::<MatchedPath>().cloned());
     let method = method_label(req.method());
     let resp = next.run(req).await;
     metrics
@@ -109,7 +128,7 @@ pub(crate) async fn record(
             route: route.clone(),
             method,
         })
-        .observe(started.elapsed().as_secs_f64());
+        .observe(started.elapsed());
     metrics
         .requests
         .get_or_create(&RequestLabels {
