@@ -9,9 +9,12 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::extract::{MatchedPath, Request};
 use axum::http::Method;
-use axum::middleware::Next;
 use axum::response::Response;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -112,30 +115,84 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// Middleware counting and timing every request (layered over the whole router).
-pub(crate) async fn record(
-    State(metrics): State<ApiMetrics>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let route = Route(req.extensions().get::<MatchedPath>().cloned());
-    let method = method_label(req.method());
-    let resp = next.run(req).await;
-    metrics
-        .durations
-        .get_or_create(&DurationLabels {
-            route: route.clone(),
-            method,
-        })
-        .observe(started.elapsed());
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route,
-            method,
-            status: resp.status().as_u16(),
-        })
-        .inc();
-    resp
+/// A layer counting and timing every request of the router it wraps. Hand-written rather
+/// than `axum::middleware::from_fn`, which boxes the inner service and the future of every
+/// request; this adds two clock reads and two metric lookups.
+#[derive(Debug, Clone)]
+pub(crate) struct RecordLayer(pub(crate) ApiMetrics);
+
+impl<S> tower_layer::Layer<S> for RecordLayer {
+    type Service = Record<S>;
+
+    fn layer(&self, inner: S) -> Record<S> {
+        Record {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// The service of [`RecordLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct Record<S> {
+    inner: S,
+    metrics: ApiMetrics,
+}
+
+impl<S> tower_service::Service<Request> for Record<S>
+where
+    S: tower_service::Service<Request, Response = Response>,
+    S::Future: Unpin,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Recorded<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let route = Route(req.extensions().get::<MatchedPath>().cloned());
+        let method = method_label(req.method());
+        Recorded {
+            inner: self.inner.call(req),
+            done: Some((self.metrics.clone(), route, method, Instant::now())),
+        }
+    }
+}
+
+/// The response future of [`Record`]: records when the response head is ready.
+pub(crate) struct Recorded<F> {
+    inner: F,
+    done: Option<(ApiMetrics, Route, &'static str, Instant)>,
+}
+
+impl<F, E> Future for Recorded<F>
+where
+    F: Future<Output = Result<Response, E>> + Unpin,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
+        if let (Ok(resp), Some((metrics, route, method, started))) = (&out, self.done.take()) {
+            metrics
+                .durations
+                .get_or_create(&DurationLabels {
+                    route: route.clone(),
+                    method,
+                })
+                .observe(started.elapsed());
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    route,
+                    method,
+                    status: resp.status().as_u16(),
+                })
+                .inc();
+        }
+        Poll::Ready(out)
+    }
 }

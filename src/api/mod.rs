@@ -185,10 +185,7 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     let router = match &state.inner.requests {
-        Some(m) => router.layer(axum::middleware::from_fn_with_state(
-            m.clone(),
-            metrics::record,
-        )),
+        Some(m) => router.layer(metrics::RecordLayer(m.clone())),
         None => router,
     };
     router
