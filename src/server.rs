@@ -282,6 +282,7 @@ impl NetSelServer {
             Some(&mut registry_metrics),
         );
 
+        let api_metrics = crate::api::ApiMetrics::new(&mut registry_metrics);
         let metrics = MetricsRegistry::new(std::mem::take(&mut registry_metrics));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -338,7 +339,8 @@ impl NetSelServer {
             shutdown.clone(),
         )
         .with_traffic(traffic)
-        .with_dns_domain(s.dns.domain.as_str());
+        .with_dns_domain(s.dns.domain.as_str())
+        .with_request_metrics(api_metrics);
         if let (Some(listener), Some(addr)) = (consul, bound.consul) {
             tasks.spawn(crate::api::consul::serve(
                 listener,

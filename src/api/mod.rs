@@ -29,6 +29,7 @@ pub mod consul;
 mod error;
 mod handlers;
 mod limit;
+mod metrics;
 pub mod model;
 mod sd;
 mod traffic;
@@ -53,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use error::ApiError;
+pub use metrics::ApiMetrics;
 
 use crate::catalog::Catalog;
 use crate::config::{AclSettings, ApiSettings};
@@ -75,6 +77,7 @@ pub struct ApiState {
 struct Inner {
     catalog: Catalog,
     metrics: Option<MetricsRegistry>,
+    requests: Option<ApiMetrics>,
     settings: ApiSettings,
     acl: acl::Acl,
     limiter: limit::RateLimiter,
@@ -109,6 +112,7 @@ impl ApiState {
             inner: Arc::new(Inner {
                 catalog,
                 metrics,
+                requests: None,
                 settings: settings.clone(),
                 acl: acl::Acl::new(acl),
                 limiter: limit::RateLimiter::new(
@@ -136,6 +140,19 @@ impl ApiState {
     /// The DNS domain services are named under (default `netsel`), shown by the UI.
     pub fn with_dns_domain(mut self, domain: &str) -> Self {
         self.configure().dns_domain = domain.trim_matches('.').to_ascii_lowercase();
+        self
+    }
+}
+
+impl ApiState {
+    /// Counts and times every request of [`router`] on `metrics`
+    /// (`netsel_api_requests_total`, `netsel_api_request_duration_seconds`). Call before
+    /// the state is cloned.
+    pub fn with_request_metrics(mut self, metrics: ApiMetrics) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.requests = Some(metrics),
+            None => tracing::warn!("API request metrics set on a shared state: ignored"),
+        }
         self
     }
 }
@@ -178,7 +195,7 @@ pub fn router(state: ApiState) -> Router {
             state.clone(),
             limit::rate_limit,
         ));
-    Router::new()
+    let router = Router::new()
         .merge(limited)
         .route("/v1/health", get(handlers::health))
         .route("/v1/health/ready", get(handlers::health))
@@ -191,7 +208,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/ui/{file}", get(ui::asset))
         .route("/favicon.ico", get(ui::favicon))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    let router = match &state.inner.requests {
+        Some(m) => router.layer(metrics::RecordLayer(m.clone())),
+        None => router,
+    };
+    router
         .layer(DefaultBodyLimit::max(state.inner.settings.max_body_bytes))
         .with_state(state)
 }

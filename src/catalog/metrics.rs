@@ -4,6 +4,7 @@
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
@@ -21,6 +22,17 @@ pub struct CatalogMetrics {
     pub(crate) expiries: Counter,
     /// Instances removed by deregistration.
     pub(crate) deregistrations: Counter,
+    /// Health changes this node wrote (active checks, Consul check updates), by new state.
+    health_transitions: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl CatalogMetrics {
+    /// Counts one instance changing health to `to`.
+    pub(crate) fn health_transition(&self, to: Health) {
+        self.health_transitions
+            .get_or_create(&[("to", to.as_str())])
+            .inc();
+    }
 }
 
 impl CatalogMetrics {
@@ -45,6 +57,18 @@ impl CatalogMetrics {
             "Instances removed by deregistration",
             self.deregistrations.clone(),
         );
+        // Both states exist from the start, so a rate() over them is defined at once.
+        for to in [Health::Passing, Health::Critical] {
+            let _ = self
+                .health_transitions
+                .get_or_create(&[("to", to.as_str())]);
+        }
+        registry.register(
+            "health_transitions",
+            "Instances changing health (active checks), by the state they changed to",
+            self.health_transitions.clone(),
+        );
+        catalog.register_store_metrics(registry);
         registry.register_collector(Box::new(InstanceCollector { catalog }));
     }
 }

@@ -1235,6 +1235,17 @@ impl Catalog {
         self.inner.metrics.register(registry, self.clone());
     }
 
+    /// Registers the local store's own metrics, if it has any (the embedded store's
+    /// fsync, batch and checkpoint figures).
+    pub(crate) fn register_store_metrics(
+        &self,
+        registry: &mut prometheus_client::registry::Registry,
+    ) {
+        if let Writer::Local(store) = &self.inner.writer {
+            store.register_metrics(registry);
+        }
+    }
+
     /// The newest snapshot. Never blocks.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.inner.snapshot.load_full()
@@ -1907,42 +1918,47 @@ impl Catalog {
 
     /// Sets an instance's health (active checks). No-op if unchanged or unknown.
     pub async fn set_health(&self, id: &str, health: Health) -> Result<(), CatalogError> {
-        self.write(|_, st, ctx, _| {
-            let Some(inst) = st.instances.get(id) else {
-                return Ok(Planned::Done(()));
-            };
-            if inst.health == health {
-                return Ok(Planned::Done(()));
-            }
-            let (ops, expect) = match ctx.node {
-                // A single node keeps health in memory only: after a restart every
-                // instance starts passing and active checks re-establish it.
-                None => (
-                    vec![Op::SetHealth {
-                        id: inst.id.clone(),
-                        health,
-                    }],
-                    Vec::new(),
-                ),
-                // A cluster keeps it in the instance's record, so every node routes alike.
-                Some(_) => (
-                    vec![Op::PutInstance(record_of(inst, ctx, health))],
-                    vec![Expect::InstanceIs {
-                        service: inst.service.clone(),
-                        id: inst.id.clone(),
-                        modify_index: inst.modify_index,
-                        pool_port: inst.pool_port.then_some(inst.endpoint.port()),
-                    }],
-                ),
-            };
-            Ok(Planned::Write(Plan {
-                ops,
-                expect,
-                removal: ChangeKind::InstanceDeregistered,
-                answer: (),
-            }))
-        })
-        .await
+        let changed = self
+            .write(|_, st, ctx, _| {
+                let Some(inst) = st.instances.get(id) else {
+                    return Ok(Planned::Done(false));
+                };
+                if inst.health == health {
+                    return Ok(Planned::Done(false));
+                }
+                let (ops, expect) = match ctx.node {
+                    // A single node keeps health in memory only: after a restart every
+                    // instance starts passing and active checks re-establish it.
+                    None => (
+                        vec![Op::SetHealth {
+                            id: inst.id.clone(),
+                            health,
+                        }],
+                        Vec::new(),
+                    ),
+                    // A cluster keeps it in the instance's record, so every node routes alike.
+                    Some(_) => (
+                        vec![Op::PutInstance(record_of(inst, ctx, health))],
+                        vec![Expect::InstanceIs {
+                            service: inst.service.clone(),
+                            id: inst.id.clone(),
+                            modify_index: inst.modify_index,
+                            pool_port: inst.pool_port.then_some(inst.endpoint.port()),
+                        }],
+                    ),
+                };
+                Ok(Planned::Write(Plan {
+                    ops,
+                    expect,
+                    removal: ChangeKind::InstanceDeregistered,
+                    answer: true,
+                }))
+            })
+            .await?;
+        if changed {
+            self.inner.metrics.health_transition(health);
+        }
+        Ok(())
     }
 
     /// Runs lease expiry until `shutdown`: a timer per lease deadline, and a sweep every

@@ -285,6 +285,29 @@ async fn critical_instances_are_not_healthy() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn health_transitions_are_counted_once_per_change() {
+    let c = catalog(60);
+    let mut registry = crate::metrics::new_registry();
+    c.register_metrics(&mut registry);
+    let a = c.register(explicit("web", 8000)).await.unwrap();
+    for h in [Health::Critical, Health::Critical, Health::Passing] {
+        c.set_health(a.id.as_str(), h).await.unwrap();
+    }
+    c.set_health("no-such-instance", Health::Critical)
+        .await
+        .unwrap();
+    let text = crate::metrics::MetricsRegistry::new(registry).encode();
+    assert!(
+        text.contains("netsel_health_transitions_total{to=\"critical\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("netsel_health_transitions_total{to=\"passing\"} 1\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn readers_keep_their_snapshot() {
     let c = catalog(60);
     c.register(explicit("web", 8000)).await.unwrap();

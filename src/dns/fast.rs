@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
@@ -94,6 +94,8 @@ impl Worker {
                         continue;
                     }
                 };
+                // One clock read per batch: every answer in it leaves with the batch.
+                let started = Instant::now();
                 ready.clear();
                 for (i, out) in outs.iter_mut().enumerate().take(n) {
                     let (query, src) = batch.datagram(i);
@@ -107,6 +109,11 @@ impl Worker {
                 let replies: Vec<(usize, &[u8])> =
                     ready.iter().map(|&i| (i, outs[i].as_slice())).collect();
                 batch.send(&self.socket, &replies);
+                if !ready.is_empty() {
+                    self.handler
+                        .metrics()
+                        .observe(started.elapsed(), ready.len() as u64);
+                }
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -121,10 +128,12 @@ impl Worker {
                         continue;
                     }
                 };
+                let started = Instant::now();
                 if src.port() != 0 && self.answer(&buf[..n], src, &mut key, &mut out) {
                     if let Err(e) = self.socket.send_to(&out, src) {
                         tracing::debug!(error = %e, dst = %src, "DNS UDP send failed");
                     }
+                    self.handler.metrics().observe(started.elapsed(), 1);
                 }
             }
         }
@@ -202,9 +211,12 @@ impl Worker {
                 let query = query.to_vec();
                 match self.socket.try_clone() {
                     Ok(socket) => {
+                        let started = Instant::now();
                         self.rt.spawn(async move {
                             let resp = handler.forward_raw(&query).await;
-                            let _ = socket.send_to(&resp, src);
+                            if socket.send_to(&resp, src).is_ok() {
+                                handler.metrics().observe(started.elapsed(), 1);
+                            }
                         });
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot forward DNS query"),

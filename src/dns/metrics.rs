@@ -1,10 +1,13 @@
-//! DNS metrics: queries answered, by query type and response code.
+//! DNS metrics: queries answered, by query type and response code, and how long answers
+//! took (a lock-free histogram; the UDP fast path records it once per received batch).
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+
+use crate::metrics::{LatencyHistogram, exponential_bounds};
 
 type Labels = [(&'static str, &'static str); 2];
 
@@ -22,6 +25,7 @@ pub struct DnsMetrics {
     family: Family<Labels, Counter>,
     table: std::sync::Arc<Vec<Counter>>,
     tcp_refused: Counter,
+    latency: LatencyHistogram,
 }
 
 impl Default for DnsMetrics {
@@ -37,12 +41,15 @@ impl Default for DnsMetrics {
             family,
             table: std::sync::Arc::new(table),
             tcp_refused: Counter::default(),
+            // 5 µs .. ~1.3 s: cached answers take microseconds, forwarded ones milliseconds.
+            latency: LatencyHistogram::new(exponential_bounds(0.000_005, 2.0, 19)),
         }
     }
 }
 
 impl DnsMetrics {
-    /// Registers the counters as `netsel_dns_queries_total{qtype,rcode}`.
+    /// Registers the counters as `netsel_dns_queries_total{qtype,rcode}` and the latency
+    /// histogram as `netsel_dns_query_duration_seconds`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "dns_queries",
@@ -54,6 +61,12 @@ impl DnsMetrics {
             "DNS-over-TCP connections closed at once because tcp_max_connections were open",
             self.tcp_refused.clone(),
         );
+        registry.register(
+            "dns_query_duration_seconds",
+            "Time from receiving a query to sending its answer (UDP fast path: to sending \
+             the batch it arrived in)",
+            self.latency.clone(),
+        );
     }
 
     /// Counts one DNS-over-TCP connection refused by the cap.
@@ -64,6 +77,12 @@ impl DnsMetrics {
     /// DNS-over-TCP connections refused by the cap so far.
     pub fn tcp_refused_count(&self) -> u64 {
         self.tcp_refused.get()
+    }
+
+    /// Records how long `n` answered queries took each.
+    #[inline]
+    pub fn observe(&self, took: std::time::Duration, n: u64) {
+        self.latency.observe_n(took, n);
     }
 
     /// Counts one answered query.

@@ -278,6 +278,7 @@ impl RequestHandler for DnsHandler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        let started = std::time::Instant::now();
         let udp = request.protocol() == Protocol::Udp;
         let sent = match self.plan(request) {
             Plan::Reply(reply) => {
@@ -339,7 +340,10 @@ impl RequestHandler for DnsHandler {
             }
         };
         match sent {
-            Ok(info) => info,
+            Ok(info) => {
+                self.inner.metrics.observe(started.elapsed(), 1);
+                info
+            }
             Err(e) => {
                 tracing::debug!(error = %e, src = %request.src(), "cannot send DNS response");
                 let mut md =

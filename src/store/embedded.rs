@@ -34,6 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use redb::{
     Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     StorageError, TableDefinition, TableError,
@@ -42,6 +45,7 @@ use tokio::sync::oneshot;
 
 use super::wal::{self, Wal};
 use super::{Commit, InstanceRecord, Op, Persisted, ServiceRecord, Store, StoreError, VipHold};
+use crate::metrics::{LatencyHistogram, exponential_bounds};
 use crate::model::InstanceId;
 
 /// The on-disk format this build reads and writes (2: redb plus the write-ahead log).
@@ -599,7 +603,7 @@ fn write_txn(
 }
 
 /// Counters of the store's threads, for benchmarks and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StoreStats {
     commits: AtomicU64,
     batches: AtomicU64,
@@ -607,6 +611,33 @@ pub struct StoreStats {
     commit_micros: AtomicU64,
     checkpoints: AtomicU64,
     checkpoint_micros: AtomicU64,
+    /// `netsel_store_fsync_duration_seconds`: each `fdatasync` of the log.
+    fsync: LatencyHistogram,
+    /// `netsel_store_commit_batch_size`: catalog writes sharing one log write and fsync.
+    batch_size: Histogram,
+    /// `netsel_store_checkpoint_duration_seconds`: each redb write transaction.
+    checkpoint: LatencyHistogram,
+    /// `netsel_store_wal_bytes`: bytes of records in the active log file.
+    wal_bytes: Gauge,
+}
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        StoreStats {
+            commits: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            renewals: AtomicU64::default(),
+            commit_micros: AtomicU64::default(),
+            checkpoints: AtomicU64::default(),
+            checkpoint_micros: AtomicU64::default(),
+            // 50 µs .. ~3.3 s.
+            fsync: LatencyHistogram::new(exponential_bounds(0.000_05, 2.0, 17)),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            // 100 µs .. ~6.6 s.
+            checkpoint: LatencyHistogram::new(exponential_bounds(0.000_1, 2.0, 17)),
+            wal_bytes: Gauge::default(),
+        }
+    }
 }
 
 /// A copy of [`StoreStats`] at one moment.
@@ -631,9 +662,40 @@ fn micros(d: Duration) -> u64 {
 }
 
 impl StoreStats {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("store");
+        r.register(
+            "fsync_duration_seconds",
+            "Time each fdatasync of the write-ahead log took",
+            self.fsync.clone(),
+        );
+        r.register(
+            "commit_batch_size",
+            "Catalog writes acknowledged by one write-ahead log write and fsync (group commit)",
+            self.batch_size.clone(),
+        );
+        r.register(
+            "checkpoint_duration_seconds",
+            "Time each checkpoint (a redb write transaction of logged writes and lease \
+             renewals) took",
+            self.checkpoint.clone(),
+        );
+        r.register(
+            "wal_bytes",
+            "Bytes of records in the active write-ahead log file (each of its two files is \
+             preallocated; at the end of one the log moves to the other after a checkpoint)",
+            self.wal_bytes.clone(),
+        );
+    }
+
+    fn synced(&self, took: Duration) {
+        self.fsync.observe(took);
+    }
+
     fn logged(&self, batches: usize, took: Duration) {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.batches.fetch_add(batches as u64, Ordering::Relaxed);
+        self.batch_size.observe(batches as f64);
         self.commit_micros
             .fetch_add(micros(took), Ordering::Relaxed);
     }
@@ -641,6 +703,7 @@ impl StoreStats {
     fn checkpointed(&self, renewals: usize, took: Duration) {
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.renewals.fetch_add(renewals as u64, Ordering::Relaxed);
+        self.checkpoint.observe(took);
         self.checkpoint_micros
             .fetch_add(micros(took), Ordering::Relaxed);
     }
@@ -756,7 +819,13 @@ fn log_loop(
                 Some(why) => Err(format!(
                     "an earlier store write failed ({why}); restart netsel"
                 )),
-                None => write_log(&mut log, std::mem::take(&mut batches), &mut last_seq, &cp),
+                None => write_log(
+                    &mut log,
+                    std::mem::take(&mut batches),
+                    &mut last_seq,
+                    &cp,
+                    &stats,
+                ),
             };
             batches.clear();
             stats.logged(count, started.elapsed());
@@ -788,6 +857,7 @@ fn write_log(
     batches: Vec<Vec<Op>>,
     last_seq: &mut u64,
     cp: &mpsc::Sender<CpMsg>,
+    stats: &StoreStats,
 ) -> Result<(), String> {
     let records = frame(&batches, *last_seq + 1)?;
     if records.iter().any(|r| !log.can_hold(r.bytes.len())) {
@@ -795,7 +865,12 @@ fn write_log(
     }
     let mut batches = batches.into_iter();
     let (mut handed, mut written) = (0usize, 0usize);
-    let sync = |log: &Wal| log.sync().map_err(|e| format!("cannot sync the log: {e}"));
+    let sync = |log: &Wal| {
+        let started = Instant::now();
+        let r = log.sync().map_err(|e| format!("cannot sync the log: {e}"));
+        stats.synced(started.elapsed());
+        r
+    };
     for rec in records {
         if !log.fits(rec.bytes.len()) {
             // The other file is reused only once redb holds every record in it, including
@@ -808,9 +883,13 @@ fn write_log(
             }
             ask(cp, CpMsg::Checkpoint)?;
             log.switch();
+            stats.wal_bytes.set(0);
         }
         log.append(&rec.bytes, rec.seq)
             .map_err(|e| format!("cannot write the log: {e}"))?;
+        stats
+            .wal_bytes
+            .set(i64::try_from(log.position()).unwrap_or(i64::MAX));
         *last_seq = rec.seq;
         written = rec.end;
     }
@@ -959,6 +1038,10 @@ impl Store for EmbeddedStore {
 
     fn describe(&self) -> String {
         format!("redb:{}", self.path.display())
+    }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        self.stats.register(registry);
     }
 
     fn close(&self) {

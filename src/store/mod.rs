@@ -217,6 +217,10 @@ pub trait Store: Send + Sync + 'static {
         StoreHealth::default()
     }
 
+    /// Registers the store's own metrics (names get the registry's `netsel_` prefix).
+    /// Stores without any keep the default, which registers nothing.
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
+
     /// Flushes pending lease renewals, waits for queued batches, and releases the store
     /// (its file lock). Later batches fail with [`StoreError::Closed`]. Blocks briefly.
     fn close(&self) {}

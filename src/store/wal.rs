@@ -167,6 +167,11 @@ impl Wal {
         })
     }
 
+    /// Bytes of records in the active file.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
     /// Whether `len` more bytes fit in the active file.
     pub fn fits(&self, len: usize) -> bool {
         self.pos + len as u64 <= self.file_bytes

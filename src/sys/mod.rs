@@ -7,6 +7,7 @@
 //! * [`yield_cpu`], [`allowed_cpus`], [`pin_current_thread`], [`set_time_slice`],
 //!   [`time_slice_and_nice`]: the proxies' worker threads and their scheduling.
 //! * [`kill`]: `netsel run` forwarding a signal to its child.
+//! * [`clock_ticks_per_sec`]: the unit of CPU times in `/proc` (the `process_*` metrics).
 //!
 //! Hand-written because the crates that cover these calls do not cover all of them
 //! (`sched_setattr` is in none) and the hot ones (`splice`, `recvmmsg`) are measured here
@@ -248,11 +249,24 @@ pub(crate) fn kill(pid: u32, signal: i32) -> bool {
     unsafe { libc::kill(pid, signal) == 0 }
 }
 
+/// `sysconf(_SC_CLK_TCK)`: the unit of the CPU times in `/proc/*/stat` (100 if unknown).
+pub(crate) fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf reads a system constant; it takes no pointers.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(100)
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn clock_ticks_per_sec_is_positive() {
+        let n = clock_ticks_per_sec();
+        assert!((1..=100_000).contains(&n), "{n}");
+    }
 
     fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
