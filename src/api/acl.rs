@@ -50,7 +50,7 @@ fn presented_token(parts: &Parts) -> Option<String> {
     let query = parts.uri.query()?;
     query.split('&').find_map(|kv| {
         let v = kv.strip_prefix("token=")?;
-        Some(super::handlers::percent_decode(v))
+        Some(super::extract::percent_decode(v))
     })
 }
 

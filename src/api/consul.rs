@@ -34,7 +34,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::acl::Caller;
-use super::handlers::{PathParam, percent_decode};
+use super::extract::{PathParam, percent_decode};
 use super::watch::{BlockingQuery, block};
 use super::{ApiError, ApiState};
 use crate::catalog::{

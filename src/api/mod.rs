@@ -27,6 +27,7 @@
 mod acl;
 pub mod consul;
 mod error;
+mod extract;
 mod handlers;
 mod limit;
 mod metrics;

@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::acl::{Caller, Deny as _};
-use super::handlers::{QueryMap, index_header};
+use super::extract::{QueryMap, index_header};
 use super::{ApiError, ApiState};
 
 /// One Prometheus target group.

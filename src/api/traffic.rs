@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::acl::{Caller, Deny};
-use super::handlers::QueryMap;
+use super::extract::QueryMap;
 use super::{ApiError, ApiState};
 use crate::traffic::SeriesView;
 

@@ -147,7 +147,7 @@ fn with_health(catalog: &crate::catalog::Catalog, change: &Change) -> serde_json
 pub(crate) async fn events(
     State(state): State<ApiState>,
     caller: Caller,
-    super::handlers::QueryMap(q): super::handlers::QueryMap,
+    super::extract::QueryMap(q): super::extract::QueryMap,
 ) -> Result<Response, ApiError> {
     let acl = &state.inner.acl;
     let service = q.get("service").filter(|s| !s.is_empty()).cloned();
