@@ -2,6 +2,8 @@
 //! `playwright-core`, see tests/ui/). Skipped with a note when the tools are missing,
 //! failed when `CI` is set.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -147,33 +149,6 @@ async fn ui_asks_for_a_token_when_acls_are_on() {
     server.shutdown().await;
 }
 
-/// A tiny HTTP/1.1 backend answering `ok` to every request, one per connection.
-async fn ok_backend() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 /// One request through the HTTP proxy to `host`; true when it was answered 200.
 async fn through_proxy(proxy: std::net::SocketAddr, host: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -201,7 +176,7 @@ async fn ui_charts_traffic_and_shares_its_view_in_chromium() {
     let bound = server.bound().unwrap();
     let (api, proxy) = (bound.api.unwrap(), bound.http_proxy.unwrap());
     let catalog = server.catalog().unwrap();
-    let mut web = Registration::new("chart-web", Endpoint::Explicit(ok_backend().await));
+    let mut web = Registration::new("chart-web", Endpoint::Explicit(common::ok_backend().await));
     web.meta = [("version", "1.2.3"), ("team", "edge")]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

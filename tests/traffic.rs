@@ -1,6 +1,8 @@
 //! `GET /v1/traffic` on a real server: requests through the HTTP proxy show up as points
 //! of the service's series; with ACLs on, reading them needs a token.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -9,32 +11,6 @@ use netsel::{NetSelServer, Settings};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A tiny HTTP/1.1 backend answering `ok` to every request, one per connection.
-async fn backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 /// One HTTP/1.1 exchange on a fresh connection: (status, body).
 async fn http(addr: SocketAddr, host: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -93,7 +69,7 @@ async fn traffic_through_the_proxy_becomes_points() {
     let bound = server.bound().unwrap();
     let (api, proxy) = (bound.api.unwrap(), bound.http_proxy.unwrap());
     let catalog = server.catalog().unwrap();
-    let be = backend().await;
+    let be = common::ok_backend().await;
     catalog
         .register(Registration::new("traffic-web", Endpoint::Explicit(be)))
         .await
