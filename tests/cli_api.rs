@@ -69,12 +69,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig} failed");
+    assert!(common::signal(child.id(), sig), "kill -{sig} failed");
 }
 
 async fn wait_exit(mut child: Child) -> (i32, String) {

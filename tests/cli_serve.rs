@@ -60,12 +60,7 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        assert!(common::signal(self.child.id(), sig), "kill -{sig}");
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
@@ -157,16 +152,8 @@ fn sighup_is_logged_and_ignored_and_the_last_line_says_stopped() {
         line.clear();
     }
     let registry = registry.expect("registry address");
-    let pid = child.id().to_string();
-    let kill = |sig: &str| {
-        assert!(
-            Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        )
-    };
+    let pid = child.id();
+    let kill = |sig: &str| assert!(common::signal(pid, sig), "kill {sig}");
     kill("-HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(log.path())

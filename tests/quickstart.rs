@@ -140,9 +140,7 @@ fn the_readme_quick_start_works_as_written() {
     };
     // Whatever happened, nothing the script started outlives the test: its process group,
     // and the backend, which `netsel run` starts in a group of its own.
-    let _ = Command::new("kill")
-        .args(["-KILL", &format!("-{}", child.id())])
-        .status();
+    common::signal_group(child.id(), "KILL");
     let backend = format!("http.server {} ", ports[5].1);
     let _ = Command::new("pkill")
         .args(["-KILL", "-f", &backend])

@@ -341,12 +341,7 @@ impl Etcd {
 
     pub fn signal(&self, i: usize, sig: &str) {
         let pid = self.members[i].child.as_ref().expect("running").id();
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
+        assert!(super::signal(pid, sig), "kill {sig} {pid}");
     }
 
     pub fn kill(&mut self, i: usize) {
@@ -371,9 +366,7 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         for m in &mut self.members {
             if let Some(mut c) = m.child.take() {
-                let _ = Command::new("kill")
-                    .args(["-CONT", &c.id().to_string()])
-                    .status();
+                super::signal(c.id(), "CONT");
                 let _ = c.kill();
                 let _ = c.wait();
             }
@@ -492,12 +485,7 @@ impl Node {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        assert!(super::signal(self.child.id(), sig), "kill {sig}");
     }
 
     pub fn kill9(&mut self) {
@@ -518,10 +506,7 @@ impl Drop for Node {
             let _ = std::fs::copy(&self.log, std::path::Path::new(&dir).join(name));
         }
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.child.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
+            super::signal(self.child.id(), "CONT");
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -153,6 +153,42 @@ pub fn spawn_ready(mut cmd: std::process::Command) -> Served {
     Served { child, addrs }
 }
 
+/// Sends signal `sig` ("TERM", "-STOP", "SIGKILL", …) to process `pid` with kill(2);
+/// false if no such process.
+///
+/// Never through the `kill` command: Debian's procps-ng 4 reads `kill -KILL -12345` as
+/// `kill(-1, SIGKILL)`, every process on the machine (a CI run was lost to it).
+pub fn signal(pid: u32, sig: &str) -> bool {
+    send(i32::try_from(pid).expect("a pid"), sig)
+}
+
+/// Sends signal `sig` to every process in process group `pgid` (kill(2) with `-pgid`).
+pub fn signal_group(pgid: u32, sig: &str) -> bool {
+    send(-i32::try_from(pgid).expect("a pgid"), sig)
+}
+
+#[allow(unsafe_code)] // kill(2): no safe wrapper among our dependencies.
+fn send(target: i32, sig: &str) -> bool {
+    // pid 0 and -1 would reach our own group or the whole machine.
+    assert!(target != 0 && target != -1, "refusing to signal {target}");
+    let name = sig.trim_start_matches('-');
+    let name = name.strip_prefix("SIG").unwrap_or(name);
+    let signo = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "TERM" => libc::SIGTERM,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        other => panic!("unknown signal {other}"),
+    };
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    unsafe { libc::kill(target, signo) == 0 }
+}
+
 /// Whether the system tool `tool` runs (`tool ARGS…` exits at all). Missing, it fails the
 /// test under CI (`.ci/run` installs every tool, `hint` says how) and skips it otherwise,
 /// so `cargo test` passes on a machine with only Rust.
