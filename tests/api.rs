@@ -405,7 +405,16 @@ async fn health_reports_liveness_and_readiness() {
     assert_eq!(status, StatusCode::OK);
 }
 
-#[tokio::test]
+/// Returns once every other task of this (paused, current-thread) runtime has run as far
+/// as it can: paused time moves on only when nothing else is ready to run. What has not
+/// finished by then is waiting for something, not slow.
+async fn until_idle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+// Paused time, so that "the watcher did not wake" is shown by `until_idle`, not assumed
+// after a sleep.
+#[tokio::test(start_paused = true)]
 async fn blocking_query_returns_when_the_service_changes() {
     let api = api();
     let r = api
@@ -433,9 +442,10 @@ async fn blocking_query_returns_when_the_service_changes() {
             (idx, serde_json::from_slice::<Value>(&body).unwrap())
         })
     };
+    until_idle().await;
     api.register(json!({"name": "other", "address": "127.0.0.1", "port": 7000}))
         .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_idle().await;
     assert!(!waiter.is_finished(), "woke for an unrelated change");
     api.register(json!({"name": "cache", "address": "127.0.0.1", "port": 6380}))
         .await;
@@ -459,7 +469,8 @@ async fn blocking_query_returns_when_the_service_changes() {
                 .status()
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The query waits before the two deregistrations, so it sees them end as one 404.
+    until_idle().await;
     api.catalog.deregister(&id, &secret).await.unwrap();
     let snap = api.catalog.snapshot();
     let other_id = snap.service("cache").unwrap().instances[0].id.to_string();

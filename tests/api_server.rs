@@ -1,6 +1,8 @@
 //! The API on a real server (port 0): metrics parsed by a Prometheus text parser, the
 //! server-sent-event stream, the client library's watch, and shutdown with open streams.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -219,14 +221,19 @@ async fn client_watch_follows_a_service() {
     let (server, api, _) = server().await;
     let mut watch = netsel::client::watch(api, "orders").wait(Duration::from_secs(20));
     assert_eq!(watch.next().await.unwrap(), None, "not registered yet");
+    // Each change the watch reports, as it reports it.
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
     let waiter = tokio::spawn(async move {
-        let first = watch.next().await.unwrap();
-        let second = watch.next().await.unwrap();
-        (first, second)
+        for _ in 0..2 {
+            tx.send(watch.next().await.unwrap()).unwrap();
+        }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let (id, secret) = register(api, "orders", 7001).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = tokio::time::timeout(T, changes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // Deregistered only once the registration was seen, so the watch reports both.
     let path = format!("/v1/instances/{id}");
     let r = http::send(
         api,
@@ -236,7 +243,11 @@ async fn client_watch_follows_a_service() {
     .await
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    let (first, second) = tokio::time::timeout(T, waiter).await.unwrap().unwrap();
+    let second = tokio::time::timeout(T, changes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(T, waiter).await.unwrap().unwrap();
     let first = first.expect("registered");
     assert_eq!(first.name, "orders");
     assert_eq!(first.instances.len(), 1);
@@ -292,13 +303,39 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     let mut buf = vec![0u8; 4096];
     let n = first.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    // The second waits while the first holds the only slot...
-    let second = tokio::spawn(async move { get(api, "/v1/health").await.status });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!second.is_finished(), "served beyond max_connections");
+    // The second client's request waits, unread, while the first holds the only slot...
+    let request = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut second = tokio::net::TcpStream::connect(api).await.unwrap();
+    second.write_all(request).await.unwrap();
+    let client = second.local_addr().unwrap();
+    let len = request.len() as u64;
+    assert!(
+        common::eventually(T, || async {
+            common::unread_bytes(api, client) == Some(len)
+        })
+        .await,
+        "the second request reached the server"
+    );
+    // ...and stays unread while the server goes on serving the first.
+    first
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        common::unread_bytes(api, client),
+        Some(len),
+        "served beyond max_connections"
+    );
+    let second = tokio::spawn(async move {
+        let mut out = Vec::new();
+        second.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    });
     // ...and is served once it is released.
     drop(first);
-    let status = tokio::time::timeout(T, second).await.unwrap().unwrap();
-    assert_eq!(status, 200);
+    let answer = tokio::time::timeout(T, second).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     server.shutdown().await;
 }

@@ -441,7 +441,7 @@ async fn websocket_echo_through_the_proxy() {
 
 #[tokio::test]
 async fn curl_http1_and_h2_prior_knowledge() {
-    if !have("curl") {
+    if !common::have_tool("curl", &["--version"], "curl is installed by .ci/run") {
         return;
     }
     let p = start().await;
@@ -572,7 +572,7 @@ async fn curl(args: &[&str]) -> String {
 /// healthy instance carries the tag, as for a service with none.
 #[tokio::test]
 async fn routes_to_a_tag_by_header_or_host() {
-    if !have("curl") {
+    if !common::have_tool("curl", &["--version"], "curl is installed by .ci/run") {
         return;
     }
     let p = start().await;
@@ -676,7 +676,7 @@ async fn routes_to_a_tag_by_header_or_host() {
 /// to v1; with no tag of the split healthy, 503.
 #[tokio::test]
 async fn a_split_sends_a_weighted_share_to_each_tag() {
-    if !have("curl") {
+    if !common::have_tool("curl", &["--version"], "curl is installed by .ci/run") {
         return;
     }
     let p = start_with(|s| {

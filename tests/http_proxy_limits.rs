@@ -171,16 +171,43 @@ async fn connection_cap_holds_extra_clients_back() {
         .await;
         assert_eq!(status, StatusCode::OK);
     }
+    // A third client's request waits, unread, while the two hold both slots...
     let addr = p.http;
-    let third = tokio::spawn(async move { get(addr, "web", "/").await.0 });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!third.is_finished(), "a third connection must wait");
+    let request = b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n";
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(request).await.unwrap();
+    let client = third.local_addr().unwrap();
+    let len = request.len() as u64;
+    eventually("the third request reached the proxy", || {
+        common::unread_bytes(addr, client) == Some(len)
+    })
+    .await;
+    // ...and stays unread while the proxy goes on serving the first two.
+    for tx in [&mut a, &mut b] {
+        let (status, _, _) = read(
+            tx.send_request(req("GET", "web", "/", empty()))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(
+        common::unread_bytes(addr, client),
+        Some(len),
+        "served beyond the cap"
+    );
+    let third = tokio::spawn(async move {
+        let mut out = Vec::new();
+        third.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    });
     drop(a);
-    let status = tokio::time::timeout(Duration::from_secs(5), third)
+    let answer = tokio::time::timeout(Duration::from_secs(5), third)
         .await
         .expect("served once a slot frees")
         .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 // ---- HTTP/2 frames by hand

@@ -153,6 +153,33 @@ pub fn spawn_ready(mut cmd: std::process::Command) -> Served {
     Served { child, addrs }
 }
 
+/// Bytes that arrived on the server's side of the TCP connection `client` → `server` and
+/// that the server has not read (`None`: no such connection), from `/proc/net/tcp`. A
+/// request whose bytes stay unread while the server answers others shows that the server
+/// holds that client back (a connection cap), rather than being slow to serve it.
+/// IPv4 only.
+pub fn unread_bytes(server: SocketAddr, client: SocketAddr) -> Option<u64> {
+    // /proc/net/tcp writes an address as its in-memory u32 (native order) and a port.
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => panic!("unread_bytes reads /proc/net/tcp: IPv4 only"),
+    };
+    let (local, remote) = (hex(server), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        // sl local remote st tx_queue:rx_queue …
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1)? != &local || f.get(2)? != &remote {
+            return None;
+        }
+        u64::from_str_radix(f.get(4)?.split_once(':')?.1, 16).ok()
+    })
+}
+
 /// Sends signal `sig` ("TERM", "-STOP", "SIGKILL", …) to process `pid` with kill(2);
 /// false if no such process.
 ///

@@ -2,6 +2,9 @@
 //! hyper backends registered through the client library, and HTTP clients.
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+pub mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -326,22 +329,6 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Whether a system tool is installed. Missing: a note on a developer machine, a
-/// failure in CI (`CI` set), where `.ci/run` installs it.
-pub fn have(tool: &str) -> bool {
-    let found = std::process::Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("{tool} is required in CI (installed by .ci/run)");
-        }
-        eprintln!("note: {tool} not installed; skipping this test");
-    }
-    found
 }
 
 /// Polls `f` every 10 ms until it holds, failing after 10 s.
