@@ -105,7 +105,12 @@ pub async fn run(
                 let _slot = slots.acquire_owned().await;
                 let outcome = tokio::time::timeout(timeout, probe(&check, endpoint))
                     .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {}", human(timeout))));
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "no answer within {}",
+                            crate::protocol::format_duration(timeout)
+                        ))
+                    });
                 (id, outcome)
             });
         }
@@ -155,7 +160,7 @@ pub async fn run(
                 && now.saturating_sub(since) >= after.as_millis() as u64
             {
                 tracing::info!(target: "netsel::audit", service = %inst.service, instance = %id,
-                    critical_for = %human(Duration::from_millis(now - since)),
+                    critical_for = %crate::protocol::format_duration(Duration::from_millis(now - since)),
                     "deregistering an instance that stayed critical (deregister_critical_after)");
                 if let Err(e) = catalog.deregister_admin(id.as_str()).await {
                     tracing::warn!(instance = %id, error = %e, "deregistering a critical instance");
@@ -175,17 +180,6 @@ pub async fn run(
                 tracing::error!(error = %e, "recording health");
             }
         }
-    }
-}
-
-/// `1.5s`, `2s`, `250ms`.
-fn human(d: Duration) -> String {
-    if d.as_millis().is_multiple_of(1000) {
-        format!("{}s", d.as_secs())
-    } else if d < Duration::from_secs(1) {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
     }
 }
 

@@ -606,6 +606,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A duration as people read it: `250ms`, `1.5s`, `45s`, `1m05s`, `2h05m` (below a minute to a tenth of a second, above it to the
+/// second, above an hour to the minute). The one formatter of the check messages, the
+/// logs and the CLI's columns.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.is_zero() {
+        "0s".into()
+    } else if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else if s < 60 && d.subsec_millis() != 0 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    }
+}
+
 /// Bytes escaped in option values: the field and option separators, `%` itself, and
 /// anything that is not a printable character.
 fn needs_escape(c: char) -> bool {
@@ -1322,6 +1342,31 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("10d").is_err());
+    }
+
+    #[test]
+    fn durations_are_written_as_people_read_them() {
+        let f = |ms| format_duration(Duration::from_millis(ms));
+        assert_eq!(
+            [
+                f(0),
+                f(250),
+                f(1000),
+                f(1500),
+                f(45_000),
+                f(60_000),
+                f(90_500)
+            ],
+            ["0s", "250ms", "1s", "1.5s", "45s", "1m00s", "1m30s"]
+        );
+        assert_eq!(
+            [f(3_442_000), f(3_600_000), f(7_500_000)],
+            ["57m22s", "1h00m", "2h05m"]
+        );
+        // What needs one unit reads back as it was written.
+        for ms in [250, 1000, 45_000] {
+            assert_eq!(parse_duration(&f(ms)), Ok(Duration::from_millis(ms)));
+        }
     }
 
     #[test]

@@ -1201,35 +1201,17 @@ async fn update_check(
     Ok(StatusCode::OK.into_response())
 }
 
-/// `PUT /v1/agent/check/pass/{id}` (GET too): renews the lease, passing.
-async fn check_pass(
+/// `PUT /v1/agent/check/{pass,warn,fail}/{id}` (GET too): renews the lease with the
+/// check's new state, `health` (pass and warn: passing, as NetSel has no warning state and
+/// Consul's DNS keeps warning instances in service; fail: critical).
+async fn check_mark(
     State(state): State<Consul>,
     caller: Caller,
     PathParam(id): PathParam,
+    health: Health,
 ) -> Result<Response, ConsulError> {
     let inst = writable(&state, caller, &id, true)?;
-    update_check(&state, &inst, Health::Passing).await
-}
-
-/// `PUT /v1/agent/check/warn/{id}` (GET too): renews the lease; NetSel has no warning
-/// state, so the instance stays in service (as Consul's DNS keeps warning instances).
-async fn check_warn(
-    State(state): State<Consul>,
-    caller: Caller,
-    PathParam(id): PathParam,
-) -> Result<Response, ConsulError> {
-    let inst = writable(&state, caller, &id, true)?;
-    update_check(&state, &inst, Health::Passing).await
-}
-
-/// `PUT /v1/agent/check/fail/{id}` (GET too): renews the lease, critical.
-async fn check_fail(
-    State(state): State<Consul>,
-    caller: Caller,
-    PathParam(id): PathParam,
-) -> Result<Response, ConsulError> {
-    let inst = writable(&state, caller, &id, true)?;
-    update_check(&state, &inst, Health::Critical).await
+    update_check(&state, &inst, health).await
 }
 
 /// `PUT /v1/agent/check/update/{id}` with `{"Status": "passing|warning|critical"}`.
@@ -1306,9 +1288,18 @@ pub fn router(api: ApiState, mut addr: SocketAddr) -> Router {
             axum::routing::put(register).post(register),
         )
         .route("/v1/agent/service/deregister/{id}", on(write, deregister))
-        .route("/v1/agent/check/pass/{id}", on(write, check_pass))
-        .route("/v1/agent/check/warn/{id}", on(write, check_warn))
-        .route("/v1/agent/check/fail/{id}", on(write, check_fail))
+        .route(
+            "/v1/agent/check/pass/{id}",
+            on(write, |s, c, id| check_mark(s, c, id, Health::Passing)),
+        )
+        .route(
+            "/v1/agent/check/warn/{id}",
+            on(write, |s, c, id| check_mark(s, c, id, Health::Passing)),
+        )
+        .route(
+            "/v1/agent/check/fail/{id}",
+            on(write, |s, c, id| check_mark(s, c, id, Health::Critical)),
+        )
         .route(
             "/v1/agent/check/update/{id}",
             axum::routing::put(check_update),

@@ -234,17 +234,10 @@ impl Answer {
     }
 }
 
-/// A duration as people read it, the same way everywhere (the UI too): `45s`, `57m22s`,
-/// `2h05m`.
+/// A lease or an age in the CLI's columns: [`crate::protocol::format_duration`] to the
+/// whole second (as the UI shows it): `45s`, `57m22s`, `2h05m`.
 pub(crate) fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
-    }
+    crate::protocol::format_duration(Duration::from_secs(d.as_secs()))
 }
 
 /// Prints JSON, pretty.
