@@ -5,8 +5,7 @@
 #
 # NetSel runs with the backend registered as service `bench`; the script sends a bare
 # URL (Host 127.0.0.1:PORT), so `[http_proxy] default_service = "bench"` routes it. The
-# shared script gives its EXTRA_TARGET wrk only; it is run from a copy patched to give
-# the extra target the same h2load run as the peers; nothing else in it changes.
+# shared script runs its EXTRA_TARGET through the same wrk and h2load runs as the peers.
 # NetSel runs at the peers' priority (the script renices itself and its children to -10).
 # VIP listeners are off: the service port 18080 would otherwise also be bound on the VIP,
 # and the script refuses to start while anything listens on a port it uses.
@@ -14,13 +13,16 @@
 # Usage (after `cargo build --release`):
 #   bash benches/http_proxy_bench.sh
 #   RUNS=3 DURATION=10 QUIET_WAIT=60 bash benches/http_proxy_bench.sh
-# Env: BENCH_DIR (where http_bench.sh is), NETSEL (the binary), WORKERS_NETSEL (the
-#   proxy's worker threads, default 0 = one per CPU), plus every knob of http_bench.sh.
+# Env: BENCH_DIR (where http_bench.sh is), NETSEL (the binary), WORKERS (threads of every
+#   proxy and the backend, NetSel's `[http_proxy] workers` and the peers' alike: compare
+#   only at equal threads; default one per CPU, as http_bench.sh), plus every knob of
+#   http_bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH_DIR=${BENCH_DIR:-/work/shared/bench}
 NETSEL=${NETSEL:-$PWD/target/release/netsel}
 W=${NETSEL_WORK:-/tmp/netsel-http-bench}
+export WORKERS=${WORKERS:-$(nproc)}
 rm -rf "$W"; mkdir -p "$W"
 [[ -x $NETSEL ]] || { echo "build first: cargo build --release" >&2; exit 2; }
 
@@ -33,7 +35,7 @@ api_addr = "127.0.0.1:19084"
 max_ttl_secs = 86400
 [http_proxy]
 default_service = "bench"
-workers = ${WORKERS_NETSEL:-0}
+workers = $WORKERS
 [tcp_proxy]
 vip_listeners = false
 TOML
@@ -49,9 +51,4 @@ IFS= read -r reply <&3; exec 3<&- 3>&-
 [[ $reply == REGISTERED* || $reply == SUCCESS* ]] || { echo "register: $reply" >&2; exit 1; }
 echo "netsel (pid $NPID): $reply"
 
-sed -e 's|^if \[\[ -n $EXTRA_TARGET \]\]; then read -r xn xu <<<"$EXTRA_TARGET"; URL\[$xn\]=$xu; TARGETS="$TARGETS $xn"; fi$|H2TARGETS="direct nginx haproxy"; if [[ -n $EXTRA_TARGET ]]; then read -r xn xu <<<"$EXTRA_TARGET"; URL[$xn]=$xu; H2URL[$xn]=$xu; TARGETS="$TARGETS $xn"; H2TARGETS="$H2TARGETS $xn"; fi|' \
-    -e 's|^  for t in direct nginx haproxy; do$|  for t in $H2TARGETS; do|' \
-    "$BENCH_DIR/http_bench.sh" > "$W/http_bench_h2extra.sh"
-grep -q 'for t in $H2TARGETS' "$W/http_bench_h2extra.sh" && grep -q 'H2URL\[$xn\]=$xu' "$W/http_bench_h2extra.sh" \
-  || { echo "patching http_bench.sh failed" >&2; exit 1; }
-EXTRA_TARGET="netsel http://127.0.0.1:19081/" bash "$W/http_bench_h2extra.sh"
+EXTRA_TARGET="netsel http://127.0.0.1:19081/" bash "$BENCH_DIR/http_bench.sh"

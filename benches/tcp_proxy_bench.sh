@@ -10,16 +10,17 @@
 #
 # Usage (after `cargo build --release`):
 #   bash benches/tcp_proxy_bench.sh
-#   RELAY=copy TOKIO_WORKER_THREADS=1 RUNS=3 DURATION=10 bash benches/tcp_proxy_bench.sh
-# Env: RELAY (splice|copy, default splice), TOKIO_WORKER_THREADS (NetSel's threads; default
-#   1, like haproxy's nbthread 1 in the peer script), BENCH_DIR (where tcp_bench.sh is),
+#   RELAY=copy WORKERS=1 RUNS=3 DURATION=10 bash benches/tcp_proxy_bench.sh
+# Env: RELAY (splice|copy, default splice), WORKERS (threads of every proxy, NetSel's
+#   `[tcp_proxy] workers` and the peers' alike: compare only at equal threads; default one
+#   per CPU, as tcp_bench.sh), BENCH_DIR (where tcp_bench.sh is),
 #   NETSEL (the binary), plus every knob of tcp_bench.sh (RUNS, DURATION, PARTS, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH_DIR=${BENCH_DIR:-/work/shared/bench}
 NETSEL=${NETSEL:-$PWD/target/release/netsel}
 RELAY=${RELAY:-splice}
-export TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-1}
+export WORKERS=${WORKERS:-$(nproc)}
 W=${NETSEL_WORK:-/tmp/netsel-tcp-bench}
 rm -rf "$W"; mkdir -p "$W"
 [[ -x $NETSEL ]] || { echo "build first: cargo build --release" >&2; exit 2; }
@@ -36,6 +37,7 @@ max_ttl_secs = 86400
 vip_cidr = "127.78.0.0/24"
 [tcp_proxy]
 relay = "$RELAY"
+workers = $WORKERS
 TOML
 
 : > "$W/netsel.log"
@@ -56,7 +58,7 @@ register() {  # NAME ENDPOINT SERVICE_PORT -> prints the VIP
 }
 IVIP=$(register iperf 127.0.0.1:15201 15211)
 CVIP=$(register web 127.0.0.1:15280 15212)
-echo "netsel (pid $NPID, relay=$RELAY, threads=$TOKIO_WORKER_THREADS): iperf at $IVIP:15211, web at $CVIP:15212"
+echo "netsel (pid $NPID, relay=$RELAY, workers=$WORKERS): iperf at $IVIP:15211, web at $CVIP:15212"
 
 sed -e 's|^declare -A CPORT=\(.*\)$|declare -A CPORT=\1\ndeclare -A IHOST=() CHOST=()|' \
     -e 's|ORDER="$ORDER $xn"$|ORDER="$ORDER $xn"; IHOST[$xn]=${EXTRA_IPERF_HOST}; CHOST[$xn]=${EXTRA_CONN_HOST}|' \
