@@ -12,7 +12,7 @@ use std::sync::Arc;
 use hyper::{Response, StatusCode};
 
 use super::metrics::ServiceMetrics;
-use super::upstream::{ConnectError, ResponseBody};
+use super::pool::{ConnectError, ResponseBody};
 use super::{HttpProxy, local};
 use crate::catalog::{InstanceId, Service};
 use crate::protocol::AppProtocol;

@@ -28,13 +28,13 @@
 //! with the bytes already read replayed, so every refusal comes from one place.
 
 mod attempts;
-mod bridge;
-pub(crate) mod fast;
-pub(crate) mod framing;
+pub(crate) mod h1_direct;
+mod h2_bodiless;
 mod headers;
+pub(crate) mod message_framing;
 pub(crate) mod metrics;
+mod pool;
 mod route;
-mod upstream;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -67,8 +67,8 @@ use crate::proxy::balance::{Balancer, Split, Subset};
 
 use attempts::Attempts;
 use metrics::{ProxyMetrics, ServiceLabel, ServiceMetrics};
-use upstream::ResponseBody;
-use upstream::{Hold, InFlight, Pool, PoolSettings, UpBody};
+use pool::ResponseBody;
+use pool::{Hold, InFlight, Pool, PoolSettings, UpBody};
 
 /// The request header naming the tag whose instances a request goes to.
 pub const TAG_HEADER: &str = "x-netsel-tag";
@@ -624,21 +624,21 @@ impl HttpProxy {
         };
         let mut stream = stream;
         let next = tokio::select! {
-            n = fast::serve(&self, &mut stream, &ctx, &shutdown) => n,
-            _ = self.hard_stop.cancelled() => fast::Next::Close,
+            n = h1_direct::serve(&self, &mut stream, &ctx, &shutdown) => n,
+            _ = self.hard_stop.cancelled() => h1_direct::Next::Close,
         };
         let pre = match next {
-            fast::Next::Close => {
+            h1_direct::Next::Close => {
                 self.metrics.open_connections.dec();
                 return;
             }
-            fast::Next::Fallback(pre) => pre,
+            h1_direct::Next::Fallback(pre) => pre,
         };
         // hyper serves the rest of the connection, from the request the fast path left.
         self.metrics.hyper_connections.inc();
         ctx.touch();
-        let stream = fast::Rewind::new(pre, stream);
-        let io = framing::Guarded::new(stream, self.settings.max_header_bytes);
+        let stream = h1_direct::Rewind::new(pre, stream);
+        let io = message_framing::Guarded::new(stream, self.settings.max_header_bytes);
         // A client that stops reading its responses is let go after the idle timeout.
         let io = crate::stall::StallGuard::new(io, ms(self.settings.idle_timeout_ms));
         let conn = self
@@ -888,10 +888,10 @@ impl HttpProxy {
         let h2_client = req.version() == Version::HTTP_2;
         let (parts, body) = req.into_parts();
         let mut parts = Parts::new(parts, authority);
-        if h2_client && body.is_end_stream() && bridge::fits(svc) {
+        if h2_client && body.is_end_stream() && h2_bodiless::fits(svc) {
             // Bodiless HTTP/2 requests to HTTP/1.1 instances: raw sockets, no hand-offs;
             // the head is written straight from the client's headers (same rewriting).
-            return bridge::forward(self, &parts, svc, label, ctx, in_flight, tag).await;
+            return h2_bodiless::forward(self, &parts, svc, label, ctx, in_flight, tag).await;
         }
         headers::strip_hop_by_hop(&mut parts.headers, false);
         headers::add_forwarded(&mut parts.headers, &ctx.client_ip, parts.authority.as_ref());
@@ -958,7 +958,7 @@ impl HttpProxy {
                     // instance's fault, so nothing counts against it, and the client is
                     // told (the fast path answers the same).
                     tracing::debug!(service = %svc.name, %addr, error = %e, "request body failed");
-                    let (status, body) = fast::bad_body_answer();
+                    let (status, body) = h1_direct::bad_body_answer();
                     let mut r = local(status, body);
                     r.headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -100,7 +100,7 @@ enum Kind {
         ended: bool,
     },
     /// Read straight from a raw pooled socket (HTTP/2 clients, bodiless requests).
-    Raw(Box<super::bridge::RawBody>),
+    Raw(Box<super::h2_bodiless::RawBody>),
 }
 
 /// The body of a response to a client: a short local answer or an instance's body,
@@ -120,7 +120,7 @@ impl ResponseBody {
     }
 
     /// An instance's body read from a raw socket.
-    pub(crate) fn raw(raw: super::bridge::RawBody, hold: Hold) -> Self {
+    pub(crate) fn raw(raw: super::h2_bodiless::RawBody, hold: Hold) -> Self {
         ResponseBody {
             kind: Kind::Raw(Box::new(raw)),
             hold: Some(Box::new(hold)),

@@ -32,7 +32,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::framing::{ChunkStep, ChunkedBody};
+use super::message_framing::{ChunkStep, ChunkedBody};
 use super::metrics::{ServiceLabel, ServiceMetrics};
 use super::{Attempts, ConnCtx, HttpProxy, Worker, headers, ms, route};
 use crate::catalog::{Service, ServiceName};
@@ -1014,7 +1014,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-super::framing::write_through!(Rewind);
+super::message_framing::write_through!(Rewind);
 
 #[cfg(test)]
 mod tests {

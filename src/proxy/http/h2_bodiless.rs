@@ -17,10 +17,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::fast::{AttemptError, RespBody, read_upstream_head, response_framing};
-use super::framing::ChunkStep;
+use super::h1_direct::{AttemptError, RespBody, read_upstream_head, response_framing};
+use super::message_framing::ChunkStep;
 use super::metrics::ServiceMetrics;
-use super::upstream::{BoxError, Hold, InFlight, Pool, ResponseBody};
+use super::pool::{BoxError, Hold, InFlight, Pool, ResponseBody};
 use super::{Attempts, ConnCtx, HttpProxy, Parts, headers};
 use crate::catalog::Service;
 use crate::protocol::AppProtocol;
