@@ -211,7 +211,7 @@ impl<'a> Attempts<'a> {
     pub(super) fn answer(&self) -> (StatusCode, String) {
         let name = &self.svc.name;
         match self.last {
-            Some(Failure::Timeout) => timed_out_answer(&self.svc),
+            Some(Failure::Timeout) => timed_out_answer(self.svc),
             Some(Failure::Other) => (
                 StatusCode::BAD_GATEWAY,
                 format!("no instance of '{name}' could take the request\n"),

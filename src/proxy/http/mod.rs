@@ -24,8 +24,8 @@
 //! # A request's path, file by file
 //!
 //! 1. **Accept** (`mod.rs`, [`HttpProxy::serve`]): one worker thread per CPU, each with
-//!    its own listening socket, [`crate::accept::Acceptor`], upstream pool and
-//!    connections; `HttpProxy::connection` serves each client connection.
+//!    its own listening socket, `accept::Acceptor`, upstream pool and connections;
+//!    `HttpProxy::connection` serves each client connection.
 //! 2. **Read a request** (`h1_direct.rs`): every connection starts on the direct path,
 //!    which parses HTTP/1.1 heads itself (`httparse`). What it does not take (HTTP/2,
 //!    upgrades, ambiguous framing, anything the proxy answers itself...) is handed over
@@ -35,7 +35,9 @@
 //! 3. **Route** (`route.rs`): authority → service → tag, for both paths.
 //! 4. **Pick and attempt** (`attempts.rs`): the one attempt policy (next instance,
 //!    ejection, stale connections, retries and their budget, 502/503/504) that every
-//!    path's attempt loop follows; connections come from `pool.rs`.
+//!    path's attempt loop follows; connections come from `pool.rs`. The loops (one per
+//!    way of talking to an instance) stay separate so the direct path pays for no
+//!    generic machinery; `attempts.rs` says why.
 //! 5. **Relay upstream**: the direct path writes the rewritten head (`headers.rs`) and
 //!    pumps the body itself; the general path sends through hyper's client
 //!    (`general.rs`), or, for bodiless HTTP/2 requests to HTTP/1.1 instances, over raw
