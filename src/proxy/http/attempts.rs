@@ -1,5 +1,6 @@
 //! The one attempt policy: the rules every way the HTTP proxy sends a request upstream
-//! follows, kept in one place. Which instance to try next; what a failed connect or
+//! follows, kept in one place. Which instance to try next, and whether a raw attempt
+//! may take a pooled connection ([`Attempts::pooled_raw`]); what a failed connect or
 //! exchange means for the instance (passive ejection, [`Attempts::connect_failed`],
 //! [`Attempts::failed`]) and for the request (a fresh connection after a stale pooled
 //! one, another instance within `max_retries` and the [`RetryBudget`]); a success
@@ -17,13 +18,16 @@
 //! loops keep only how a connection is had, deadlines, and whether their request can
 //! be sent again.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use hyper::StatusCode;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::metrics::ServiceMetrics;
-use super::pool::ConnectError;
+use super::pool::{ConnectError, Pool};
 use crate::catalog::{InstanceId, Service};
 use crate::protocol::AppProtocol;
 use crate::proxy::balance::{Balancer, Pick, Subset};
@@ -128,10 +132,20 @@ impl<'a> Attempts<'a> {
         }
     }
 
-    /// Whether the next attempt should open a fresh connection rather than take a
-    /// pooled one: a pooled connection has just turned out closed.
-    pub(super) fn fresh_only(&self) -> bool {
-        self.stale > 0
+    /// An idle raw connection to `addr` from `pool` for the next attempt, unless it
+    /// should open a fresh one: once a pooled connection has turned out closed, the
+    /// request's further attempts connect afresh. `now` is the caller's clock reading.
+    pub(super) fn pooled_raw(
+        &self,
+        pool: &Pool,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Option<TcpStream> {
+        if self.stale > 0 {
+            None
+        } else {
+            pool.take_raw(addr, now)
+        }
     }
 
     /// Connecting to `pick` failed. Nothing was sent, so any request may go to another

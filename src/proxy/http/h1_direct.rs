@@ -388,11 +388,7 @@ async fn exchange(
     while let Some(pick) = tries.next(true) {
         let addr = pick.instance.endpoint;
         let active = pick.start();
-        let pooled = if tries.fresh_only() {
-            None
-        } else {
-            ctx.worker.pool.take_raw(addr, start)
-        };
+        let pooled = tries.pooled_raw(&ctx.worker.pool, addr, start);
         let reused = pooled.is_some();
         let up = match pooled {
             Some(up) => up,

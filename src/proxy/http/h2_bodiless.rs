@@ -90,11 +90,7 @@ pub(super) async fn forward(
     while let Some(pick) = tries.next(true) {
         let addr = pick.instance.endpoint;
         let active = pick.start();
-        let pooled = if tries.fresh_only() {
-            None
-        } else {
-            pool.take_raw(addr, now)
-        };
+        let pooled = tries.pooled_raw(pool, addr, now);
         let reused = pooled.is_some();
         let mut up = match pooled {
             Some(up) => up,
