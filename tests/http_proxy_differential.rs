@@ -1,12 +1,12 @@
 //! Differential test of the proxy's two HTTP/1.1 paths (issue #15, item 6).
 //!
-//! The proxy reads HTTP/1 with three parsers: `httparse` on the fast path (`fast.rs`),
-//! hyper on the general path, and the framing guard beside hyper (`framing.rs`). This
-//! test generates requests from a grammar full of smuggling shapes — `Content-Length`
-//! with `Transfer-Encoding`, duplicate, signed, padded or listed lengths, odd
-//! `Transfer-Encoding` values, obs-fold, bare LF line endings, chunk extensions, huge or
-//! malformed chunk sizes, absolute-form and odd targets, `Expect` — and sends each one to
-//! one running NetSel twice:
+//! The proxy reads HTTP/1 with three parsers: `httparse` on the fast path
+//! (`h1_direct.rs`), hyper on the general path, and the framing guard beside hyper
+//! (`message_framing.rs`). This test generates requests from a grammar full of smuggling
+//! shapes — `Content-Length` with `Transfer-Encoding`, duplicate, signed, padded or
+//! listed lengths, odd `Transfer-Encoding` values, obs-fold, bare LF line endings, chunk
+//! extensions, huge or malformed chunk sizes, absolute-form and odd targets, `Expect` —
+//! and sends each one to one running NetSel twice:
 //!
 //! * **fast**: as the first request of a new connection, where the fast path decides
 //!   (it serves the request itself, or hands the connection to the general path);

@@ -1,11 +1,38 @@
 //! Header rules: hop-by-hop stripping, the `X-Forwarded-*` headers, and the request
-//! framing checks that keep requests from being smuggled past the proxy.
+//! framing checks that keep requests from being smuggled past the proxy; and [`Parts`],
+//! a request's head as the general path keeps it for its attempts.
 
 use hyper::header::{
     CONNECTION, CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
-use hyper::{Request, Version};
+use hyper::http::uri::PathAndQuery;
+use hyper::{Method, Request, Version};
+
+/// A request's head, kept for retries.
+pub(crate) struct Parts {
+    pub(crate) method: Method,
+    pub(crate) headers: HeaderMap,
+    pub(crate) path: PathAndQuery,
+    /// The authority the client used (forwarded as `Host`).
+    pub(crate) authority: Option<HeaderValue>,
+}
+
+impl Parts {
+    pub(crate) fn new(p: hyper::http::request::Parts, authority: Option<HeaderValue>) -> Self {
+        let path = p
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Parts {
+            method: p.method,
+            headers: p.headers,
+            path,
+            authority,
+        }
+    }
+}
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -329,7 +356,7 @@ mod tests {
             strip_hop_by_hop(&mut h, false);
             let left: Vec<_> = h.get_all(TE).iter().map(|v| v.to_str().unwrap()).collect();
             assert_eq!(left, want, "{fields:?}");
-            // The raw-head writer (fast path, h2 bridge) agrees.
+            // The raw-head writer (direct path, `h2_bodiless.rs`) agrees.
             let raw: Vec<&str> = fields
                 .iter()
                 .copied()

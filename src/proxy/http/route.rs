@@ -1,9 +1,21 @@
 //! Which service a request is for: the authority (`:authority` for HTTP/2, `Host` for
 //! HTTP/1.1, the request target's authority when it is in absolute form), reduced to a
-//! service name. Pure functions, tested here.
+//! service name (pure functions, tested here); then the service in the catalog
+//! ([`service`]) and the tag whose instances it goes to ([`tag`]). Both request paths
+//! route through here.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use hyper::header::HOST;
-use hyper::{Request, Version};
+use hyper::{Request, StatusCode, Version};
+
+use crate::catalog::Service;
+use crate::proxy::balance::{Balancer, Split, Subset};
+
+/// The request header naming the tag whose instances a request goes to.
+pub const TAG_HEADER: &str = "x-netsel-tag";
 
 /// Where a request says it is going.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +121,73 @@ pub(crate) fn target_of<'a>(authority: &'a str, absolute: bool, domain: &str) ->
         tag,
         absolute,
     }
+}
+
+/// The service `target` names (or `default_service`): the 404 or 400 answer otherwise.
+pub(super) fn service(
+    balancer: &Balancer,
+    default_service: Option<&str>,
+    target: Option<&Target>,
+) -> Result<Arc<Service>, (StatusCode, String)> {
+    let snap = balancer.catalog().snapshot();
+    if let Some(svc) = target.and_then(|t| snap.service(t.name)) {
+        return Ok(svc.clone());
+    }
+    let fallback = match (default_service, target) {
+        (Some(d), None) => snap.service(d),
+        (Some(d), Some(t)) if !t.absolute => snap.service(d),
+        _ => None,
+    };
+    match (fallback, target) {
+        (Some(svc), _) => Ok(svc.clone()),
+        (None, Some(t)) => {
+            let body = format!("no service named '{}'\n", t.name);
+            Err((StatusCode::NOT_FOUND, body))
+        }
+        (None, None) => Err((
+            StatusCode::BAD_REQUEST,
+            "request names no host\n".to_string(),
+        )),
+    }
+}
+
+/// The tag a request for `svc` goes to: the one it names (`X-Netsel-Tag`, else the
+/// host's `TAG.tag.NAME` form), else the one the service's split chooses, else none
+/// (every instance). `Err` with the `503` body when that leaves no healthy instance.
+pub(super) fn tag<'p>(
+    balancer: &Balancer,
+    splits: &'p HashMap<String, Split>,
+    svc: &Service,
+    named: Option<&str>,
+) -> Result<Option<Cow<'p, str>>, String> {
+    if let Some(tag) = named {
+        if balancer.has_healthy(svc, Subset::Tagged(tag)) {
+            return Ok(Some(Cow::Owned(tag.to_string())));
+        }
+        return Err(format!(
+            "service '{}' has no healthy instance tagged '{tag}'\n",
+            svc.name
+        ));
+    }
+    if !splits.is_empty()
+        && let Some(split) = splits.get(svc.name.as_str())
+    {
+        return match balancer.split_tag(split, svc) {
+            Some(tag) => Ok(Some(Cow::Borrowed(tag))),
+            None => {
+                let tags: Vec<&str> = split.tags().map(|(t, _)| t).collect();
+                Err(format!(
+                    "service '{}' has no healthy instance tagged {} (its split)\n",
+                    svc.name,
+                    tags.join(" or ")
+                ))
+            }
+        };
+    }
+    if svc.healthy_count() == 0 {
+        return Err(format!("service '{}' has no healthy instance\n", svc.name));
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

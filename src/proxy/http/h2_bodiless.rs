@@ -1,27 +1,23 @@
-//! HTTP/2 (h2c) client requests without a body, to HTTP/1.1 instances, over the fast
-//! path's raw pooled sockets: the request is written and the response head read in the
+//! HTTP/2 (h2c) client requests without a body, to HTTP/1.1 instances, over the direct
+//! path's raw pooled sockets (a branch of the general path, `general.rs`): the request is written and the response head read in the
 //! stream's own task, and the response body is read straight from the socket by the
 //! body hyper polls — no hyper client connection task, no hand-offs between tasks.
 //! Requests with a body, and services with h2c instances, keep the hyper client.
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
-use hyper::body::{Frame, SizeHint};
+use bytes::{Buf, BytesMut};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::fast::{AttemptError, RespBody, read_upstream_head, response_framing};
-use super::framing::ChunkStep;
+use super::body::{Hold, RawBody, ResponseBody, local};
+use super::context::{ConnCtx, InFlight, Shared};
+use super::h1_upstream::{AttemptError, RespBody, read_upstream_head, response_framing};
+use super::headers::{self, Parts};
 use super::metrics::ServiceMetrics;
-use super::upstream::{BoxError, Hold, InFlight, Pool, ResponseBody};
-use super::{Attempts, ConnCtx, HttpProxy, Parts, headers};
 use crate::catalog::Service;
 use crate::protocol::AppProtocol;
 
@@ -64,7 +60,7 @@ fn write_headers(
 /// rewriting as on the other paths (`headers::strip_hop_by_hop` and
 /// `headers::add_forwarded`), written straight into the bytes sent.
 pub(super) async fn forward(
-    proxy: &HttpProxy,
+    proxy: &Shared,
     parts: &Parts,
     svc: &Arc<Service>,
     label: &ServiceMetrics,
@@ -90,15 +86,11 @@ pub(super) async fn forward(
     let pool = &ctx.worker.pool;
     let now = Instant::now();
     let mut buf = BytesMut::with_capacity(4096);
-    let mut tries = Attempts::new(proxy, svc, label, tag);
+    let mut tries = proxy.attempts(svc, label, tag);
     while let Some(pick) = tries.next(true) {
         let addr = pick.instance.endpoint;
         let active = pick.start();
-        let pooled = if tries.fresh_only() {
-            None
-        } else {
-            pool.take_raw(addr, now)
-        };
+        let pooled = tries.pooled_raw(pool, addr, now);
         let reused = pooled.is_some();
         let mut up = match pooled {
             Some(up) => up,
@@ -128,22 +120,14 @@ pub(super) async fn forward(
         .await;
         match r {
             Ok(resp) => {
-                proxy.balancer.report_success(&pick);
+                tries.succeeded(&pick);
                 let hold = Hold {
                     pooled: None,
                     _active: Some(active),
                     _in_flight: in_flight,
                 };
                 let (status, headers, body, keep_alive) = resp;
-                let raw = RawBody {
-                    stream: Some(up),
-                    buf,
-                    body,
-                    keep_alive,
-                    done: false,
-                    pool: pool.clone(),
-                    addr,
-                };
+                let raw = RawBody::new(up, buf, body, keep_alive, pool.clone(), addr);
                 let mut r = Response::new(ResponseBody::raw(raw, hold));
                 *r.status_mut() = status;
                 *r.headers_mut() = headers;
@@ -151,17 +135,16 @@ pub(super) async fn forward(
             }
             Err(e) => {
                 tracing::debug!(service = %svc.name, %addr, error = ?e, reused, "upstream exchange failed");
-                if reused && matches!(e, AttemptError::NoResponse) && tries.stale() {
-                    continue;
-                }
-                if tries.failed(&pick, reused, idempotent) {
+                let no_response = matches!(e, AttemptError::NoResponse);
+                if tries.again(&pick, reused, no_response, idempotent) {
                     continue;
                 }
                 break;
             }
         }
     }
-    tries.give_up()
+    let (status, body) = tries.answer();
+    local(status, body)
 }
 
 type Head = (StatusCode, hyper::HeaderMap, RespBody, bool);
@@ -203,140 +186,12 @@ async fn exchange(
     Ok(head)
 }
 
-/// A response body read straight from the instance's socket; the connection goes back
-/// to the pool when the body ended cleanly.
-pub(crate) struct RawBody {
-    stream: Option<TcpStream>,
-    /// Bytes read and not yet passed on.
-    buf: BytesMut,
-    body: RespBody,
-    keep_alive: bool,
-    done: bool,
-    pool: Arc<Pool>,
-    addr: SocketAddr,
-}
-
-impl Drop for RawBody {
-    fn drop(&mut self) {
-        // hyper never polls a body that says it has ended (HEAD, 204, 304, length 0).
-        if !self.done && matches!(self.body, RespBody::None | RespBody::Fixed(0)) {
-            self.finish(true);
-        }
-    }
-}
-
-impl RawBody {
-    fn finish(&mut self, clean: bool) {
-        self.done = true;
-        if let Some(s) = self.stream.take()
-            && clean
-            && self.keep_alive
-            && self.buf.is_empty()
-        {
-            self.pool.put_raw(self.addr, s, Instant::now());
-        }
-    }
-
-    pub(crate) fn is_end_stream(&self) -> bool {
-        self.done || matches!(self.body, RespBody::None | RespBody::Fixed(0))
-    }
-
-    pub(crate) fn size_hint(&self) -> SizeHint {
-        match self.body {
-            RespBody::None => SizeHint::with_exact(0),
-            RespBody::Fixed(n) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
-        }
-    }
-
-    pub(crate) fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        loop {
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match &mut self.body {
-                RespBody::None | RespBody::Fixed(0) => {
-                    self.finish(true);
-                    return Poll::Ready(None);
-                }
-                RespBody::Fixed(left) if !self.buf.is_empty() => {
-                    let take = (*left).min(self.buf.len() as u64);
-                    *left -= take;
-                    let data = self.buf.split_to(take as usize).freeze();
-                    if *left == 0 {
-                        self.finish(true);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                RespBody::Chunked(t) if !self.buf.is_empty() => {
-                    if let Some(left) = t.data_left() {
-                        let take = left.min(self.buf.len() as u64) as usize;
-                        t.feed(&self.buf[..take]);
-                        let data = self.buf.split_to(take).freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    // Framing bytes, one at a time up to the next data.
-                    match t.feed(&self.buf[..1]) {
-                        ChunkStep::More => self.buf.advance(1),
-                        ChunkStep::End(_) => {
-                            self.buf.advance(1);
-                            self.finish(true);
-                            return Poll::Ready(None);
-                        }
-                        ChunkStep::Bad => {
-                            self.finish(false);
-                            return Poll::Ready(Some(Err("malformed chunked response".into())));
-                        }
-                    }
-                    continue;
-                }
-                RespBody::Close if !self.buf.is_empty() => {
-                    let data = self.buf.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                _ => {}
-            }
-            // More bytes are needed.
-            let Some(stream) = &self.stream else {
-                return Poll::Ready(None);
-            };
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(16 * 1024);
-            }
-            match stream.try_read_buf(&mut self.buf) {
-                Ok(0) => {
-                    let close_delimited = matches!(self.body, RespBody::Close);
-                    self.finish(false);
-                    if close_delimited {
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Err("instance closed inside a response body".into())));
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = std::task::ready!(stream.poll_read_ready(cx)) {
-                        self.finish(false);
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
-                }
-                Err(e) => {
-                    self.finish(false);
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The head lines the general path sends for `h` (`strip_hop_by_hop` then
-    /// `add_forwarded`), and the bridge's, sorted (order does not matter to HTTP).
+    /// `add_forwarded`), and `h2_bodiless.rs`'s, sorted (order does not matter to HTTP).
     fn both(h: &hyper::HeaderMap, authority: Option<&str>) -> (Vec<String>, Vec<String>) {
         let ip = HeaderValue::from_static("127.0.0.9");
         let authority = authority.map(|a| HeaderValue::from_str(a).unwrap());

@@ -63,6 +63,14 @@ enum Chunk {
     TrailerEnd,
 }
 
+/// A `Content-Length` value: digits only (no sign, no list, no spaces inside).
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 /// Follows a chunked body (RFC 9112 §7.1) byte by byte, to find where it ends. Used by
 /// the guard below and by the fast path, which passes chunked bodies through verbatim.
 ///

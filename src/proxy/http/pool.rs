@@ -1,7 +1,8 @@
-//! Connections to instances: a bounded pool of idle HTTP/1.1 connections per instance,
-//! one shared HTTP/2 (h2c) connection per instance, and the body types that cross the
-//! proxy. An HTTP/1.1 connection goes back to the pool only once its response body has
-//! been read to the end; anything else closes it.
+//! Connections to instances, one pool per worker: idle raw sockets (the direct path's and
+//! the bodiless HTTP/2 requests'), idle hyper HTTP/1.1 client connections, and one shared
+//! HTTP/2 (h2c) connection per instance; and [`UpBody`], the request body hyper's client
+//! connections carry. An HTTP/1.1 connection goes back to the pool only once its
+//! response body has been read to the end; anything else closes it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,8 +17,6 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-
-use crate::proxy::balance::ActiveGuard;
 
 /// Why no connection to an instance could be had.
 #[derive(Debug, thiserror::Error)]
@@ -67,123 +66,6 @@ impl Body for UpBody {
         match self {
             UpBody::Empty => SizeHint::with_exact(0),
             UpBody::Stream(b) => b.size_hint(),
-        }
-    }
-}
-
-/// Marks a request in flight on a client connection (for the idle timeout) until dropped.
-pub(crate) struct InFlight(pub(crate) Arc<super::ConnCtx>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.end_request();
-    }
-}
-
-/// What a response body holds on to until the client has it all.
-pub(crate) struct Hold {
-    /// The HTTP/1.1 connection it came on, returned to the pool at the end of the body.
-    pub(crate) pooled: Option<(Arc<Pool>, SocketAddr, http1::SendRequest<UpBody>)>,
-    /// Counts the request against its instance (least connections).
-    pub(crate) _active: Option<ActiveGuard>,
-    /// Counts the request against the client connection (idle timeout).
-    pub(crate) _in_flight: InFlight,
-}
-
-/// The error type of response bodies (hyper's, or an instance's socket's).
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-enum Kind {
-    Full(Option<Bytes>),
-    Stream {
-        inner: Incoming,
-        ended: bool,
-    },
-    /// Read straight from a raw pooled socket (HTTP/2 clients, bodiless requests).
-    Raw(Box<super::bridge::RawBody>),
-}
-
-/// The body of a response to a client: a short local answer or an instance's body,
-/// streamed.
-pub(crate) struct ResponseBody {
-    kind: Kind,
-    hold: Option<Box<Hold>>,
-}
-
-impl ResponseBody {
-    /// A complete body.
-    pub(crate) fn full(b: impl Into<Bytes>) -> Self {
-        ResponseBody {
-            kind: Kind::Full(Some(b.into())),
-            hold: None,
-        }
-    }
-
-    /// An instance's body read from a raw socket.
-    pub(crate) fn raw(raw: super::bridge::RawBody, hold: Hold) -> Self {
-        ResponseBody {
-            kind: Kind::Raw(Box::new(raw)),
-            hold: Some(Box::new(hold)),
-        }
-    }
-
-    /// An instance's body.
-    pub(crate) fn stream(inner: Incoming, hold: Hold) -> Self {
-        ResponseBody {
-            kind: Kind::Stream {
-                inner,
-                ended: false,
-            },
-            hold: Some(Box::new(hold)),
-        }
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        if let Kind::Stream { inner, ended } = &self.kind
-            && (*ended || inner.is_end_stream())
-            && let Some((pool, addr, tx)) = self.hold.as_mut().and_then(|h| h.pooled.take())
-        {
-            pool.put_h1(addr, tx);
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().kind {
-            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Stream { inner, ended } => {
-                let r = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(None) = r {
-                    *ended = true;
-                }
-                r.map(|o| o.map(|r| r.map_err(Into::into)))
-            }
-            Kind::Raw(raw) => raw.poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(b) => b.is_none(),
-            Kind::Stream { inner, ended } => *ended || inner.is_end_stream(),
-            Kind::Raw(raw) => raw.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Stream { inner, .. } => inner.size_hint(),
-            Kind::Raw(raw) => raw.size_hint(),
         }
     }
 }
