@@ -716,7 +716,7 @@ async fn a_split_sends_a_weighted_share_to_each_tag() {
     assert_eq!(none, 0, "untagged instances get nothing under a split");
     assert!(x.abs_diff(y) <= 100, "v1 balanced: {x} {y}");
 
-    // HTTP/2 (the bridge path): the same share.
+    // HTTP/2 (the h2_bodiless path): the same share.
     let mut tx = h2(p.http).await;
     for _ in 0..400 {
         let r = tx.send_request(req2("GET", "web", "/", empty())).await;
