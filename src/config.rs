@@ -246,7 +246,8 @@ pub struct TcpProxySettings {
     pub relay: RelayMode,
     /// Event-loop threads of the proxy, each with its own listening socket per address
     /// (`SO_REUSEPORT`): a connection is accepted, connected and relayed on one thread.
-    /// 0 (the default) means `TOKIO_WORKER_THREADS` if set, else one per CPU.
+    /// 0 (the default) means `TOKIO_WORKER_THREADS` if set, else one per CPU (the worker
+    /// rule, `sys::worker_threads`).
     pub workers: usize,
     /// With at least as many workers as CPUs, bind worker `n` to the `n`-th CPU the
     /// process may use, so each stays on its own. Default false: unlike the HTTP
@@ -304,7 +305,8 @@ pub struct DnsSettings {
     /// Most DNS-over-TCP connections open at once; more are closed as soon as they are
     /// accepted (and counted in `netsel_dns_tcp_refused_connections_total`). Default 1024.
     pub tcp_max_connections: usize,
-    /// Threads answering UDP; 0 means one per CPU (at most 8). Default 0.
+    /// Threads answering UDP; 0 means the worker rule (`TOKIO_WORKER_THREADS` if set, else
+    /// one per CPU; see `sys::worker_threads`), at most 8. Default 0.
     pub udp_workers: usize,
     /// Serve UDP from precomputed wire answers (rebuilt on every catalog change) instead
     /// of hickory's generic UDP loop. Default on; off exists to measure the difference.

@@ -652,19 +652,6 @@ async fn connect_to(endpoint: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// How many worker threads: the setting, else `TOKIO_WORKER_THREADS`, else one per CPU.
-fn worker_count(setting: usize) -> usize {
-    if setting > 0 {
-        return setting;
-    }
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .min(1024)
-}
-
 /// Starts the worker threads, each running a single-threaded runtime until `stop`.
 /// Returns the workers and one receiver per thread that resolves when it has ended. If no
 /// thread can be started, the calling runtime serves as the only worker.
@@ -672,7 +659,7 @@ async fn start_workers(
     shared: &Arc<Shared>,
     stop: &CancellationToken,
 ) -> (Vec<Arc<Worker>>, Vec<tokio::sync::oneshot::Receiver<()>>) {
-    let wanted = worker_count(shared.settings.workers);
+    let wanted = crate::sys::worker_threads(shared.settings.workers);
     let mut workers = Vec::with_capacity(wanted);
     let mut stopped = Vec::with_capacity(wanted);
     for n in 0..wanted {
@@ -761,6 +748,6 @@ fn serve_on_workers(
 pub fn bind_gateway(addr: SocketAddr, settings: &TcpProxySettings) -> io::Result<TcpListener> {
     TcpListener::from_std(listen::bind_first(
         addr,
-        worker_count(settings.workers) > 1,
+        crate::sys::worker_threads(settings.workers) > 1,
     )?)
 }
