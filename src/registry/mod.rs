@@ -44,10 +44,10 @@ pub struct RegistryMetrics {
 }
 
 impl RegistryMetrics {
-    /// Fresh counters, registered on `registry`.
-    pub fn new(registry: &mut prometheus_client::registry::Registry) -> Self {
+    /// Fresh counters, registered on `metrics_registry`.
+    pub fn new(metrics_registry: &mut prometheus_client::registry::Registry) -> Self {
         let m = RegistryMetrics::default();
-        registry.register(
+        metrics_registry.register(
             "registry_errors",
             "Line-protocol requests refused, by reason",
             m.errors.clone(),

@@ -187,12 +187,12 @@ enum ConnectError {
 
 impl TcpProxy {
     /// A proxy balancing with `balancer`. `drain` is the most relays get after shutdown
-    /// begins. Its metrics are registered on `registry` when one is given.
+    /// begins. Its metrics are registered on `metrics_registry` when one is given.
     pub fn new(
         balancer: Arc<Balancer>,
         settings: TcpProxySettings,
         drain: Duration,
-        registry: Option<&mut Registry>,
+        metrics_registry: Option<&mut Registry>,
     ) -> TcpProxy {
         TcpProxy {
             shared: Arc::new(Shared {
@@ -200,7 +200,7 @@ impl TcpProxy {
                 slots: Arc::new(Semaphore::new(settings.max_connections)),
                 settings,
                 drain,
-                metrics: TcpProxyMetrics::new(registry),
+                metrics: TcpProxyMetrics::new(metrics_registry),
                 own: RwLock::new(OwnAddrs::default()),
                 vips: Mutex::new(VipTable::default()),
                 worker_stats: RwLock::new(Vec::new()),
