@@ -48,7 +48,10 @@ use crate::network::{NetworkError, PortPool, VipPool};
 use crate::protocol::{MAX_META, MAX_TAGS, MAX_VALUE_LEN};
 use crate::store::{Cluster, Expect, Persisted, Proposal, ProposeError, Store, StoreError};
 
-/// Settings the catalog needs; every default is in [`crate::config`].
+/// Settings the catalog needs. The server's configuration assembles them from the seed's
+/// `max_heartbeat_age` and `health_check_interval`, the lease limits (`min_ttl_ms`,
+/// `max_ttl_secs`, `max_instances`), `[network]` and `[registry] allowed_endpoint_cidrs`,
+/// whose defaults are written with those settings.
 #[derive(Debug, Clone)]
 pub struct CatalogSettings {
     /// VIP pool.

@@ -27,6 +27,7 @@
 pub mod gateway;
 pub mod metrics;
 mod relay;
+mod settings;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod vip;
@@ -49,11 +50,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::catalog::{InstanceId, Service, ServiceName};
-use crate::config::TcpProxySettings;
 use crate::proxy::balance::{Balancer, Pick};
 use crate::proxy::listen;
 use gateway::GatewayError;
 use metrics::{ServiceMetrics, TcpProxyMetrics};
+pub use settings::{RelayMode, TcpProxySettings};
 
 /// Backlog of the VIP listeners (a burst of new connections waits here, not refused).
 /// Period of each worker's background timer (see `keep_timer_armed`): shorter than the
