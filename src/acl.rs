@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::AclSettings;
+use serde::{Deserialize, Serialize};
 
 /// A token that matches no configured token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -168,10 +168,86 @@ impl Acl {
     }
 }
 
+/// Access control for the HTTP API and the line protocol (`[acl]` table). Off by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclSettings {
+    /// Whether tokens are required.
+    pub enabled: bool,
+    /// Whether requests without a token may read (list, get, watch, UI data). Default
+    /// false.
+    pub anonymous_read: bool,
+    /// The tokens.
+    pub tokens: Vec<AclToken>,
+    /// Where seed-form frames (a bare name; `HEARTBEAT|<name>`), which carry no token, are
+    /// accepted from while ACLs are on. Default: loopback (`127.0.0.0/8`, `::1/128`).
+    pub trusted_cidrs: Vec<IpNet>,
+}
+
+impl Default for AclSettings {
+    fn default() -> Self {
+        AclSettings {
+            enabled: false,
+            anonymous_read: false,
+            tokens: Vec::new(),
+            trusted_cidrs: vec![
+                IpNet::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0)), 8)
+                    .unwrap_or_default(),
+                IpNet::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128).unwrap_or_default(),
+            ],
+        }
+    }
+}
+
+/// One ACL token and what it may do. Rights are service-name prefixes; `""` or `"*"`
+/// means every name.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclToken {
+    /// A label for logs (the token itself is never logged).
+    pub name: String,
+    /// The token: sent as `Authorization: Bearer <token>` or `X-Netsel-Token`.
+    pub token: String,
+    /// Name prefixes it may read.
+    pub read: Vec<String>,
+    /// Name prefixes it may register, heartbeat and deregister (without the instance
+    /// secret, for operators).
+    pub write: Vec<String>,
+}
+
+impl std::fmt::Debug for AclToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AclToken")
+            .field("name", &self.name)
+            .field("token", &"***")
+            .field("read", &self.read)
+            .field("write", &self.write)
+            .finish()
+    }
+}
+
+impl AclSettings {
+    /// Checks every token can work: the key and the reason when one cannot.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for t in &self.tokens {
+            if t.token.len() < 16 {
+                return Err(("acl.tokens.token", "must be at least 16 characters".into()));
+            }
+            if t.token.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err((
+                    "acl.tokens.token",
+                    "may not contain spaces or control characters".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::AclToken;
     use super::*;
-    use crate::config::AclToken;
 
     fn acl() -> Acl {
         Acl::new(&AclSettings {

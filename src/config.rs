@@ -1,23 +1,39 @@
 //! Configuration: the seed's six-field [`NetSelConfig`], and [`Settings`], which holds it
-//! plus everything NetSel added since. Every default is written once, here.
+//! plus everything NetSel added since.
+//!
+//! Each part owns its settings type and writes its defaults there: `[network]`
+//! [`NetworkSettings`] (`network`), `[registry]` [`RegistryLimits`] (`registry`), `[api]`
+//! [`ApiSettings`] (`api`), `[acl]` [`AclSettings`] (`acl`), `[balance]`
+//! [`BalanceSettings`] (`proxy::balance`), `[health]` [`HealthSettings`] (`health`),
+//! `[http_proxy]` [`HttpProxySettings`] (`proxy::http`), `[dns]` [`DnsSettings`] (`dns`),
+//! `[tcp_proxy]` [`TcpProxySettings`] (`proxy::tcp`) and `[store]`
+//! [`StoreSettings`](crate::store::StoreSettings) (`store`); the types are re-exported here.
+//! This module owns the rest: the seed's six fields and the top-level keys (`api_addr`,
+//! `consul_addr`, `data_dir`, the lease limits, `drain_secs`) with their defaults, the
+//! catalog's [`CatalogSettings`] assembled from them, and the rules between parts.
 //!
 //! A TOML file (`netsel serve --config FILE`) sets any of it: the six seed fields at the
-//! top level, the rest at the top level or in tables. Unknown keys are rejected, and
-//! [`Settings::validate`] runs before anything binds.
+//! top level, the rest at the top level or in tables; `netsel serve`'s flags are laid over
+//! the file (`cli::serve`). Unknown keys are rejected, and [`Settings::validate`] (each
+//! part's own checks, then the rules between parts) runs before anything binds.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+pub use crate::acl::{AclSettings, AclToken};
+pub use crate::api::ApiSettings;
 use crate::catalog::CatalogSettings;
-use crate::health::HealthSettings;
-use crate::network::{DEFAULT_PORT_RANGE, DEFAULT_VIP_CIDR, PortPool, VipPool};
-use crate::proxy::balance::BalanceSettings;
-use crate::proxy::http::HttpProxySettings;
+pub use crate::dns::DnsSettings;
+pub use crate::health::HealthSettings;
+pub use crate::network::NetworkSettings;
+pub use crate::proxy::balance::BalanceSettings;
+pub use crate::proxy::http::HttpProxySettings;
+pub use crate::proxy::tcp::{RelayMode, TcpProxySettings};
+pub use crate::registry::RegistryLimits;
 
 /// The seed's configuration, field for field. Richer settings live in [`Settings`].
 ///
@@ -95,299 +111,6 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-}
-
-/// Registry listener limits.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RegistryLimits {
-    /// Most simultaneous connections; more are refused with `FAILED|too many connections`.
-    pub max_connections: usize,
-    /// Seconds a connection may sit idle between requests.
-    pub idle_timeout_secs: u64,
-    /// Seconds a request may take to arrive once it has begun (a deadline from its first
-    /// byte, however steadily the rest trickles in).
-    pub frame_timeout_secs: u64,
-    /// Seconds an answer may wait for the client to take it; a client that stops reading
-    /// is disconnected after this long. Default 10.
-    pub write_timeout_secs: u64,
-    /// Registrations per second allowed from one peer IP (a token bucket); 0 disables.
-    pub register_rate_per_ip: u32,
-    /// Registrations one peer IP may make in a burst.
-    pub register_burst_per_ip: u32,
-    /// Exempt loopback peers (processes on this host) from the registration rate limit.
-    pub rate_limit_exempt_loopback: bool,
-    /// Where instance endpoints may be; empty (the default) allows any address except
-    /// unspecified, multicast, broadcast and link-local ones, which are always refused.
-    pub allowed_endpoint_cidrs: Vec<IpNet>,
-}
-
-impl Default for RegistryLimits {
-    fn default() -> Self {
-        RegistryLimits {
-            max_connections: 4096,
-            idle_timeout_secs: 300,
-            frame_timeout_secs: 10,
-            write_timeout_secs: 10,
-            register_rate_per_ip: 200,
-            register_burst_per_ip: 1000,
-            rate_limit_exempt_loopback: true,
-            allowed_endpoint_cidrs: Vec::new(),
-        }
-    }
-}
-
-/// Virtual network settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NetworkSettings {
-    /// VIP pool. Default `127.77.0.0/16` (loopback: works on one host without root).
-    pub vip_cidr: IpNet,
-    /// Seconds a released VIP is held back from other names. Default 600.
-    pub vip_hold_secs: u64,
-    /// First port of the pool for registrations without an endpoint. Default 20000.
-    pub port_pool_start: u16,
-    /// Last port of that pool. Default 29999.
-    pub port_pool_end: u16,
-}
-
-impl Default for NetworkSettings {
-    fn default() -> Self {
-        NetworkSettings {
-            vip_cidr: DEFAULT_VIP_CIDR.parse().expect("default CIDR parses"),
-            vip_hold_secs: 600,
-            port_pool_start: *DEFAULT_PORT_RANGE.start(),
-            port_pool_end: *DEFAULT_PORT_RANGE.end(),
-        }
-    }
-}
-
-/// HTTP API limits (`[api]` table).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ApiSettings {
-    /// Largest request body accepted; larger ones get 413. Default 65536.
-    pub max_body_bytes: usize,
-    /// Requests per second each client IP may make (token bucket refill); 0 turns the
-    /// limit off. Default 200.
-    pub rate_limit_per_sec: u32,
-    /// Burst size of each client's bucket. Default 400.
-    pub rate_limit_burst: u32,
-    /// Longest `wait` a blocking query may ask for, in seconds. Default 600.
-    pub max_wait_secs: u64,
-    /// Most simultaneous server-sent-event streams. Default 1024.
-    pub max_event_streams: usize,
-    /// Most simultaneous HTTP connections; more wait to be accepted. Default 4096.
-    pub max_connections: usize,
-    /// Milliseconds a client has to send a request's head, its first one included (against
-    /// slowloris and silent connections); a keep-alive connection waiting for its next
-    /// request also closes after this long. Default 10000.
-    pub header_read_timeout_ms: u64,
-    /// Milliseconds a response (or an event stream) may wait for the client to read it;
-    /// a client that stops reading is disconnected after this long. Default 30000.
-    pub write_timeout_ms: u64,
-    /// How often the dashboard's traffic series (`/v1/traffic`) sample the proxies, in
-    /// milliseconds; each service keeps 180 samples (15 minutes at the default).
-    /// 100..=60000, default 5000.
-    pub traffic_interval_ms: u64,
-}
-
-impl Default for ApiSettings {
-    fn default() -> Self {
-        ApiSettings {
-            max_body_bytes: 64 * 1024,
-            rate_limit_per_sec: 200,
-            rate_limit_burst: 400,
-            max_wait_secs: 600,
-            max_event_streams: 1024,
-            max_connections: 4096,
-            header_read_timeout_ms: 10_000,
-            write_timeout_ms: 30_000,
-            traffic_interval_ms: 5000,
-        }
-    }
-}
-
-/// How the TCP proxy relays bytes between a client and an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RelayMode {
-    /// Zero-copy `splice(2)` through a kernel pipe on Linux; elsewhere the same as `copy`.
-    #[default]
-    Splice,
-    /// Read into a user-space buffer and write it out (`tokio::io::copy_bidirectional`).
-    Copy,
-}
-
-/// TCP proxy settings (the gateway on `tcp_proxy_addr` and the per-VIP listeners).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TcpProxySettings {
-    /// Seconds a relayed connection may pass no bytes either way before it is closed.
-    /// Default 300.
-    pub idle_timeout_secs: u64,
-    /// Milliseconds to wait for one instance to accept before trying another. Default 2000.
-    pub connect_timeout_ms: u64,
-    /// Instances tried per client connection before it is refused. Default 3.
-    pub connect_attempts: usize,
-    /// Most client connections relayed at once (gateway and VIP listeners together).
-    /// Default 8192.
-    pub max_connections: usize,
-    /// Longest gateway name line in bytes, line ending included. Default 256.
-    pub name_line_max: usize,
-    /// Milliseconds a gateway client has to send its name line. Default 5000.
-    pub name_timeout_ms: u64,
-    /// Listen on `VIP:service-port` for every service. Default true.
-    pub vip_listeners: bool,
-    /// Seconds relayed connections may run on after shutdown begins (never longer than
-    /// the server's `drain_secs`). Default 10.
-    pub drain_secs: u64,
-    /// How bytes are relayed. Default `splice` (zero-copy on Linux).
-    pub relay: RelayMode,
-    /// Event-loop threads of the proxy, each with its own listening socket per address
-    /// (`SO_REUSEPORT`): a connection is accepted, connected and relayed on one thread.
-    /// 0 (the default) means `TOKIO_WORKER_THREADS` if set, else one per CPU.
-    pub workers: usize,
-    /// With at least as many workers as CPUs, bind worker `n` to the `n`-th CPU the
-    /// process may use, so each stays on its own. Default false: unlike the HTTP
-    /// proxy's, the TCP proxy's figures did not gain from it, and a single bulk stream
-    /// relayed by a bound worker lost throughput to the iperf3 client and server that
-    /// shared its CPU.
-    pub pin_workers: bool,
-    /// The time slice each worker asks the scheduler for, in microseconds (Linux 6.12 and
-    /// later), as for the HTTP proxy. 0 leaves the kernel's default. Default 100.
-    pub sched_slice_us: u64,
-}
-
-impl Default for TcpProxySettings {
-    fn default() -> Self {
-        TcpProxySettings {
-            idle_timeout_secs: 300,
-            connect_timeout_ms: 2000,
-            connect_attempts: 3,
-            max_connections: 8192,
-            name_line_max: 256,
-            name_timeout_ms: 5000,
-            vip_listeners: true,
-            drain_secs: 10,
-            relay: RelayMode::default(),
-            workers: 0,
-            pin_workers: false,
-            sched_slice_us: 100,
-        }
-    }
-}
-
-/// DNS server settings (the `[dns]` table).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DnsSettings {
-    /// The zone NetSel is authoritative for. Default `netsel.`.
-    pub domain: String,
-    /// TTL of positive answers, in seconds. Short, because discovery data changes.
-    /// Default 5.
-    pub ttl_secs: u32,
-    /// TTL of negative answers (the SOA minimum, RFC 2308), in seconds. Default 5.
-    pub negative_ttl_secs: u32,
-    /// Also answer a bare service name (`web.`) as `web.<domain>`. Default off.
-    pub bare_names: bool,
-    /// Resolvers that names outside the zone are forwarded to, in order. Empty (the
-    /// default) refuses them: NetSel is never an open resolver unless told to be.
-    pub upstreams: Vec<SocketAddr>,
-    /// Milliseconds to wait for an upstream before trying the next. Default 2000.
-    pub forward_timeout_ms: u64,
-    /// Most forwarded queries in flight; more are answered SERVFAIL. Default 256.
-    pub max_forwards: usize,
-    /// Seconds a DNS-over-TCP connection may stay idle, and the most a query may take to
-    /// arrive or an answer to be read by the client. Default 10.
-    pub tcp_idle_secs: u64,
-    /// Most DNS-over-TCP connections open at once; more are closed as soon as they are
-    /// accepted (and counted in `netsel_dns_tcp_refused_connections_total`). Default 1024.
-    pub tcp_max_connections: usize,
-    /// Threads answering UDP; 0 means one per CPU (at most 8). Default 0.
-    pub udp_workers: usize,
-    /// Serve UDP from precomputed wire answers (rebuilt on every catalog change) instead
-    /// of hickory's generic UDP loop. Default on; off exists to measure the difference.
-    pub fast_path: bool,
-    /// Most precomputed answers each UDP worker keeps. Default 16384.
-    pub cache_entries: usize,
-}
-
-impl Default for DnsSettings {
-    fn default() -> Self {
-        DnsSettings {
-            domain: "netsel.".into(),
-            ttl_secs: 5,
-            negative_ttl_secs: 5,
-            bare_names: false,
-            upstreams: Vec::new(),
-            forward_timeout_ms: 2000,
-            max_forwards: 256,
-            tcp_idle_secs: 10,
-            tcp_max_connections: 1024,
-            udp_workers: 0,
-            fast_path: true,
-            cache_entries: 16_384,
-        }
-    }
-}
-
-/// Access control for the HTTP API and the line protocol (`[acl]` table). Off by default.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AclSettings {
-    /// Whether tokens are required.
-    pub enabled: bool,
-    /// Whether requests without a token may read (list, get, watch, UI data). Default
-    /// false.
-    pub anonymous_read: bool,
-    /// The tokens.
-    pub tokens: Vec<AclToken>,
-    /// Where seed-form frames (a bare name; `HEARTBEAT|<name>`), which carry no token, are
-    /// accepted from while ACLs are on. Default: loopback (`127.0.0.0/8`, `::1/128`).
-    pub trusted_cidrs: Vec<IpNet>,
-}
-
-impl Default for AclSettings {
-    fn default() -> Self {
-        AclSettings {
-            enabled: false,
-            anonymous_read: false,
-            tokens: Vec::new(),
-            trusted_cidrs: vec![
-                IpNet::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0)), 8)
-                    .unwrap_or_default(),
-                IpNet::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128).unwrap_or_default(),
-            ],
-        }
-    }
-}
-
-/// One ACL token and what it may do. Rights are service-name prefixes; `""` or `"*"`
-/// means every name.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct AclToken {
-    /// A label for logs (the token itself is never logged).
-    pub name: String,
-    /// The token: sent as `Authorization: Bearer <token>` or `X-Netsel-Token`.
-    pub token: String,
-    /// Name prefixes it may read.
-    pub read: Vec<String>,
-    /// Name prefixes it may register, heartbeat and deregister (without the instance
-    /// secret, for operators).
-    pub write: Vec<String>,
-}
-
-impl std::fmt::Debug for AclToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AclToken")
-            .field("name", &self.name)
-            .field("token", &"***")
-            .field("read", &self.read)
-            .field("write", &self.write)
-            .finish()
-    }
 }
 
 /// Everything `netsel serve` can be told: the seed's [`NetSelConfig`] plus the rest.
@@ -585,130 +308,26 @@ impl Settings {
         if self.max_instances == 0 {
             return bad("max_instances", "must be at least 1");
         }
-        if self.registry.max_connections == 0 {
-            return bad("registry.max_connections", "must be at least 1");
-        }
-        if self.registry.idle_timeout_secs == 0
-            || self.registry.frame_timeout_secs == 0
-            || self.registry.write_timeout_secs == 0
-        {
-            return bad("registry timeouts", "must be at least 1 second");
-        }
-        if self.api.max_body_bytes < 1024 {
-            return bad("api.max_body_bytes", "must be at least 1024");
-        }
-        if self.api.rate_limit_per_sec > 0 && self.api.rate_limit_burst == 0 {
-            return bad(
-                "api.rate_limit_burst",
-                "must be at least 1 when rate limiting",
-            );
-        }
-        if !(100..=60_000).contains(&self.api.traffic_interval_ms) {
-            return bad("api.traffic_interval_ms", "must be between 100 and 60000");
-        }
-        if self.api.max_wait_secs == 0 || self.api.max_event_streams == 0 {
-            return bad("api.max_wait_secs/max_event_streams", "must be at least 1");
-        }
-        if self.api.max_connections == 0 {
-            return bad("api.max_connections", "must be at least 1");
-        }
-        if self.api.header_read_timeout_ms == 0 {
-            return bad("api.header_read_timeout_ms", "must be at least 1 ms");
-        }
-        if self.api.write_timeout_ms == 0 {
-            return bad("api.write_timeout_ms", "must be at least 1 ms");
-        }
-        for t in &self.acl.tokens {
-            if t.token.len() < 16 {
-                return bad("acl.tokens.token", "must be at least 16 characters");
-            }
-            if t.token.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return bad(
-                    "acl.tokens.token",
-                    "may not contain spaces or control characters",
-                );
-            }
-        }
-        self.http_proxy
-            .validate()
-            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
-        self.validate_dns()?;
-        self.store
-            .validate()
-            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
-        let t = &self.tcp_proxy;
-        if t.idle_timeout_secs == 0 || t.connect_timeout_ms == 0 || t.name_timeout_ms == 0 {
-            return bad("tcp_proxy timeouts", "must be greater than 0");
-        }
-        if t.connect_attempts == 0 || t.max_connections == 0 {
-            return bad(
-                "tcp_proxy.connect_attempts/max_connections",
-                "must be at least 1",
-            );
-        }
-        if !(16..=65_536).contains(&t.name_line_max) {
-            return bad("tcp_proxy.name_line_max", "must be 16..=65536");
-        }
-        if t.workers > 1024 {
-            return bad("tcp_proxy.workers", "must be 0..=1024");
-        }
-        if !crate::proxy::worker::valid_slice_setting(t.sched_slice_us) {
-            return bad("tcp_proxy.sched_slice_us", "must be 0 or 100..=100000");
-        }
-        VipPool::new(self.network.vip_cidr, 0).map_err(|e| ConfigError::Invalid {
-            key: "network.vip_cidr",
-            reason: e.to_string(),
-        })?;
-        PortPool::new(self.port_range()).map_err(|e| ConfigError::Invalid {
-            key: "network.port_pool_start/end",
-            reason: e.to_string(),
-        })?;
-        Ok(())
-    }
-
-    fn validate_dns(&self) -> Result<(), ConfigError> {
-        let d = &self.dns;
-        let bad = |key, reason: String| Err(ConfigError::Invalid { key, reason });
-        let domain = d.domain.strip_suffix('.').unwrap_or(&d.domain);
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        let part = |r: Result<(), (&'static str, String)>| {
+            r.map_err(|(key, reason)| ConfigError::Invalid { key, reason })
         };
-        if domain.is_empty() || domain.len() > 200 || !domain.split('.').all(label_ok) {
-            return bad(
-                "dns.domain",
-                format!("'{}' is not a domain name like netsel.", d.domain),
-            );
+        part(self.registry.validate())?;
+        part(self.api.validate())?;
+        part(self.acl.validate())?;
+        part(self.http_proxy.validate())?;
+        part(self.dns.validate())?;
+        if self.dns.upstreams.contains(&self.config.dns_addr) {
+            return bad("dns.upstreams", "may not name NetSel's own dns_addr");
         }
-        if d.ttl_secs > 86_400 || d.negative_ttl_secs > 86_400 {
-            return bad("dns.ttl_secs", "TTLs must be at most 86400".into());
-        }
-        if d.forward_timeout_ms == 0 || d.max_forwards == 0 {
-            return bad(
-                "dns.forward_timeout_ms/max_forwards",
-                "must be at least 1".into(),
-            );
-        }
-        if d.tcp_idle_secs == 0 {
-            return bad("dns.tcp_idle_secs", "must be at least 1".into());
-        }
-        if d.tcp_max_connections == 0 {
-            return bad("dns.tcp_max_connections", "must be at least 1".into());
-        }
-        if d.udp_workers > 64 {
-            return bad("dns.udp_workers", "at most 64".into());
-        }
-        if d.upstreams.contains(&self.config.dns_addr) {
-            return bad("dns.upstreams", "may not name NetSel's own dns_addr".into());
-        }
+        part(self.store.validate())?;
+        part(self.tcp_proxy.validate())?;
+        part(self.network.validate())?;
         Ok(())
     }
 
     /// The port pool range.
     pub fn port_range(&self) -> RangeInclusive<u16> {
-        self.network.port_pool_start..=self.network.port_pool_end
+        self.network.port_range()
     }
 
     /// Time between active health-check rounds.

@@ -54,12 +54,12 @@ impl std::fmt::Debug for MetricsRegistry {
 impl MetricsRegistry {
     /// Freezes a registry that every part has registered on, adding
     /// `netsel_build_info` and the `process_*` metrics.
-    pub fn new(mut registry: Registry) -> Self {
-        register_build_info(&mut registry);
+    pub fn new(mut metrics_registry: Registry) -> Self {
+        register_build_info(&mut metrics_registry);
         let mut process = Registry::default();
         process.register_collector(Box::new(ProcessCollector));
         MetricsRegistry(Arc::new(Registries {
-            netsel: registry,
+            netsel: metrics_registry,
             process,
         }))
     }
@@ -89,14 +89,14 @@ pub fn build_features() -> String {
     features.join(",")
 }
 
-fn register_build_info(registry: &mut Registry) {
+fn register_build_info(metrics_registry: &mut Registry) {
     let info = Family::<[(&'static str, String); 2], Gauge>::default();
     info.get_or_create(&[
         ("version", env!("CARGO_PKG_VERSION").to_string()),
         ("features", build_features()),
     ])
     .set(1);
-    registry.register(
+    metrics_registry.register(
         "build_info",
         "Always 1; the labels say which NetSel build this is",
         info,
@@ -413,10 +413,10 @@ mod tests {
         h.observe_n(Duration::from_millis(50), 2);
         h.observe(Duration::from_secs(5));
         assert_eq!(h.count(), 5);
-        let mut registry = Registry::default();
-        registry.register("lat_seconds", "x", h);
+        let mut metrics_registry = Registry::default();
+        metrics_registry.register("lat_seconds", "x", h);
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        prometheus_client::encoding::text::encode(&mut out, &metrics_registry).unwrap();
         assert!(
             out.contains("lat_seconds_bucket{le=\"0.001\"} 2\n"),
             "{out}"

@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 use crate::model::ServiceName;
 
@@ -361,6 +362,46 @@ impl PortPool {
     /// Ports in use.
     pub fn used_count(&self) -> usize {
         self.used.len()
+    }
+}
+
+/// Virtual network settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSettings {
+    /// VIP pool. Default `127.77.0.0/16` (loopback: works on one host without root).
+    pub vip_cidr: IpNet,
+    /// Seconds a released VIP is held back from other names. Default 600.
+    pub vip_hold_secs: u64,
+    /// First port of the pool for registrations without an endpoint. Default 20000.
+    pub port_pool_start: u16,
+    /// Last port of that pool. Default 29999.
+    pub port_pool_end: u16,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        NetworkSettings {
+            vip_cidr: DEFAULT_VIP_CIDR.parse().expect("default CIDR parses"),
+            vip_hold_secs: 600,
+            port_pool_start: *DEFAULT_PORT_RANGE.start(),
+            port_pool_end: *DEFAULT_PORT_RANGE.end(),
+        }
+    }
+}
+
+impl NetworkSettings {
+    /// The port pool range.
+    pub fn port_range(&self) -> RangeInclusive<u16> {
+        self.port_pool_start..=self.port_pool_end
+    }
+
+    /// Checks the pools can be built: the key and the reason when they cannot.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        VipPool::new(self.vip_cidr, 0).map_err(|e| ("network.vip_cidr", e.to_string()))?;
+        PortPool::new(self.port_range())
+            .map_err(|e| ("network.port_pool_start/end", e.to_string()))?;
+        Ok(())
     }
 }
 

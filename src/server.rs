@@ -212,9 +212,9 @@ impl NetSelServer {
         };
         // One balancer for both proxies: they share policies and passive ejection.
         let balancer = Arc::new(Balancer::new(catalog.clone(), s.balance.clone()));
-        let mut registry_metrics = crate::metrics::new_registry();
-        catalog.register_metrics(&mut registry_metrics);
-        let line_metrics = crate::registry::RegistryMetrics::new(&mut registry_metrics);
+        let mut metrics_registry = crate::metrics::new_registry();
+        catalog.register_metrics(&mut metrics_registry);
+        let line_metrics = crate::registry::RegistryMetrics::new(&mut metrics_registry);
 
         // Bind every listener first: a conflict fails start-up before anything runs.
         let registry = bind_tcp("registry", s.config.registry_addr).await?;
@@ -226,7 +226,7 @@ impl NetSelServer {
                 source,
             })?;
         let dns_metrics = crate::dns::DnsMetrics::default();
-        dns_metrics.register(&mut registry_metrics);
+        dns_metrics.register(&mut metrics_registry);
         let vip_cidr = s.network.vip_cidr;
         let dns_handler =
             crate::dns::DnsHandler::new(catalog.clone(), &s.dns, vip_cidr, dns_metrics);
@@ -264,7 +264,7 @@ impl NetSelServer {
             s.dns.domain.as_str(),
             Duration::from_secs(s.drain_secs),
         );
-        http_proxy.register_metrics(&mut registry_metrics);
+        http_proxy.register_metrics(&mut metrics_registry);
         let tcp_gateway = crate::proxy::tcp::bind_gateway(s.config.tcp_proxy_addr, &s.tcp_proxy)
             .map_err(|source| ServerError::Bind {
                 what: "tcp proxy",
@@ -279,11 +279,11 @@ impl NetSelServer {
             balancer.clone(),
             s.tcp_proxy.clone(),
             tcp_drain,
-            Some(&mut registry_metrics),
+            Some(&mut metrics_registry),
         );
 
-        let api_metrics = crate::api::ApiMetrics::new(&mut registry_metrics);
-        let metrics = MetricsRegistry::new(std::mem::take(&mut registry_metrics));
+        let api_metrics = crate::api::ApiMetrics::new(&mut metrics_registry);
+        let metrics = MetricsRegistry::new(std::mem::take(&mut metrics_registry));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn({

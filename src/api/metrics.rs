@@ -80,19 +80,19 @@ pub struct ApiMetrics {
 }
 
 impl ApiMetrics {
-    /// Fresh metrics registered on `registry` as `netsel_api_requests_total` and
+    /// Fresh metrics registered on `metrics_registry` as `netsel_api_requests_total` and
     /// `netsel_api_request_duration_seconds`.
-    pub fn new(registry: &mut Registry) -> Self {
+    pub fn new(metrics_registry: &mut Registry) -> Self {
         let m = ApiMetrics {
             requests: Family::default(),
             durations: Family::new_with_constructor(duration_histogram),
         };
-        registry.register(
+        metrics_registry.register(
             "api_requests",
             "HTTP API requests answered, by route template, method and status code",
             m.requests.clone(),
         );
-        registry.register(
+        metrics_registry.register(
             "api_request_duration_seconds",
             "Time from an HTTP API request to its response head, by route template and \
              method (blocking queries include their wait; event streams end at their head)",

@@ -33,6 +33,7 @@ mod limit;
 mod metrics;
 pub mod model;
 mod sd;
+mod settings;
 mod traffic;
 mod ui;
 mod watch;
@@ -56,9 +57,10 @@ use tracing::Instrument;
 
 pub use error::ApiError;
 pub use metrics::ApiMetrics;
+pub use settings::ApiSettings;
 
+use crate::acl::AclSettings;
 use crate::catalog::Catalog;
-use crate::config::{AclSettings, ApiSettings};
 use crate::metrics::MetricsRegistry;
 
 /// Header carrying the catalog index of a response (for blocking queries).

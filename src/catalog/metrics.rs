@@ -36,23 +36,23 @@ impl CatalogMetrics {
 }
 
 impl CatalogMetrics {
-    pub(crate) fn register(&self, registry: &mut Registry, catalog: Catalog) {
-        registry.register(
+    pub(crate) fn register(&self, metrics_registry: &mut Registry, catalog: Catalog) {
+        metrics_registry.register(
             "registrations",
             "Successful registrations (new or renewed)",
             self.registrations.clone(),
         );
-        registry.register(
+        metrics_registry.register(
             "heartbeats",
             "Accepted heartbeats (lease renewals)",
             self.heartbeats.clone(),
         );
-        registry.register(
+        metrics_registry.register(
             "expiries",
             "Instances removed because their lease ran out",
             self.expiries.clone(),
         );
-        registry.register(
+        metrics_registry.register(
             "deregistrations",
             "Instances removed by deregistration",
             self.deregistrations.clone(),
@@ -63,13 +63,13 @@ impl CatalogMetrics {
                 .health_transitions
                 .get_or_create(&[("to", to.as_str())]);
         }
-        registry.register(
+        metrics_registry.register(
             "health_transitions",
             "Instances changing health (active checks), by the state they changed to",
             self.health_transitions.clone(),
         );
-        catalog.register_store_metrics(registry);
-        registry.register_collector(Box::new(InstanceCollector { catalog }));
+        catalog.register_store_metrics(metrics_registry);
+        metrics_registry.register_collector(Box::new(InstanceCollector { catalog }));
     }
 }
 

@@ -48,7 +48,10 @@ use crate::network::{NetworkError, PortPool, VipPool};
 use crate::protocol::{MAX_META, MAX_TAGS, MAX_VALUE_LEN};
 use crate::store::{Cluster, Expect, Persisted, Proposal, ProposeError, Store, StoreError};
 
-/// Settings the catalog needs; every default is in [`crate::config`].
+/// Settings the catalog needs. The server's configuration assembles them from the seed's
+/// `max_heartbeat_age` and `health_check_interval`, the lease limits (`min_ttl_ms`,
+/// `max_ttl_secs`, `max_instances`), `[network]` and `[registry] allowed_endpoint_cidrs`,
+/// whose defaults are written with those settings.
 #[derive(Debug, Clone)]
 pub struct CatalogSettings {
     /// VIP pool.
@@ -813,7 +816,7 @@ fn unix_now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn ms(d: Duration) -> u64 {
+fn as_millis_u64(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -867,7 +870,7 @@ impl Catalog {
         writer: Writer,
         node: Option<NodeId>,
     ) -> Result<Self, CatalogError> {
-        let mut vips = VipPool::new(settings.vip_cidr, ms(settings.vip_hold))?;
+        let mut vips = VipPool::new(settings.vip_cidr, as_millis_u64(settings.vip_hold))?;
         vips.set_probe_bind(settings.probe_vip_bind);
         let ports = PortPool::new(settings.port_range.clone())?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
@@ -1006,7 +1009,7 @@ impl Catalog {
             fixups.extend(ops);
         }
         // Every restored instance gets at least the grace to heartbeat again.
-        let grace = ctx.now_ms + ms(self.inner.settings.restart_grace);
+        let grace = ctx.now_ms + as_millis_u64(self.inner.settings.restart_grace);
         for i in st.instances.values() {
             i.lease.renew(grace);
         }
@@ -1230,19 +1233,19 @@ impl Catalog {
     }
 
     /// Registers the catalog's metrics (registrations, heartbeats, expiries,
-    /// deregistrations, instances per service and health) on `registry`.
-    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        self.inner.metrics.register(registry, self.clone());
+    /// deregistrations, instances per service and health) on `metrics_registry`.
+    pub fn register_metrics(&self, metrics_registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(metrics_registry, self.clone());
     }
 
     /// Registers the local store's own metrics, if it has any (the embedded store's
     /// fsync, batch and checkpoint figures).
     pub(crate) fn register_store_metrics(
         &self,
-        registry: &mut prometheus_client::registry::Registry,
+        metrics_registry: &mut prometheus_client::registry::Registry,
     ) {
         if let Writer::Local(store) = &self.inner.writer {
-            store.register_metrics(registry);
+            store.register_metrics(metrics_registry);
         }
     }
 
@@ -1288,7 +1291,7 @@ impl Catalog {
     /// The catalog clock: milliseconds since the catalog was created (tokio time, so
     /// paused-time tests control it). Lease deadlines are on this clock.
     pub fn now_ms(&self) -> u64 {
-        ms(self.inner.epoch.elapsed())
+        as_millis_u64(self.inner.epoch.elapsed())
     }
 
     /// Time left on an instance's lease.
@@ -1556,7 +1559,7 @@ impl Catalog {
     ) -> Result<Planned<(InstanceId, Option<Registered>)>, CatalogError> {
         let cluster = self.inner.node.is_some();
         let now = ctx.now_ms;
-        let deadline = now + ms(ttl);
+        let deadline = now + as_millis_u64(ttl);
         let live = st.services.get(name).cloned();
         let record = st.records.get(name).map(|(r, _)| r.clone());
         if let (Some(svc), Some(p)) = (&live, reg.service_port)
@@ -1699,8 +1702,8 @@ impl Catalog {
             weight,
             protocol,
             check: reg.check.clone(),
-            deregister_critical_after_ms: reg.deregister_critical_after.map(ms),
-            ttl_ms: ms(ttl),
+            deregister_critical_after_ms: reg.deregister_critical_after.map(as_millis_u64),
+            ttl_ms: as_millis_u64(ttl),
             owner_peer,
             pool_port,
             secret,
@@ -1777,7 +1780,7 @@ impl Catalog {
 
     fn renew(&self, inst: &Instance) {
         self.inner.metrics.heartbeats.inc();
-        let deadline = self.now_ms() + ms(inst.ttl);
+        let deadline = self.now_ms() + as_millis_u64(inst.ttl);
         inst.lease.renew(deadline);
         if let Writer::Local(store) = &self.inner.writer {
             store.renew(&inst.id, self.deadline_unix_ms(deadline));
@@ -2058,7 +2061,7 @@ impl crate::store::Replica for Catalog {
     }
 
     fn expired_holds(&self, held: Duration) -> Vec<ServiceRecord> {
-        self.dormant_services(self.now_ms().saturating_sub(ms(held)))
+        self.dormant_services(self.now_ms().saturating_sub(as_millis_u64(held)))
     }
 
     fn vip_hold(&self) -> Duration {
@@ -2077,8 +2080,8 @@ fn record_of(i: &Instance, ctx: &Ctx<'_>, health: Health) -> InstanceRecord {
         weight: i.weight,
         protocol: i.protocol,
         check: i.check.clone(),
-        deregister_critical_after_ms: i.deregister_critical_after.map(ms),
-        ttl_ms: ms(i.ttl),
+        deregister_critical_after_ms: i.deregister_critical_after.map(as_millis_u64),
+        ttl_ms: as_millis_u64(i.ttl),
         owner_peer: i.owner_peer,
         pool_port: i.pool_port,
         secret: i.secret.clone(),

@@ -287,8 +287,8 @@ async fn critical_instances_are_not_healthy() {
 #[tokio::test(start_paused = true)]
 async fn health_transitions_are_counted_once_per_change() {
     let c = catalog(60);
-    let mut registry = crate::metrics::new_registry();
-    c.register_metrics(&mut registry);
+    let mut metrics_registry = crate::metrics::new_registry();
+    c.register_metrics(&mut metrics_registry);
     let a = c.register(explicit("web", 8000)).await.unwrap();
     for h in [Health::Critical, Health::Critical, Health::Passing] {
         c.set_health(a.id.as_str(), h).await.unwrap();
@@ -296,7 +296,7 @@ async fn health_transitions_are_counted_once_per_change() {
     c.set_health("no-such-instance", Health::Critical)
         .await
         .unwrap();
-    let text = crate::metrics::MetricsRegistry::new(registry).encode();
+    let text = crate::metrics::MetricsRegistry::new(metrics_registry).encode();
     assert!(
         text.contains("netsel_health_transitions_total{to=\"critical\"} 1\n"),
         "{text}"

@@ -11,8 +11,8 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_server::zone_handler::MessageRequest;
 use ipnet::IpNet;
 
+use super::DnsSettings;
 use crate::catalog::{Instance, Service, Snapshot};
-use crate::config::DnsSettings;
 
 /// The largest UDP payload NetSel sends, whatever the client offers (the DNS flag day 2020
 /// value, which avoids IP fragmentation).

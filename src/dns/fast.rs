@@ -20,11 +20,17 @@ use hickory_proto::rr::RecordType;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::DnsSettings;
 use super::{DnsHandler, RawAnswer};
-use crate::config::DnsSettings;
 
 /// How often an idle worker checks for shutdown.
 const POLL: Duration = Duration::from_millis(200);
+/// Most UDP workers the default (`udp_workers = 0`) starts, on top of the crate's
+/// worker rule (`sys::worker_threads`). Unlike the proxies' workers, which each have a
+/// listening socket of their own (`SO_REUSEPORT`), these all read one shared UDP socket:
+/// one receive queue, so past a few threads more of them mostly wait on each other. An
+/// explicit `udp_workers` (up to 64) is not held to it.
+const DEFAULT_MAX_WORKERS: usize = 8;
 /// Largest query cached (longer ones carry options that make them unique anyway).
 const MAX_KEY: usize = 512;
 
@@ -38,7 +44,7 @@ pub(super) fn spawn(
     socket.set_nonblocking(false)?;
     socket.set_read_timeout(Some(POLL))?;
     let n = match settings.udp_workers {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+        0 => crate::sys::worker_threads(0).min(DEFAULT_MAX_WORKERS),
         n => n,
     };
     let rt = tokio::runtime::Handle::current();

@@ -50,18 +50,18 @@ impl Default for DnsMetrics {
 impl DnsMetrics {
     /// Registers the counters as `netsel_dns_queries_total{qtype,rcode}` and the latency
     /// histogram as `netsel_dns_query_duration_seconds`.
-    pub fn register(&self, registry: &mut Registry) {
-        registry.register(
+    pub fn register(&self, metrics_registry: &mut Registry) {
+        metrics_registry.register(
             "dns_queries",
             "DNS queries answered, by query type and response code",
             self.family.clone(),
         );
-        registry.register(
+        metrics_registry.register(
             "dns_tcp_refused_connections",
             "DNS-over-TCP connections closed at once because tcp_max_connections were open",
             self.tcp_refused.clone(),
         );
-        registry.register(
+        metrics_registry.register(
             "dns_query_duration_seconds",
             "Time from receiving a query to sending its answer (UDP fast path: to sending \
              the batch it arrived in)",

@@ -18,6 +18,7 @@ mod answer;
 pub(crate) mod fast;
 mod forward;
 mod metrics;
+mod settings;
 mod tcp;
 #[cfg(target_os = "linux")]
 use std::io;
@@ -42,9 +43,9 @@ use tokio_util::sync::CancellationToken;
 pub use answer::{MAX_UDP_PAYLOAD, Plan, Reply, Zone, ZoneError, plan};
 pub use forward::Forwarder;
 pub use metrics::DnsMetrics;
+pub use settings::DnsSettings;
 
 use crate::catalog::Catalog;
-use crate::config::DnsSettings;
 
 /// Answers DNS queries from the catalog. Cheap to clone.
 #[derive(Clone, Debug)]

@@ -7,6 +7,7 @@
 
 pub mod codec;
 mod rate;
+mod settings;
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,11 +26,11 @@ use tracing::Instrument;
 
 use crate::acl::{Acl, Caller};
 use crate::catalog::{Catalog, CatalogError, Endpoint, Registration};
-use crate::config::RegistryLimits;
 use crate::protocol::{
     self, Framing, ProtocolError, RegisterReply, Request, ResolvedInstance, Response,
 };
 use codec::{Decoded, Frame};
+pub use settings::RegistryLimits;
 
 /// How long to wait for the rest of a seed frame's NUL padding once its text has arrived.
 const PADDING_WAIT: Duration = Duration::from_millis(300);
@@ -44,10 +45,10 @@ pub struct RegistryMetrics {
 }
 
 impl RegistryMetrics {
-    /// Fresh counters, registered on `registry`.
-    pub fn new(registry: &mut prometheus_client::registry::Registry) -> Self {
+    /// Fresh counters, registered on `metrics_registry`.
+    pub fn new(metrics_registry: &mut prometheus_client::registry::Registry) -> Self {
         let m = RegistryMetrics::default();
-        registry.register(
+        metrics_registry.register(
             "registry_errors",
             "Line-protocol requests refused, by reason",
             m.errors.clone(),
@@ -106,7 +107,7 @@ pub async fn serve_with_metrics(
     metrics: RegistryMetrics,
     shutdown: CancellationToken,
 ) {
-    let acl = crate::config::AclSettings::default();
+    let acl = crate::acl::AclSettings::default();
     serve_with_acl(listener, catalog, limits, metrics, &acl, shutdown).await
 }
 
@@ -118,7 +119,7 @@ pub async fn serve_with_acl(
     catalog: Catalog,
     limits: RegistryLimits,
     metrics: RegistryMetrics,
-    acl: &crate::config::AclSettings,
+    acl: &crate::acl::AclSettings,
     shutdown: CancellationToken,
 ) {
     let acl = Arc::new(Acl::new(acl));

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use tokio::time::Instant;
 
-use crate::config::RegistryLimits;
+use super::RegistryLimits;
 
 /// Buckets kept before idle ones are pruned.
 const PRUNE_AT: usize = 10_000;

@@ -6,6 +6,8 @@
 //!   zero-copy path.
 //! * [`yield_cpu`], [`allowed_cpus`], [`pin_current_thread`], [`set_time_slice`],
 //!   [`time_slice_and_nice`]: the proxies' worker threads and their scheduling.
+//! * [`worker_threads`]: how many worker threads the proxies and the DNS fast path run
+//!   (no system call of its own, but the one place the rule is written).
 //! * [`kill`]: `netsel run` forwarding a signal to its child.
 //! * [`clock_ticks_per_sec`]: the unit of CPU times in `/proc` (the `process_*` metrics).
 //!
@@ -118,6 +120,29 @@ pub(crate) fn yield_cpu() {
     unsafe {
         libc::sched_yield();
     }
+}
+
+/// How many worker threads a part runs: the one rule for `[tcp_proxy] workers`,
+/// `[http_proxy] workers` and `[dns] udp_workers`.
+///
+/// * the setting, if it is not 0;
+/// * else `TOKIO_WORKER_THREADS`, if it is set to a whole number of at least 1;
+/// * else one per CPU (`std::thread::available_parallelism`, which honours the affinity
+///   mask and cgroup CPU quotas; 1 if it cannot tell).
+///
+/// A number from the environment or the CPU count is held to at most 1024, the most a
+/// setting may ask for. A part may add a limit of its own on top (the DNS fast path
+/// runs at most 8 by default, see `dns::fast`).
+pub(crate) fn worker_threads(setting: usize) -> usize {
+    if setting > 0 {
+        return setting;
+    }
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .min(1024)
 }
 
 /// The CPUs this process may run on (its affinity mask, which honours cpusets and
@@ -261,6 +286,13 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn worker_threads_takes_a_setting_as_is_and_otherwise_at_least_one() {
+        // TOKIO_WORKER_THREADS is left alone: tests run in parallel threads.
+        assert_eq!(worker_threads(3), 3);
+        assert!((1..=1024).contains(&worker_threads(0)));
+    }
 
     #[test]
     fn clock_ticks_per_sec_is_positive() {

@@ -394,10 +394,7 @@ impl HttpProxy {
 
 /// How many worker threads the proxy runs: the setting, or one per CPU.
 fn worker_count(settings: &HttpProxySettings) -> usize {
-    match settings.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
+    crate::sys::worker_threads(settings.workers)
 }
 
 /// Binds the proxy's listener on `addr`: with `SO_REUSEPORT` when it runs more than one

@@ -82,10 +82,10 @@ pub struct ServiceMetrics {
 }
 
 impl TcpProxyMetrics {
-    /// Fresh families, registered on `registry` when one is given.
-    pub fn new(registry: Option<&mut Registry>) -> Self {
+    /// Fresh families, registered on `metrics_registry` when one is given.
+    pub fn new(metrics_registry: Option<&mut Registry>) -> Self {
         let m = TcpProxyMetrics::default();
-        if let Some(r) = registry {
+        if let Some(r) = metrics_registry {
             let r = r.sub_registry_with_prefix("tcp_proxy");
             r.register(
                 "connections",

@@ -6,10 +6,10 @@ use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
 
-const INDEX_HTML: &str = include_str!("ui/index.html");
-const APP_JS: &str = include_str!("ui/app.js");
-const STYLE_CSS: &str = include_str!("ui/style.css");
-const FAVICON_SVG: &str = include_str!("ui/favicon.svg");
+const INDEX_HTML: &str = include_str!("index.html");
+const APP_JS: &str = include_str!("app.js");
+const STYLE_CSS: &str = include_str!("style.css");
+const FAVICON_SVG: &str = include_str!("favicon.svg");
 
 /// Everything the page may load comes from NetSel itself.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \

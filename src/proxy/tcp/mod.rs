@@ -27,6 +27,7 @@
 pub mod gateway;
 pub mod metrics;
 mod relay;
+mod settings;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod vip;
@@ -49,11 +50,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::catalog::{InstanceId, Service, ServiceName};
-use crate::config::TcpProxySettings;
 use crate::proxy::balance::{Balancer, Pick};
 use crate::proxy::listen;
 use gateway::GatewayError;
 use metrics::{ServiceMetrics, TcpProxyMetrics};
+pub use settings::{RelayMode, TcpProxySettings};
 
 /// Backlog of the VIP listeners (a burst of new connections waits here, not refused).
 /// Period of each worker's background timer (see `keep_timer_armed`): shorter than the
@@ -187,12 +188,12 @@ enum ConnectError {
 
 impl TcpProxy {
     /// A proxy balancing with `balancer`. `drain` is the most relays get after shutdown
-    /// begins. Its metrics are registered on `registry` when one is given.
+    /// begins. Its metrics are registered on `metrics_registry` when one is given.
     pub fn new(
         balancer: Arc<Balancer>,
         settings: TcpProxySettings,
         drain: Duration,
-        registry: Option<&mut Registry>,
+        metrics_registry: Option<&mut Registry>,
     ) -> TcpProxy {
         TcpProxy {
             shared: Arc::new(Shared {
@@ -200,7 +201,7 @@ impl TcpProxy {
                 slots: Arc::new(Semaphore::new(settings.max_connections)),
                 settings,
                 drain,
-                metrics: TcpProxyMetrics::new(registry),
+                metrics: TcpProxyMetrics::new(metrics_registry),
                 own: RwLock::new(OwnAddrs::default()),
                 vips: Mutex::new(VipTable::default()),
                 worker_stats: RwLock::new(Vec::new()),
@@ -652,19 +653,6 @@ async fn connect_to(endpoint: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// How many worker threads: the setting, else `TOKIO_WORKER_THREADS`, else one per CPU.
-fn worker_count(setting: usize) -> usize {
-    if setting > 0 {
-        return setting;
-    }
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .min(1024)
-}
-
 /// Starts the worker threads, each running a single-threaded runtime until `stop`.
 /// Returns the workers and one receiver per thread that resolves when it has ended. If no
 /// thread can be started, the calling runtime serves as the only worker.
@@ -672,7 +660,7 @@ async fn start_workers(
     shared: &Arc<Shared>,
     stop: &CancellationToken,
 ) -> (Vec<Arc<Worker>>, Vec<tokio::sync::oneshot::Receiver<()>>) {
-    let wanted = worker_count(shared.settings.workers);
+    let wanted = crate::sys::worker_threads(shared.settings.workers);
     let mut workers = Vec::with_capacity(wanted);
     let mut stopped = Vec::with_capacity(wanted);
     for n in 0..wanted {
@@ -761,6 +749,6 @@ fn serve_on_workers(
 pub fn bind_gateway(addr: SocketAddr, settings: &TcpProxySettings) -> io::Result<TcpListener> {
     TcpListener::from_std(listen::bind_first(
         addr,
-        worker_count(settings.workers) > 1,
+        crate::sys::worker_threads(settings.workers) > 1,
     )?)
 }
