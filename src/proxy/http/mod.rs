@@ -392,7 +392,8 @@ impl HttpProxy {
     }
 }
 
-/// How many worker threads the proxy runs: the setting, or one per CPU.
+/// How many worker threads the proxy runs: the setting, else the worker rule
+/// ([`crate::sys::worker_threads`]).
 fn worker_count(settings: &HttpProxySettings) -> usize {
     crate::sys::worker_threads(settings.workers)
 }

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct HttpProxySettings {
     /// Proxy threads, each with its own event loop, connections and upstream pool
-    /// (like nginx workers); 0 means one per CPU. Default 0.
+    /// (like nginx workers); 0 means the worker rule (`crate::sys::worker_threads`:
+    /// `TOKIO_WORKER_THREADS` if set, else one per CPU). Default 0.
     pub workers: usize,
     /// With at least as many workers as CPUs, bind worker `n` to the `n`-th CPU the
     /// process may use, so each stays on its own. Default true.
