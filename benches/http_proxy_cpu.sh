@@ -11,8 +11,12 @@
 # :19182 (new) with registries on :19180 / :19190. For each round and target: one
 # `wrk -t2 -c64 -d${SECS}s --latency` run; CPU is utime+stime of the proxy process (all
 # threads; the nginx worker) from /proc/PID/stat, divided by the requests served.
+# Every proxy runs WORKERS threads (default 1): nginx worker_processes, haproxy nbthread
+# and NetSel's `[http_proxy] workers` alike, so ratios are at equal threads; nginx's CPU is
+# summed over its workers.
 # Everything started is stopped by PID on exit.
 set -euo pipefail
+WORKERS=${WORKERS:-1}
 NEW=$(realpath "$1"); OLD=${2:+$(realpath "$2")}
 ROUNDS=${ROUNDS:-4}; SECS=${SECS:-4}
 W=$(mktemp -d /tmp/netsel-http-cpu.XXXXXX)
@@ -26,7 +30,7 @@ done
 nginx_conf() {  # $1 dir, $2 server block
   mkdir -p "$W/$1"
   cat > "$W/$1/nginx.conf" <<C
-worker_processes 1;
+worker_processes $WORKERS;
 pid $W/$1/nginx.pid;
 error_log $W/$1/error.log warn;
 events { worker_connections 8192; }
@@ -59,6 +63,7 @@ dns_addr = "127.0.0.1:0"
 api_addr = "127.0.0.1:0"
 [http_proxy]
 default_service = "bench"
+workers = $WORKERS
 [tcp_proxy]
 vip_listeners = false
 T
@@ -72,16 +77,21 @@ TARGETS=(nginx)
 [[ -n $OLD ]] && { start_netsel before "$OLD" 19180 19181; TARGETS+=(before); }
 start_netsel new "$NEW" 19190 19182; TARGETS+=(new)
 sleep 0.5
-PID[nginx]=$(pgrep -P "$NGINX_MASTER" | head -1); URL[nginx]=http://127.0.0.1:18181/
+PID[nginx]=nginx; URL[nginx]=http://127.0.0.1:18181/
 for t in "${TARGETS[@]}"; do curl -fsS --max-time 5 "${URL[$t]}" | grep -q 'backend ok'; done
 
 tick=$(getconf CLK_TCK)
-cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# utime+stime of a process, or of every nginx proxy worker for "nginx".
+cpu() {
+  if [[ $1 == nginx ]]; then
+    local c; for c in $(pgrep -P "$NGINX_MASTER"); do cat "/proc/$c/stat"; done | awk '{s+=$14+$15} END{print s}'
+  else awk '{print $14+$15}' "/proc/$1/stat"; fi
+}
 if [[ ${H2:-0} == 1 ]]; then
   mkdir -p "$W/haproxy"
   cat > "$W/haproxy/haproxy.cfg" <<C
 global
-    nbthread 1
+    nbthread $WORKERS
     maxconn 8000
 defaults
     mode http
@@ -115,9 +125,9 @@ C
 fi
 for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
-    a=$(awk '{print $14+$15}' "/proc/${PID[$t]}/stat")
+    a=$(cpu "${PID[$t]}")
     out=$(wrk -t2 -c64 -d"${SECS}s" --latency "${URL[$t]}")
-    b=$(awk '{print $14+$15}' "/proc/${PID[$t]}/stat")
+    b=$(cpu "${PID[$t]}")
     reqs=$(awk '/requests in/{print $1}' <<<"$out")
     rps=$(awk '/^Requests\/sec/{print $2}' <<<"$out")
     p99=$(awk '$1=="99%"{print $2}' <<<"$out")
