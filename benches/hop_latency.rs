@@ -25,6 +25,8 @@
 //! Output: `RESULT hop target=NAME rate=R p50_us=… p90_us=… p99_us=… p999_us=… max_us=…
 //! added_p50_us=… added_p99_us=… requests=N errors=E` over all rounds.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
