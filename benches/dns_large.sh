@@ -45,7 +45,9 @@
 #   MIX ("50 25 15 10" = A SRV PTR NX %), EDNS (0; 1 = dnsperf -e, answers up to 1232 B),
 #   FILL_CONNS (4), VIP_CIDR (127.77.0.0/16), VIP_LISTENERS (false: 10,000 services x
 #   workers listening sockets is many_services.sh's subject, and needs that many fds),
-#   STORE (memory | disk: a temp --data-dir), NICE (-10), NETSEL (target/release/netsel),
+#   STORE (memory | disk: a temp --data-dir), CACHE_ENTRIES (NetSel [dns] cache_entries,
+#   default NetSel's own, 16384 per UDP worker, cleared when full: the 10,000-service query
+#   file has ~40,000 distinct questions, the 1,000-service one ~13,000), NICE (-10), NETSEL (target/release/netsel),
 #   WORK (/tmp/netsel-dns-large).
 # Ports (127.0.0.1): NetSel 16401-16405, netsel-small 16411-16415, knot 16421, nsd 16422,
 #   unbound 16423.
@@ -53,7 +55,7 @@
 #   RESULT dns_large server=S services=N instances=M threads=T pin=P qps_median=Q
 #     avg_lat_ms_median=L qps_runs=a,b,c lost_runs=... rcodes=NOERROR:x%,NXDOMAIN:y%
 #     rss_kb=R (NetSel: rss_kb_empty, rss_kb_filled, rss_kb_after_load, hwm_kb,
-#     fill_secs, fill_per_s; peers: ready_secs = time to load the zone)
+#     fill_secs, fill_per_s, cache_entries; peers: ready_secs = time to load the zone)
 #   RESULT dns_large_ratio threads=T netsel_large_qps=.. netsel_small_qps=.. ratio=..
 # Raw outputs in $WORK/t<T>/<server>/dnsperf-<run>.txt.
 # Expected time at full scale: ~1 min fill and setup + 5 servers x RUNS x (DURATION+2) s
@@ -82,6 +84,7 @@ FILL_CONNS=${FILL_CONNS:-4}
 VIP_CIDR=${VIP_CIDR:-127.77.0.0/16}
 VIP_LISTENERS=${VIP_LISTENERS:-false}
 STORE=${STORE:-memory}
+CACHE_ENTRIES=${CACHE_ENTRIES:-}
 NETSEL=${NETSEL:-$PWD/target/release/netsel}
 WORK=${WORK:-/tmp/netsel-dns-large}
 ADDR=127.0.0.1
@@ -148,6 +151,7 @@ max_instances = 1000000
 vip_cidr = "$VIP_CIDR"
 [dns]
 udp_workers = $t
+$([[ -n $CACHE_ENTRIES ]] && echo "cache_entries = $CACHE_ENTRIES")
 [tcp_proxy]
 vip_listeners = $VIP_LISTENERS
 [api]
@@ -361,7 +365,7 @@ for t in $THREADS; do
     case $s in
       netsel|netsel-small)
         extra="services=${N_SVC[$s]} instances=${N_INST[$s]}"
-        mem="rss_kb_empty=${RSS_EMPTY[$s]} rss_kb_filled=${RSS_FILLED[$s]} rss_kb_after_load=$(rss_of "$pid") hwm_kb=$(hwm_of "$pid") ${FILLINFO[$s]} store=$STORE" ;;
+        mem="rss_kb_empty=${RSS_EMPTY[$s]} rss_kb_filled=${RSS_FILLED[$s]} rss_kb_after_load=$(rss_of "$pid") hwm_kb=$(hwm_of "$pid") ${FILLINFO[$s]} store=$STORE cache_entries=${CACHE_ENTRIES:-default}" ;;
       *) extra="services=$SERVICES instances=$INSTANCES"
          mem="rss_kb=$(rss_of "$pid") ready_secs=${READY[$s]}" ;;
     esac
