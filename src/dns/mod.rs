@@ -226,25 +226,50 @@ fn payload_limit(req: &MessageRequest, udp: bool) -> u16 {
     }
 }
 
-/// Encodes `reply` within `limit` bytes. A reply that does not fit is sent as header,
+/// How much of a reply fitted in the size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fit {
+    /// Every section.
+    All,
+    /// The answer and authority sections, without the additional records (the SRV
+    /// targets' addresses): not truncated, as they are not required data (RFC 2181 §9).
+    NoAdditionals,
+    /// Not even the answers: header, question and OPT with TC set.
+    Truncated,
+}
+
+/// Encodes `reply` within `limit` bytes. A reply that does not fit is sent without its
+/// additional records if that fits (as knot, nsd and unbound do), else as header,
 /// question and OPT with TC set (RFC 2181 §9: the client retries over TCP). Returns the
-/// bytes and whether it was truncated.
-pub(crate) fn encode(reply: &Reply, queries: &Queries, limit: u16) -> (Vec<u8>, bool) {
+/// bytes and how much fitted.
+pub(crate) fn encode(reply: &Reply, queries: &Queries, limit: u16) -> (Vec<u8>, Fit) {
     let mut buf = Vec::with_capacity(512);
-    {
+    for (additionals, fit) in [(true, Fit::All), (false, Fit::NoAdditionals)] {
+        if !additionals && reply.additionals.is_empty() {
+            break;
+        }
+        buf.clear();
+        // Encoded whole and measured, not with the encoder's size limit: hickory's check
+        // reserves room ahead and refuses records that would fit (a 500-byte answer was
+        // cut at 512).
         let mut enc = BinEncoder::new(&mut buf);
-        enc.set_max_size(limit);
+        let extra = if additionals {
+            &reply.additionals[..]
+        } else {
+            &[]
+        };
         let resp = MessageResponseBuilder::new(queries, reply.edns.as_ref()).build(
             reply.metadata,
             reply.answers.iter(),
             reply.authorities.iter(),
             std::iter::empty(),
-            reply.additionals.iter(),
+            extra.iter(),
         );
         if let Ok(info) = resp.destructive_emit(&mut enc)
             && !info.truncation
+            && buf.len() <= usize::from(limit)
         {
-            return (buf, false);
+            return (buf, fit);
         }
     }
     buf.clear();
@@ -269,7 +294,7 @@ pub(crate) fn encode(reply: &Reply, queries: &Queries, limit: u16) -> (Vec<u8>, 
         };
         let _ = hickory_proto::serialize::binary::BinEncodable::emit(&header, &mut enc);
     }
-    (buf, true)
+    (buf, Fit::Truncated)
 }
 
 #[async_trait::async_trait]
@@ -286,21 +311,29 @@ impl RequestHandler for DnsHandler {
                 let rcode = reply.metadata.response_code;
                 self.inner.metrics.record(Some(reply.qtype), rcode);
                 let builder = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref());
-                let truncated =
-                    udp && encode(&reply, &request.queries, payload_limit(request, udp)).1;
-                if truncated {
+                let fit = if udp {
+                    encode(&reply, &request.queries, payload_limit(request, udp)).1
+                } else {
+                    Fit::All
+                };
+                if fit == Fit::Truncated {
                     let mut md = reply.metadata;
                     md.truncation = true;
                     response_handle
                         .send_response(builder.build_no_records(md))
                         .await
                 } else {
+                    let extra = if fit == Fit::All {
+                        &reply.additionals[..]
+                    } else {
+                        &[]
+                    };
                     let resp = builder.build(
                         reply.metadata,
                         reply.answers.iter(),
                         reply.authorities.iter(),
                         std::iter::empty(),
-                        reply.additionals.iter(),
+                        extra.iter(),
                     );
                     response_handle.send_response(resp).await
                 }

@@ -307,6 +307,54 @@ async fn big_answers_truncate_over_udp_only() {
     }
 }
 
+/// Over UDP without EDNS (512 bytes), an SRV answer is sent whole, with its targets'
+/// addresses while they fit, without them once they do not (not truncated: they are not
+/// required data, RFC 2181 §9, as knot, nsd and unbound answer), and truncated only when
+/// the SRV records themselves do not fit.
+#[tokio::test]
+async fn glue_is_left_out_before_an_answer_is_truncated() {
+    let h = handler();
+    let raw = query("_grow._tcp.netsel.", RecordType::SRV)
+        .to_vec()
+        .unwrap();
+    let mut seen = (false, false, false);
+    for n in 1..=30u16 {
+        register(&h, "grow", &format!("127.0.2.{n}:{}", 9000 + n), &[]).await;
+        let bytes = ask_raw(&h, &raw, true).unwrap();
+        assert!(bytes.len() <= 512, "{n}: {} bytes", bytes.len());
+        let udp = Message::from_vec(&bytes).unwrap();
+        let whole = ask_raw(&h, &raw, false).unwrap();
+        let tcp = Message::from_vec(&whole).unwrap();
+        assert_eq!(tcp.answers.len(), usize::from(n));
+        // The same answers without the additional section: what must fit to avoid TC.
+        let mut bare = tcp.clone();
+        bare.additionals.clear();
+        let bare_len = bare.to_vec().unwrap().len();
+        if udp.metadata.truncation {
+            assert!(
+                bare_len > 512,
+                "{n}: truncated although {bare_len} bytes fit"
+            );
+            assert!(udp.answers.is_empty());
+            seen.2 = true;
+        } else {
+            assert_eq!(udp.answers, tcp.answers, "{n}: every SRV record");
+            if udp.additionals.is_empty() {
+                assert!(whole.len() > 512, "{n}: glue left out needlessly");
+                seen.1 = true;
+            } else {
+                assert_eq!(udp.additionals, tcp.additionals);
+                seen.0 = true;
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        (true, true, true),
+        "with glue, without glue, truncated"
+    );
+}
+
 #[tokio::test]
 async fn malformed_queries_never_panic() {
     let h = handler();
