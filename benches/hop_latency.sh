@@ -13,7 +13,10 @@
 #   bash benches/hop_latency.sh
 #   WORKERS=1 RATE=2000 DURATION=10 ROUNDS=3 bash benches/hop_latency.sh
 # Env: WORKERS (threads of every proxy and the backend, default one per CPU), RATE,
-#   DURATION, ROUNDS, CONNS (see benches/hop_latency.rs), NETSEL (the binary).
+#   DURATION, ROUNDS, CONNS (see benches/hop_latency.rs), NETSEL (the binary),
+#   VARIANT_B (`[http_proxy]` lines, e.g. "pin_workers = false": a second NetSel with
+#   them, target netsel-b on :19193, for an A/B of a setting in the same run), NETSEL_B
+#   (the binary of netsel-b, for an A/B of two builds; default NETSEL).
 # Output: `RESULT hop ...` lines, one per target; the first (direct) is the baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +25,7 @@ NETSEL=${NETSEL:-$PWD/target/release/netsel}
 W=${WORK:-/tmp/netsel-hop}
 [[ -x $NETSEL ]] || { echo "build first: cargo build --release" >&2; exit 2; }
 rm -rf "$W"; mkdir -p "$W"/{backend,nginx,haproxy}
-for p in 19180 19181 19182 19183 19184 19185 19186 19187; do
+for p in 19180 19181 19182 19183 19184 19185 19186 19187 19193 19194 19195 19196 19197; do
   ss -Hltn "sport = :$p" | grep -q . && { echo "port $p busy" >&2; exit 1; }
 done
 cargo bench --bench hop_latency --no-run -q 2>/dev/null || cargo bench --bench hop_latency --no-run
@@ -104,19 +107,36 @@ workers = $WORKERS
 vip_listeners = false
 CONF
 
+B=${VARIANT_B:-}${NETSEL_B:-}
+if [[ -n $B ]]; then
+  sed -e 's/19184/19194/; s/19183/19193/; s/19185/19195/; s/19186/19196/; s/19187/19197/' \
+    "$W/netsel.toml" > "$W/netsel-b.toml"
+  printf '%s\n' "$VARIANT_B" > "$W/variant-b.lines"
+  awk -v f="$W/variant-b.lines" '{print} /^\[http_proxy\]/{while((getline l < f)>0) print l}' \
+    "$W/netsel-b.toml" > "$W/netsel-b.tmp" && mv "$W/netsel-b.tmp" "$W/netsel-b.toml"
+fi
+
 nginx -p "$W/backend" -e "$W/backend/error.log" -c "$W/backend/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 nginx -p "$W/nginx" -e "$W/nginx/error.log" -c "$W/nginx/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 haproxy -db -f "$W/haproxy/haproxy.cfg" > "$W/haproxy/out.log" 2>&1 & PIDS+=($!)
 "$NETSEL" serve --in-memory --config "$W/netsel.toml" > "$W/netsel.log" 2>&1 & PIDS+=($!)
-for p in 19180 19181 19182 19183 19184; do wait_tcp $p; done
-exec 3<>/dev/tcp/127.0.0.1/19184
-printf 'REGISTER|bench|127.0.0.1:19180|ttl=86400s\n' >&3
-IFS= read -r reply <&3; exec 3<&- 3>&-
-[[ $reply == REGISTERED* ]] || { echo "register: $reply" >&2; exit 1; }
-for p in 19180 19181 19182 19183; do
+TARGETS="direct=127.0.0.1:19180 nginx=127.0.0.1:19181 haproxy=127.0.0.1:19182 netsel=127.0.0.1:19183"
+REGISTRIES=19184; PROXIES="19180 19181 19182 19183"
+if [[ -n $B ]]; then
+  "${NETSEL_B:-$NETSEL}" serve --in-memory --config "$W/netsel-b.toml" > "$W/netsel-b.log" 2>&1 & PIDS+=($!)
+  TARGETS="$TARGETS netsel-b=127.0.0.1:19193"; REGISTRIES="19184 19194"; PROXIES="$PROXIES 19193"
+fi
+for p in 19180 19181 19182 $PROXIES $REGISTRIES; do wait_tcp $p; done
+for r in $REGISTRIES; do
+  exec 3<>/dev/tcp/127.0.0.1/$r
+  printf 'REGISTER|bench|127.0.0.1:19180|ttl=86400s\n' >&3
+  IFS= read -r reply <&3; exec 3<&- 3>&-
+  [[ $reply == REGISTERED* ]] || { echo "register: $reply" >&2; exit 1; }
+done
+for p in $PROXIES; do
   curl -fsS --max-time 5 -H 'Host: bench' "http://127.0.0.1:$p/" | grep -q 'netsel peer backend ok' \
     || { echo "sanity failed on :$p" >&2; exit 1; }
 done
 echo "workers=$WORKERS backend=nginx :19180; proxies nginx :19181 haproxy :19182 netsel :19183"
-TARGETS="direct=127.0.0.1:19180 nginx=127.0.0.1:19181 haproxy=127.0.0.1:19182 netsel=127.0.0.1:19183" \
-  cargo bench -q --bench hop_latency 2>"$W/progress.log" | sed "s/\$/ workers=$WORKERS/"
+[[ -n $B ]] && echo "netsel-b: ${NETSEL_B:-$NETSEL} [http_proxy] ${VARIANT_B:-}"
+TARGETS="$TARGETS" cargo bench -q --bench hop_latency 2>"$W/progress.log" | sed "s/\$/ workers=$WORKERS/"
