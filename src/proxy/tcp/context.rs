@@ -2,7 +2,7 @@
 //! ([`Shared`]: balancer, settings, metrics, connection slots, its own addresses and the
 //! VIP listener table), one worker thread's ([`Worker`]: its runtime, relays and counts)
 //! and one listener's ([`Route`]: gateway or a VIP's service). `mod.rs`, `vip.rs` and
-//! `connection.rs` take these, so none of them reaches into another or into `mod.rs`.
+//! `connection.rs` all take these from here, so no file reaches into `mod.rs` for them.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
