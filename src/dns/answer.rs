@@ -11,7 +11,7 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_server::zone_handler::MessageRequest;
 use ipnet::IpNet;
 
-use super::DnsSettings;
+use super::settings::DnsSettings;
 use crate::catalog::{Instance, Service, Snapshot};
 
 /// The largest UDP payload NetSel sends, whatever the client offers (the DNS flag day 2020

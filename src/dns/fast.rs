@@ -20,8 +20,8 @@ use hickory_proto::rr::RecordType;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::DnsSettings;
-use super::{DnsHandler, RawAnswer};
+use super::handler::{DnsHandler, RawAnswer};
+use super::settings::DnsSettings;
 
 /// How often an idle worker checks for shutdown.
 const POLL: Duration = Duration::from_millis(200);

@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{DnsHandler, RawAnswer};
+use super::handler::{DnsHandler, RawAnswer};
 
 /// Kernel send buffer of a DNS-over-TCP connection, in bytes (the kernel doubles it).
 const SEND_BUFFER: usize = 64 * 1024;

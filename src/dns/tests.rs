@@ -4,9 +4,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler};
 
 use super::*;
-use crate::catalog::{Endpoint, Registration};
+use crate::catalog::{Catalog, Endpoint, Registration};
 use crate::config::Settings;
 
 fn settings() -> Settings {

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use tokio::time::Instant;
 
-use super::RegistryLimits;
+use super::settings::RegistryLimits;
 
 /// Buckets kept before idle ones are pruned.
 const PRUNE_AT: usize = 10_000;

@@ -16,8 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::RelayMode;
 use super::metrics::ServiceMetrics;
+use super::settings::RelayMode;
 
 /// User-space buffer per direction in `copy` mode.
 const COPY_BUFFER: usize = 64 * 1024;

@@ -19,7 +19,8 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{AffectedService, Route, Shared, VipRoute, Worker, serve_on_workers};
+use super::connection::serve_on_workers;
+use super::context::{AffectedService, Route, Shared, VipRoute, Worker};
 use crate::catalog::{Service, ServiceName};
 use crate::proxy::listen::{bind_listeners, bind_shared_listeners};
 
