@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::http::{self, HttpError, HttpRequest};
-use super::{ClientError, Resolution};
+use super::error::ClientError;
+use super::resolution::Resolution;
 use crate::protocol::{ProtocolError, Response};
 
 /// How long each blocking query waits on the server by default.
