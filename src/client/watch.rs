@@ -15,8 +15,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::http::{self, HttpError, HttpRequest};
 use super::error::ClientError;
+use super::http::{self, HttpError, HttpRequest};
 use super::resolution::Resolution;
 use crate::protocol::{ProtocolError, Response};
 
