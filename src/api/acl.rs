@@ -6,7 +6,8 @@ use axum::http::request::Parts;
 
 pub(crate) use crate::acl::{Acl, Caller};
 
-use super::{ApiError, ApiState};
+use super::error::ApiError;
+use super::state::ApiState;
 
 /// The API's refusals.
 pub(crate) trait Deny {

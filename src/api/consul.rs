@@ -34,9 +34,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::acl::Caller;
+use super::error::ApiError;
 use super::extract::{PathParam, percent_decode};
+use super::state::ApiState;
 use super::watch::{BlockingQuery, block};
-use super::{ApiError, ApiState};
 use crate::catalog::{
     Catalog, CatalogError, Endpoint, Health, Instance, InstanceId, Registration, Snapshot,
 };
@@ -1323,7 +1324,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let settings = api.inner.settings.clone();
-    super::serve_app(listener, router(api, addr), &settings, "consul", shutdown).await;
+    super::listener::serve_app(listener, router(api, addr), &settings, "consul", shutdown).await;
 }
 
 /// Renews the leases of instances registered through the Consul API without a TTL check

@@ -12,7 +12,13 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use serde::de::DeserializeOwned;
 
-use super::{ApiError, ApiState, INDEX_HEADER};
+use super::error::ApiError;
+use super::state::ApiState;
+
+/// Header carrying the catalog index of a response (for blocking queries).
+pub const INDEX_HEADER: &str = "x-netsel-index";
+/// Header carrying an instance secret on heartbeat and deregister.
+pub const SECRET_HEADER: &str = "x-netsel-secret";
 
 /// A JSON body of type `T`: 415 unless `application/json`, 413 past the size limit, and
 /// 400 naming the offending field.

@@ -11,13 +11,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::acl::{Caller, Deny as _};
-use super::extract::{JsonBody, PathParam, QueryMap, index_header};
+use super::error::ApiError;
+use super::extract::{JsonBody, PathParam, QueryMap, SECRET_HEADER, index_header};
 use super::model::{
     HealthView, HeartbeatResponse, InstanceView, RegisterRequest, RegisterResponse, SecretBody,
     ServiceList, ServiceView,
 };
+use super::state::ApiState;
 use super::watch::{BlockingQuery, block};
-use super::{ApiError, ApiState, SECRET_HEADER};
 use crate::catalog::{Endpoint, Registration};
 use crate::protocol::{AppProtocol, Response as LineResponse};
 

@@ -23,142 +23,48 @@
 //! | `GET /ui/` | the live dashboard |
 //!
 //! [`consul`] serves a Consul-compatible API on its own listener over the same state.
+//!
+//! Files: this one declares the others, re-exports the public items and holds the
+//! router and [`serve`]. What the handlers share is in `state.rs` ([`ApiState`]),
+//! `extract.rs` (extractors, headers) and `error.rs`; rate limiting in `limit.rs` (its
+//! buckets in `bucket.rs`); the server loop, shared with [`consul`], in `listener.rs`. No
+//! file imports from `mod.rs`, and no two files import each other.
 
 mod acl;
+mod bucket;
 pub mod consul;
 mod error;
 mod extract;
 mod handlers;
 mod limit;
+mod listener;
 mod metrics;
 pub mod model;
 mod sd;
 mod settings;
+mod state;
 mod traffic;
 mod ui;
 mod watch;
 
-use std::sync::Arc;
-
-use std::time::Duration;
-
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit};
+use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post, put};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder as AutoBuilder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub use error::ApiError;
+pub use extract::{INDEX_HEADER, SECRET_HEADER};
 pub use metrics::ApiMetrics;
 pub use settings::ApiSettings;
+pub use state::ApiState;
 
-use crate::acl::AclSettings;
-use crate::catalog::Catalog;
-use crate::metrics::MetricsRegistry;
-
-/// Header carrying the catalog index of a response (for blocking queries).
-pub const INDEX_HEADER: &str = "x-netsel-index";
-/// Header carrying an instance secret on heartbeat and deregister.
-pub const SECRET_HEADER: &str = "x-netsel-secret";
+use listener::serve_app;
 
 /// The OpenAPI document of this API.
 pub const OPENAPI_YAML: &str = include_str!("../../docs/openapi.yaml");
-
-/// What every handler shares. Cheap to clone.
-#[derive(Clone)]
-pub struct ApiState {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    catalog: Catalog,
-    metrics: Option<MetricsRegistry>,
-    requests: Option<ApiMetrics>,
-    settings: ApiSettings,
-    acl: acl::Acl,
-    limiter: limit::RateLimiter,
-    streams: Arc<Semaphore>,
-    shutdown: CancellationToken,
-    /// The traffic series, when the server samples its proxies.
-    traffic: Option<crate::traffic::Traffic>,
-    /// The DNS domain without dots (`netsel`), for the names the UI shows.
-    dns_domain: String,
-}
-
-impl std::fmt::Debug for ApiState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiState")
-            .field("settings", &self.inner.settings)
-            .field("acl", &self.inner.acl.enabled())
-            .finish()
-    }
-}
-
-impl ApiState {
-    /// State over `catalog`. `metrics` is served at `/metrics` when given; `shutdown`
-    /// ends blocking queries and event streams, and turns readiness off.
-    pub fn new(
-        catalog: Catalog,
-        settings: &ApiSettings,
-        acl: &AclSettings,
-        metrics: Option<MetricsRegistry>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        ApiState {
-            inner: Arc::new(Inner {
-                catalog,
-                metrics,
-                requests: None,
-                settings: settings.clone(),
-                acl: acl::Acl::new(acl),
-                limiter: limit::RateLimiter::new(
-                    settings.rate_limit_per_sec,
-                    settings.rate_limit_burst,
-                ),
-                streams: Arc::new(Semaphore::new(settings.max_event_streams)),
-                shutdown,
-                traffic: None,
-                dns_domain: "netsel".into(),
-            }),
-        }
-    }
-
-    fn configure(&mut self) -> &mut Inner {
-        Arc::get_mut(&mut self.inner).expect("an ApiState is configured before it is cloned")
-    }
-
-    /// Serves `traffic` at `/v1/traffic` (without it, the endpoint answers an empty set).
-    pub fn with_traffic(mut self, traffic: crate::traffic::Traffic) -> Self {
-        self.configure().traffic = Some(traffic);
-        self
-    }
-
-    /// The DNS domain services are named under (default `netsel`), shown by the UI.
-    pub fn with_dns_domain(mut self, domain: &str) -> Self {
-        self.configure().dns_domain = domain.trim_matches('.').to_ascii_lowercase();
-        self
-    }
-}
-
-impl ApiState {
-    /// Counts and times every request of [`router`] on `metrics`
-    /// (`netsel_api_requests_total`, `netsel_api_request_duration_seconds`). Call before
-    /// the state is cloned.
-    pub fn with_request_metrics(mut self, metrics: ApiMetrics) -> Self {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.requests = Some(metrics),
-            None => tracing::warn!("API request metrics set on a shared state: ignored"),
-        }
-        self
-    }
-}
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such path".into())
@@ -227,66 +133,4 @@ pub fn router(state: ApiState) -> Router {
 pub async fn serve(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
     let settings = state.inner.settings.clone();
     serve_app(listener, router(state), &settings, "api", shutdown).await;
-}
-
-/// Serves `app` on `listener` with the API's bounds (`settings`: connection limit, header
-/// and write timeouts, graceful shutdown): the API's own listener and the
-/// Consul-compatible one.
-pub(crate) async fn serve_app(
-    listener: TcpListener,
-    app: Router,
-    settings: &ApiSettings,
-    what: &'static str,
-    shutdown: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
-    let header_timeout = Duration::from_millis(settings.header_read_timeout_ms);
-    let write_timeout = Duration::from_millis(settings.write_timeout_ms);
-    let graceful = GracefulShutdown::new();
-    let mut builder = AutoBuilder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let mut acceptor = crate::accept::Acceptor::new(listener, what);
-    loop {
-        // A free slot first: beyond the cap, clients wait in the listen backlog.
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let Some((stream, peer)) = acceptor.next(&shutdown).await else {
-            break;
-        };
-        let _ = stream.set_nodelay(true);
-        // Silent clients and clients that never read must not keep their slot.
-        let io = crate::stall::StallGuard::new(stream, write_timeout)
-            .with_preface_deadline(header_timeout);
-        let app = app.clone();
-        let service =
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let mut app = app.clone();
-                tower_service::Service::call(&mut app, req.map(axum::body::Body::new))
-            });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(
-            async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, listener = what, "connection ended");
-                }
-                drop(permit);
-            }
-            .instrument(tracing::debug_span!("http", listener = what, %peer)),
-        );
-    }
-    drop(acceptor);
-    graceful.shutdown().await;
 }

@@ -23,8 +23,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::acl::{Caller, Deny as _};
+use super::error::ApiError;
 use super::extract::{QueryMap, index_header};
-use super::{ApiError, ApiState};
+use super::state::ApiState;
 
 /// One Prometheus target group.
 #[derive(Debug, Serialize)]

@@ -10,8 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::acl::{Caller, Deny};
+use super::error::ApiError;
 use super::extract::QueryMap;
-use super::{ApiError, ApiState};
+use super::state::ApiState;
 use crate::traffic::SeriesView;
 
 /// The answer.

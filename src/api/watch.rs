@@ -14,7 +14,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use super::acl::{Caller, Deny as _};
-use super::{ApiError, ApiState};
+use super::error::ApiError;
+use super::state::ApiState;
 use crate::catalog::{Change, Snapshot};
 
 /// Default `wait` of a blocking query (Consul's).

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::ClientError;
+use super::error::ClientError;
 use crate::protocol::ResolvedInstance;
 
 /// NetSel's default DNS domain.

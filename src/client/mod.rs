@@ -30,9 +30,15 @@
 //! [`dns_resolve`] finds a service through NetSel's DNS server instead of the registry:
 //! its VIP (`NAME.netsel.` A/AAAA) and healthy instances (`_NAME._tcp.netsel.` SRV).
 
+// What the other files share (`error.rs`: `ClientError`; `resolution.rs`: `Resolution`)
+// is in files of its own, so none of them imports from this one.
+mod error;
 pub mod http;
+mod resolution;
 pub mod watch;
 
+pub use error::ClientError;
+pub use resolution::Resolution;
 pub use watch::{ServiceWatch, watch};
 
 use std::collections::BTreeMap;
@@ -62,42 +68,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest answer line the client accepts (a RESOLVE of a large service).
 const MAX_RESPONSE: u64 = 4 * 1024 * 1024;
-
-/// Why a client call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Network trouble talking to every registry tried.
-    #[error("registry unreachable: {0}")]
-    Io(#[from] io::Error),
-    /// The registry did not answer in time.
-    #[error("registry did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The registry answered `FAILED|<reason>` (or `HEARTBEAT_FAILED`).
-    #[error("registry refused: {0}")]
-    Rejected(String),
-    /// No such service.
-    #[error("unknown service {0}")]
-    UnknownService(String),
-    /// Heartbeat or deregister before a successful register.
-    #[error("not registered")]
-    NotRegistered,
-    /// The registry's answer did not parse.
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-}
-
-/// What RESOLVE returns: the service's VIP and port and its healthy instances.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resolution {
-    /// Canonical service name.
-    pub name: String,
-    /// Service VIP.
-    pub vip: IpAddr,
-    /// Service port on the VIP.
-    pub service_port: u16,
-    /// Healthy instances.
-    pub instances: Vec<ResolvedInstance>,
-}
 
 #[derive(Debug, Clone)]
 enum Mode {

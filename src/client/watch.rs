@@ -15,8 +15,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::error::ClientError;
 use super::http::{self, HttpError, HttpRequest};
-use super::{ClientError, Resolution};
+use super::resolution::Resolution;
 use crate::protocol::{ProtocolError, Response};
 
 /// How long each blocking query waits on the server by default.
