@@ -65,10 +65,13 @@ fn code_of(text: &str) -> String {
 /// `a::{b, c::{d, e}}` → `a::b`, `a::c::d`, `a::c::e`.
 fn expand(tree: &str) -> Vec<String> {
     let tree: String = tree.chars().filter(|c| !c.is_whitespace()).collect();
-    let Some(open) = tree.find('{') else {
+    let (Some(open), Some(close)) = (tree.find('{'), tree.rfind('}')) else {
         return vec![tree];
     };
-    let (prefix, rest) = (&tree[..open], &tree[open + 1..tree.rfind('}').unwrap_or(tree.len())]);
+    if close < open {
+        return vec![tree];
+    }
+    let (prefix, rest) = (&tree[..open], &tree[open + 1..close]);
     let (mut parts, mut depth, mut cur) = (Vec::new(), 0, String::new());
     for c in rest.chars() {
         match c {
@@ -139,19 +142,30 @@ fn edges(all: &BTreeMap<Module, String>) -> BTreeMap<Module, BTreeSet<Module>> {
     for (module, text) in all {
         let code = code_of(text);
         let mut deps = BTreeSet::new();
-        // `use` trees.
-        let mut rest = code.as_str();
-        while let Some(i) = rest.find("use ") {
-            let before = rest[..i].chars().last();
-            rest = &rest[i + 4..];
-            if before.is_some_and(is_ident) {
-                continue;
+        // `use` trees: statements that start a line (`use`, `pub use`, `pub(crate) use`).
+        let lines: Vec<&str> = code.lines().collect();
+        let mut k = 0;
+        while k < lines.len() {
+            let line = lines[k].trim_start();
+            let after_vis = line
+                .strip_prefix("pub ")
+                .or_else(|| {
+                    line.strip_prefix("pub(")
+                        .and_then(|l| Some(l.split_once(") ")?.1))
+                })
+                .unwrap_or(line);
+            if let Some(tree) = after_vis.strip_prefix("use ") {
+                let mut stmt = tree.to_string();
+                while !stmt.contains(';') && k + 1 < lines.len() {
+                    k += 1;
+                    stmt.push_str(lines[k]);
+                }
+                let stmt = stmt.split(';').next().unwrap_or("");
+                for path in expand(stmt) {
+                    deps.extend(target(module, &path, all));
+                }
             }
-            let end = rest.find(';').unwrap_or(rest.len());
-            for path in expand(&rest[..end]) {
-                deps.extend(target(module, &path, all));
-            }
-            rest = &rest[end..];
+            k += 1;
         }
         // Paths in code: `crate::a::b`, `super::x`, `child::x`.
         let bytes: Vec<char> = code.chars().collect();
@@ -163,7 +177,8 @@ fn edges(all: &BTreeMap<Module, String>) -> BTreeMap<Module, BTreeSet<Module>> {
                     j += 1;
                 }
                 let path: String = bytes[i..j].iter().collect();
-                if path.contains("::") {
+                // `a::{…}` and `a::*` are `use` trees, read above.
+                if path.contains("::") && !path.ends_with("::") {
                     deps.extend(target(module, &path, all));
                 }
                 i = j;
