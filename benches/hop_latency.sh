@@ -111,7 +111,7 @@ B=${VARIANT_B:-}${NETSEL_B:-}
 if [[ -n $B ]]; then
   sed -e 's/19184/19194/; s/19183/19193/; s/19185/19195/; s/19186/19196/; s/19187/19197/' \
     "$W/netsel.toml" > "$W/netsel-b.toml"
-  printf '%s\n' "$VARIANT_B" > "$W/variant-b.lines"
+  printf '%s\n' "${VARIANT_B:-}" > "$W/variant-b.lines"
   awk -v f="$W/variant-b.lines" '{print} /^\[http_proxy\]/{while((getline l < f)>0) print l}' \
     "$W/netsel-b.toml" > "$W/netsel-b.tmp" && mv "$W/netsel-b.tmp" "$W/netsel-b.toml"
 fi
