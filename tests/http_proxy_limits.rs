@@ -155,6 +155,17 @@ async fn read_resp(
     read(r.unwrap()).await
 }
 
+/// A GET on a held connection, answered 200.
+async fn get_ok(tx: &mut hyper::client::conn::http1::SendRequest<Body>) {
+    let (status, _, _) = read(
+        tx.send_request(req("GET", "web", "/", empty()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn connection_cap_holds_extra_clients_back() {
     let p = start_with(|s| s.http_proxy.max_connections = 2).await;
@@ -163,13 +174,7 @@ async fn connection_cap_holds_extra_clients_back() {
     let mut a = h1(p.http).await;
     let mut b = h1(p.http).await;
     for tx in [&mut a, &mut b] {
-        let (status, _, _) = read(
-            tx.send_request(req("GET", "web", "/", empty()))
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
+        get_ok(tx).await;
     }
     // A third client's request waits, unread, while the two hold both slots...
     let addr = p.http;
@@ -184,13 +189,7 @@ async fn connection_cap_holds_extra_clients_back() {
     .await;
     // ...and stays unread while the proxy goes on serving the first two.
     for tx in [&mut a, &mut b] {
-        let (status, _, _) = read(
-            tx.send_request(req("GET", "web", "/", empty()))
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
+        get_ok(tx).await;
     }
     assert_eq!(
         common::unread_bytes(addr, client),
