@@ -17,22 +17,20 @@
 //! ([`Placement::slice`], `sched_slice_us`; EEVDF, Linux 6.12 and later). The scheduler
 //! then lets a worker that wakes up preempt sooner, and preempts it sooner when a client
 //! or an instance on its CPU wakes up, instead of letting either wait out the default
-//! slice (1.4 ms on 2 CPUs). On 2 CPUs shared with wrk and nginx, 100 µs took the HTTP
-//! proxy's wrk p99 from 1.03–1.21 ms to 0.89–0.93 ms (haproxy 0.93–1.24 ms in the same
-//! rounds) for under 1 % of throughput, and gave the TCP proxy 1.5–5 % more connections
-//! per second (BENCHMARKS.md).
+//! slice (1.4 ms on 2 CPUs). What that buys and costs was measured on 2 CPUs shared with
+//! the load generator and the instances: docs/benchmarks-history.md ("HTTP proxy",
+//! "TCP proxy") has the figures.
 
 use crate::sys::{allowed_cpus, pin_current_thread, set_time_slice};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 /// How long a worker may run without blocking before it lets others on its CPU go
-/// first, by how the workers sit on the CPUs. Measured on 2 CPUs shared with the load
-/// generator and the instances (BENCHMARKS.md, "HTTP proxy"): one worker per CPU, each
-/// bound to its own, needs this only for the rare long run (1 ms keeps p99 at haproxy's
-/// with full throughput; 100 µs costs 5-10 %); a worker that has a CPU to share with
-/// everything else (fewer workers than CPUs, or unbound) needs it often (100 µs took
-/// its p99 from 3 ms to 0.8 ms; 250 µs and more did not help).
+/// first, by how the workers sit on the CPUs: one worker per CPU, each bound to its own,
+/// needs this only for the rare long run (a short value costs throughput); a worker that
+/// has a CPU to share with everything else (fewer workers than CPUs, or unbound) needs it
+/// often. Both values were measured on 2 CPUs shared with the load generator and the
+/// instances (docs/benchmarks-history.md, "HTTP proxy").
 fn share_after(pinned: bool) -> Duration {
     if pinned {
         Duration::from_millis(1)
