@@ -273,12 +273,16 @@ async fn register_heartbeats_in_the_foreground_and_deregisters_on_ctrl_c() {
     assert_eq!(inst.tags, ["x"]);
     assert_eq!(inst.meta["k"], "v");
     assert_eq!(inst.endpoint.port(), 8123);
-    // A 1 s lease survives well past its TTL: it is heartbeated.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(
-        catalog.snapshot().instance(inst.id.as_str()).is_some(),
-        "lease lapsed"
-    );
+    // A 1 s lease survives well past its TTL: it is renewed after the first one would
+    // have ended (a deadline 1.5 s past the first means a heartbeat 0.5 s after it).
+    let first = inst.lease().deadline_ms();
+    eventually("the lease renewed past its first deadline", || {
+        catalog
+            .snapshot()
+            .instance(inst.id.as_str())
+            .is_some_and(|i| i.lease().deadline_ms() > first + 1500)
+    })
+    .await;
     signal(&child, "INT");
     let (code, out) = wait_exit(child).await;
     assert_eq!(code, 0, "{out}");

@@ -622,7 +622,14 @@ async fn killing_the_etcd_leader_under_load_loses_no_acknowledged_registration()
     )
     .await;
     etcd.restart(leader);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Registrations go on with the old leader back in the cluster.
+    let acked_at_restart = history.lock().unwrap().acks.len();
+    until(
+        Duration::from_secs(10),
+        "registrations go on after the restart",
+        || async { history.lock().unwrap().acks.len() >= acked_at_restart + 50 },
+    )
+    .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();

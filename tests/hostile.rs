@@ -14,6 +14,8 @@
 #[path = "http_proxy_support/mod.rs"]
 mod support;
 
+use support::common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -657,8 +659,22 @@ async fn flood(h: &Harness, l: Listener) {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Give any connection admitted past the cap a moment to show it was served.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // On the HTTP listeners, the rest must be waiting unserved: the kernel's accept
+        // queue holds every one of them (one taken past the cap would leave it short),
+        // but for the one the HTTP proxy's single worker has accepted and holds until a
+        // slot frees (it accepts first, then waits: `HttpProxy::run_worker`).
+        if backlog {
+            let held = usize::from(l == Listener::Http);
+            let queued = (HOSTILE - free - held) as u64;
+            while common::accept_queue(addr) != queued {
+                assert!(
+                    Instant::now() < deadline,
+                    "flood: {} in the accept queue, not {queued}",
+                    common::accept_queue(addr)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         // Counted now: once the held connections go, the waiting ones get their turn.
         let outcome = (
             served2.load(Ordering::SeqCst),

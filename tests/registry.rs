@@ -160,12 +160,24 @@ async fn heartbeat_handle_keeps_alive_and_reregisters_after_registry_restart() {
     let (vip, _) = client.register().await.unwrap();
     let first_id = client.instance_id().unwrap();
     let handle = client.start_heartbeats();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        resolve_count(addr, "phoenix").await,
-        Some(1),
+    // Kept alive past the TTL: the lease is renewed after the first one would have ended
+    // (a deadline 1.5 s past the first means a heartbeat 0.5 s after it).
+    let catalog = server.catalog().unwrap();
+    let lease = |c: &netsel::catalog::Catalog| {
+        c.snapshot()
+            .instance(first_id.as_str())
+            .map(|i| i.lease().deadline_ms())
+    };
+    let first = lease(&catalog).expect("registered");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let now = lease(&catalog);
+            async move { now.is_some_and(|d| d > first + 1500) }
+        })
+        .await,
         "kept alive past the TTL"
     );
+    assert_eq!(resolve_count(addr, "phoenix").await, Some(1));
 
     // The registry restarts with no state, on the same address.
     server.shutdown().await;

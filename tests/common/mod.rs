@@ -180,6 +180,35 @@ pub fn unread_bytes(server: SocketAddr, client: SocketAddr) -> Option<u64> {
     })
 }
 
+/// Connections waiting in the accept queues of the sockets listening on `listener`
+/// (summed over an `SO_REUSEPORT` group), from `/proc/net/tcp`, where a listening
+/// socket's receive queue is its accept queue. A server that holds clients in the
+/// backlog (a connection cap applied before `accept`) shows them here, not accepted.
+/// IPv4 only.
+pub fn accept_queue(listener: SocketAddr) -> u64 {
+    let SocketAddr::V4(v4) = listener else {
+        panic!("accept_queue reads /proc/net/tcp: IPv4 only");
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // sl local remote st tx_queue:rx_queue …; st 0A is LISTEN.
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(1)? != &local || f.get(3)? != &"0A" {
+                return None;
+            }
+            u64::from_str_radix(f.get(4)?.split_once(':')?.1, 16).ok()
+        })
+        .sum()
+}
+
 /// Sends signal `sig` ("TERM", "-STOP", "SIGKILL", …) to process `pid` with kill(2);
 /// false if no such process.
 ///
