@@ -736,6 +736,17 @@ async fn prometheus_sd_lists_healthy_instances_with_labels_and_filters() {
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
     }
+    // An instance whose check has not passed (none runs here) is not a target.
+    let r = api
+        .send(
+            "POST",
+            "/v1/instances",
+            json!({"name": "web", "address": "127.0.0.1", "port": 8004, "tags": ["v1"],
+                   "check": {"type": "tcp"}}),
+            &[ops],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
     let sd = async |query: &str, auth: &[(&str, &str)]| {
         api.send(
             "GET",

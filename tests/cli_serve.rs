@@ -129,6 +129,55 @@ async fn serve_registers_expires_and_stops_on_sigterm() {
 
 /// SIGHUP does not kill the server: it says it ignores the signal and goes on serving; the
 /// last log line after SIGTERM says it stopped.
+/// Starts `netsel serve` with `args`, its stderr in `log`, and waits for `ready`; the
+/// child's stdout comes back open, so that nothing it prints later meets a closed pipe.
+fn serve_logged(args: &[String], log: &tempfile::NamedTempFile) -> (Child, BufReader<ChildStdout>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while lines.read_line(&mut line).unwrap() > 0 && line.trim() != "ready" {
+        line.clear();
+    }
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "{}",
+        std::fs::read_to_string(log.path()).unwrap()
+    );
+    (child, lines)
+}
+
+#[test]
+fn acls_off_beyond_loopback_are_warned_about_at_start_up() {
+    const WARNING: &str = "ACLs are off and these listen beyond loopback";
+    // The registry on every address (as the seed's default), ACLs off: warned, naming it.
+    let mut args = serve_args(&[]);
+    let at = args.iter().position(|a| a == "--registry-addr").unwrap();
+    args[at + 1] = "0.0.0.0:0".into();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (mut child, _out) = serve_logged(&args, &log);
+    assert!(common::signal(child.id(), "-TERM"));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let warned: Vec<&str> = text.lines().filter(|l| l.contains(WARNING)).collect();
+    assert_eq!(warned.len(), 1, "{text}");
+    assert!(warned[0].contains("registry on 0.0.0.0:"), "{}", warned[0]);
+    assert!(!warned[0].contains("api on"), "{}", warned[0]);
+    // Everything on loopback: nothing to warn about.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (mut child, _out) = serve_logged(&serve_args(&[]), &log);
+    assert!(common::signal(child.id(), "-TERM"));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert!(!text.contains(WARNING), "{text}");
+}
+
 #[test]
 fn sighup_is_logged_and_ignored_and_the_last_line_says_stopped() {
     let log = tempfile::NamedTempFile::new().unwrap();
@@ -201,7 +250,12 @@ fn wait_in_file(path: &std::path::Path, needle: &str) -> String {
 fn json_logs_carry_the_audit_trail_and_never_a_secret() {
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
-        .args(serve_args(&["--log-format", "json"]))
+        .args(serve_args(&[
+            "--log-format",
+            "json",
+            "--health-check-interval",
+            "1",
+        ]))
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(log.reopen().unwrap())
@@ -234,6 +288,15 @@ fn json_logs_carry_the_audit_trail_and_never_a_secret() {
         "HEARTBEAT_OK"
     );
     assert_eq!(ask(&format!("DEREGISTER|{gone}|{gone_secret}")), "OK");
+    // A checked instance: its check passes while this listener is up, then fails.
+    let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = up.local_addr().unwrap().port();
+    let (checked, _) = fields(&ask(&format!(
+        "REGISTER|audited|127.0.0.1:{port}|ttl=60s|check=tcp"
+    )));
+    wait_in_file(log.path(), "instance health changed");
+    drop(up);
+    wait_in_file(log.path(), "connection refused");
     // The first instance stops heartbeating: its lease runs out.
     wait_in_file(log.path(), "instance expired");
     out.signal("TERM");
@@ -260,6 +323,18 @@ fn json_logs_carry_the_audit_trail_and_never_a_secret() {
     assert!(audit("instance registered", &gone), "{text}");
     assert!(audit("instance deregistered", &gone), "{text}");
     assert!(audit("instance expired", &kept), "{text}");
+    // Health changes say to what and why.
+    let changed = |health: &str, why: &str| {
+        lines.iter().any(|l| {
+            l["target"] == "netsel::audit"
+                && l["instance"] == checked.as_str()
+                && l["message"] == "instance health changed"
+                && l["health"] == health
+                && l["check"].as_str().unwrap_or("").contains(why)
+        })
+    };
+    assert!(changed("passing", ""), "{text}");
+    assert!(changed("critical", "connection refused"), "{text}");
     let started = lines
         .iter()
         .find(|l| l["message"] == "NetSel started")

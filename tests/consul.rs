@@ -534,6 +534,24 @@ async fn registrations_are_read_like_consul_and_refused_with_reasons() {
     assert_eq!(pluck(&body(&r), "/Service/ID"), ["shop-a"]);
     assert_eq!(pluck(&body(&r)[0]["Checks"], "/CheckID"), ["serfHealth"]);
 
+    // A TCP check becomes NetSel's tcp check (to the instance's own endpoint); nothing
+    // has checked it yet, so it is critical and left out of `passing`.
+    let r = put(
+        &s,
+        "/v1/agent/service/register",
+        json!({"Name": "cart", "ID": "cart-a", "Address": "127.0.0.1", "Port": 8445,
+               "Check": {"TCP": "127.0.0.1:8445", "Interval": "10s"}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(s.api, HttpRequest::new("GET", "/v1/services/cart")).await;
+    assert_eq!(body(&r)["instances"][0]["check"], json!({"type": "tcp"}));
+    let r = get(&s, "/v1/health/service/cart").await;
+    assert_eq!(body(&r)[0]["Checks"][1]["Type"], "tcp");
+    assert_eq!(body(&r)[0]["Checks"][1]["Status"], "critical");
+    let r = get(&s, "/v1/health/service/cart?passing").await;
+    assert_eq!(body(&r), json!([]));
+
     // Refusals: 400 with a reason.
     for (bad, why) in [
         (json!({"Port": 1}), "name"),
@@ -554,6 +572,10 @@ async fn registrations_are_read_like_consul_and_refused_with_reasons() {
         (
             json!({"Name": "x", "Port": 1, "Check": {"TTL": "soon"}}),
             "TTL",
+        ),
+        (
+            json!({"Name": "x", "Port": 1, "Check": {"HTTP": "http://a/", "TCP": "a:1"}}),
+            "both",
         ),
         (
             json!({"Name": "x", "Port": 1, "Check": {"TTL": "1h", "HTTP": "http://a/"}}),

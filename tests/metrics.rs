@@ -96,6 +96,12 @@ fn find<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Option
         .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
 }
 
+/// Whether counter `metric` with `labels` is there and at least 1.
+fn counted_once(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> bool {
+    find(scrape, metric, labels)
+        .is_some_and(|s| matches!(s.value, Value::Counter(v) | Value::Untyped(v) if v >= 1.0))
+}
+
 /// A counter's or gauge's value, or a histogram's count.
 fn value(scrape: &Scrape, text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     let s =
@@ -276,7 +282,7 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
     let dir = tempfile::tempdir().unwrap();
     let mut settings = common::settings(30);
     settings.data_dir = Some(dir.path().to_path_buf());
-    let (server, _registry) = common::start(settings).await;
+    let (server, registry) = common::start(settings).await;
     let bound = server.bound().unwrap();
     let api = bound.api.unwrap();
 
@@ -301,6 +307,28 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
             .await
             .unwrap();
     }
+    // An instance whose lease runs out (the line protocol takes a 200 ms TTL), and one
+    // with a check that passes: an expiry and a health transition to count.
+    let mut line = tokio::io::BufReader::new(TcpStream::connect(registry).await.unwrap());
+    line.write_all(format!("REGISTER|brief|127.0.0.1:{}|ttl=200ms\n", web.port()).as_bytes())
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut line, &mut reply)
+        .await
+        .unwrap();
+    assert!(reply.starts_with("REGISTERED|"), "{reply}");
+    let body = json!({"name": "checked", "address": "127.0.0.1", "port": web.port(),
+                      "check": {"type": "tcp"}})
+    .to_string();
+    let r = http::send(
+        api,
+        &HttpRequest::new("POST", "/v1/instances").json(body),
+        T,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
     // A DNS query, a request through the HTTP proxy, a connection through the TCP gateway.
     assert_eq!(dns_a(bound.dns.unwrap(), "web.netsel.").await, 0, "NOERROR");
     let answer = exchange(
@@ -331,13 +359,15 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
                 "netsel_http_proxy_requests_total",
                 &[("service", "web")],
             )
-            .is_some();
+            .is_some()
+            && counted_once(&s, "netsel_expiries_total", &[])
+            && counted_once(&s, "netsel_health_transitions_total", &[("to", "passing")]);
         if counted {
             break (text, s);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "proxy traffic is counted:\n{text}"
+            "proxy traffic, the expiry and the check are counted:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -363,8 +393,12 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
         1.0
     );
     // The catalog, DNS and the API.
-    assert_eq!(v("netsel_registrations_total", &[]), 1.0);
-    assert_eq!(v("netsel_expiries_total", &[]), 0.0);
+    assert_eq!(v("netsel_registrations_total", &[]), 3.0);
+    assert_eq!(v("netsel_expiries_total", &[]), 1.0);
+    assert_eq!(
+        v("netsel_health_transitions_total", &[("to", "passing")]),
+        1.0
+    );
     assert_eq!(
         v("netsel_health_transitions_total", &[("to", "critical")]),
         0.0
@@ -383,7 +417,7 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
             &[("route", route), ("method", method), ("status", status)],
         )
     };
-    assert_eq!(api_count("/v1/instances", "POST", "201"), 1.0);
+    assert_eq!(api_count("/v1/instances", "POST", "201"), 2.0);
     assert_eq!(api_count("/v1/services", "GET", "200"), 1.0);
     // prometheus-parse 0.2 skips a sample whose label value holds a `}` (its regex stops
     // at the first one); the exposition format allows it and promtool below checks it.

@@ -86,6 +86,19 @@ try {
   check(first === [...names].sort().reverse()[0], 'descending sort by name, first was ' + first);
   await page.click('th[data-sort="name"]');
 
+  // An instance with an active check shows what the check saw (nothing listens on its
+  // port: waiting for the first check, or the refused connect once it ran).
+  const checked = await register({ name: 'ui-checked', address: '127.0.0.1', port: 8766, ttl_secs: 120, check: { type: 'tcp' } });
+  await page.fill('#filter', 'ui-checked');
+  await page.waitForSelector('tr[data-service="ui-checked"]', { timeout: 15000 });
+  await page.locator('tr[data-service="ui-checked"]').click();
+  const checkCell = page.locator('tr[data-instance="' + checked.id + '"] td.check');
+  await checkCell.waitFor({ timeout: 5000 });
+  const checkText = await checkCell.innerText();
+  check(/^(pending|critical) (waiting for the first check|connect 127\.0\.0\.1:8766: connection refused)/.test(checkText),
+    'check cell: ' + checkText);
+  await page.fill('#filter', '');
+
   // Deregistration disappears live too.
   const del = await fetch(base + '/v1/instances/' + reg.id, { method: 'DELETE', headers: { 'x-netsel-secret': reg.secret } });
   check(del.status === 200, 'deregister answered ' + del.status);
