@@ -26,8 +26,10 @@ use crate::dns::fast::{cache_key, owner_offsets};
 use crate::dns::{DnsHandler, DnsMetrics, RawAnswer};
 use crate::model::Op;
 use crate::protocol::{self, Request, SEED_FRAME_LEN};
+use crate::proxy::balance::Balancer;
 use crate::proxy::http::h1_upstream::{read_upstream_head, response_framing};
 use crate::proxy::http::message_framing::{ChunkStep, ChunkedBody, Scanner, Verdict, parse_length};
+use crate::proxy::http::{HeadReading, HttpProxy};
 use crate::registry::codec::{self, Decoded, Frame};
 use crate::store::StoreSettings;
 use crate::store::{embedded, wal};
@@ -364,6 +366,101 @@ pub fn http_head(bytes: &[u8]) {
         whole, split,
         "the response head verdict depends on the split"
     );
+
+    // The fast path's reading of a request head (httparse and the checks around it).
+    fast_request_head(data);
+}
+
+struct Proxy {
+    // Kept alive for the catalog.
+    _rt: tokio::runtime::Runtime,
+    proxy: std::sync::Arc<HttpProxy>,
+}
+
+/// An HTTP proxy over a catalog where `web` has one HTTP/1.1 instance.
+fn proxy() -> &'static Proxy {
+    static PROXY: OnceLock<Proxy> = OnceLock::new();
+    PROXY.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let s = Settings::ephemeral();
+        let mut cs = s.catalog_settings();
+        cs.probe_vip_bind = false;
+        let proxy = {
+            let _enter = rt.enter();
+            let catalog = Catalog::in_memory(cs).expect("a catalog");
+            let mut reg =
+                Registration::new("web", Endpoint::Explicit("127.0.0.1:8000".parse().unwrap()));
+            reg.protocol = Some(crate::protocol::AppProtocol::Http1);
+            rt.block_on(catalog.register(reg)).expect("a registration");
+            let balancer = std::sync::Arc::new(Balancer::new(catalog, s.balance.clone()));
+            HttpProxy::new(
+                s.http_proxy.clone(),
+                balancer,
+                "netsel",
+                std::time::Duration::ZERO,
+            )
+        };
+        Proxy { _rt: rt, proxy }
+    })
+}
+
+/// Reads `data` as the fast path reads a request head, and checks what it would send: a
+/// head that is complete and well-formed (httparse), that the framing guard lets through,
+/// with the client's method and target, one `Host` and one framing header at most. Every
+/// prefix the fast path keeps waiting on must be one httparse calls partial.
+fn fast_request_head(data: &[u8]) {
+    let p = proxy();
+    match p.proxy.read_request_head(data) {
+        HeadReading::Fallback => {}
+        HeadReading::Partial => {
+            let mut slots = [httparse::EMPTY_HEADER; 128];
+            let mut req = httparse::Request::new(&mut slots);
+            assert!(
+                matches!(req.parse(data), Ok(httparse::Status::Partial)),
+                "partial to the fast path, not to httparse"
+            );
+        }
+        HeadReading::Fast { upstream, len } => {
+            assert!(len <= data.len());
+            let mut slots = [httparse::EMPTY_HEADER; 128];
+            let mut client = httparse::Request::new(&mut slots);
+            assert_eq!(
+                client.parse(data).ok(),
+                Some(httparse::Status::Complete(len))
+            );
+            let mut slots = [httparse::EMPTY_HEADER; 160];
+            let mut up = httparse::Request::new(&mut slots);
+            assert_eq!(
+                up.parse(&upstream).ok(),
+                Some(httparse::Status::Complete(upstream.len())),
+                "the upstream head is not one complete head: {:?}",
+                String::from_utf8_lossy(&upstream)
+            );
+            assert_eq!(up.method, client.method);
+            assert_eq!(up.path, client.path);
+            assert_eq!(up.version, Some(1));
+            let count = |name: &str| {
+                up.headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case(name))
+                    .count()
+            };
+            assert_eq!(count("host"), 1, "{:?}", String::from_utf8_lossy(&upstream));
+            assert!(
+                count("content-length") + count("transfer-encoding") <= 1,
+                "{:?}",
+                String::from_utf8_lossy(&upstream)
+            );
+            assert_eq!(
+                scan(upstream.len() + 1, &[&upstream]),
+                None,
+                "the guard refuses what the fast path sends"
+            );
+        }
+    }
 }
 
 fn scan(max_head: usize, pieces: &[&[u8]]) -> Option<usize> {

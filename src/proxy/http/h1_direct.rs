@@ -147,7 +147,7 @@ pub(super) async fn serve(
             let fresh = scanned == 0 || may_end_head(&buf[scanned.saturating_sub(3)..]);
             scanned = buf.len();
             if !buf.is_empty() && (fresh || buf.len() >= s.max_header_bytes) {
-                match parse(proxy, ctx, &buf, &mut bufs) {
+                match parse(proxy, ctx.client_ip.as_bytes(), &buf, &mut bufs) {
                     Parsed::Fast(h) => break h,
                     Parsed::Fallback => return Next::Fallback(buf),
                     Parsed::Partial => {}
@@ -218,8 +218,8 @@ fn may_end_head(bytes: &[u8]) -> bool {
 }
 
 /// Parses the head at the start of `buf`; for a fast-path request, writes the upstream
-/// head (up to `Host`) into `bufs.req`.
-fn parse<'p>(proxy: &'p Shared, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> Parsed<'p> {
+/// head (up to `Host`) into `bufs.req`. `client_ip` goes into `X-Forwarded-For`.
+fn parse<'p>(proxy: &'p Shared, client_ip: &[u8], buf: &[u8], bufs: &mut Bufs) -> Parsed<'p> {
     let s = &proxy.settings;
     let mut stack = [httparse::EMPTY_HEADER; 128];
     let mut heap;
@@ -321,7 +321,7 @@ fn parse<'p>(proxy: &'p Shared, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> P
         req.headers.iter().map(|h| (h.name, h.value)),
         &connection,
         true,
-        ctx.client_ip.as_bytes(),
+        client_ip,
         Some(host.as_bytes()),
         out,
     );
@@ -349,6 +349,38 @@ fn parse<'p>(proxy: &'p Shared, ctx: &ConnCtx, buf: &[u8], bufs: &mut Bufs) -> P
         svc: svc.clone(),
         tag,
     })
+}
+
+/// How the fast path reads a request head (for `crate::fuzzing::http_head`).
+#[derive(Debug)]
+pub(crate) enum HeadReading {
+    /// Not complete yet: the fast path reads more.
+    Partial,
+    /// Left to the general path (hyper), which answers or refuses it.
+    Fallback,
+    /// Taken by the fast path: the head it sends upstream (with the client's `Host`) and
+    /// the length of the client's head.
+    Fast { upstream: Vec<u8>, len: usize },
+}
+
+/// The fast path's reading of `buf` as the start of a request from 127.0.0.1, as
+/// [`parse`] does it, with the upstream head completed as an attempt completes it.
+pub(super) fn read_head(proxy: &Shared, buf: &[u8]) -> HeadReading {
+    let mut bufs = Bufs::default();
+    match parse(proxy, b"127.0.0.1", buf, &mut bufs) {
+        Parsed::Partial => HeadReading::Partial,
+        Parsed::Fallback => HeadReading::Fallback,
+        Parsed::Fast(head) => {
+            let mut upstream = std::mem::take(&mut bufs.req);
+            upstream.extend_from_slice(b"host: ");
+            upstream.extend_from_slice(&bufs.host);
+            upstream.extend_from_slice(b"\r\n\r\n");
+            HeadReading::Fast {
+                upstream,
+                len: head.len,
+            }
+        }
+    }
 }
 
 /// Proxies one request; `true` when the client connection can take another.

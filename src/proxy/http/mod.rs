@@ -86,6 +86,7 @@ use context::{ConnCtx, Shared, Worker};
 use metrics::ProxyMetrics;
 use pool::{Pool, PoolSettings};
 
+pub(crate) use h1_direct::HeadReading;
 pub use route::TAG_HEADER;
 pub use settings::HttpProxySettings;
 
@@ -167,6 +168,11 @@ impl HttpProxy {
             pools: std::sync::Mutex::new(Vec::new()),
             drain,
         })
+    }
+
+    /// How the fast path reads `buf` as a request head (for the fuzz target).
+    pub(crate) fn read_request_head(&self, buf: &[u8]) -> h1_direct::HeadReading {
+        h1_direct::read_head(&self.shared, buf)
     }
 
     /// Registers the proxy's metrics (`netsel_http_proxy_*`).
