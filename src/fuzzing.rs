@@ -178,19 +178,30 @@ struct Dns {
     handler: DnsHandler,
 }
 
+/// A current-thread runtime, the default settings and an empty in-memory catalog made
+/// inside that runtime (whose tasks it keeps alive): the fixture of the targets that need
+/// a catalog.
+fn catalog_fixture() -> (tokio::runtime::Runtime, Settings, Catalog) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let s = Settings::ephemeral();
+    let mut cs = s.catalog_settings();
+    cs.probe_vip_bind = false;
+    let catalog = {
+        let _enter = rt.enter();
+        Catalog::in_memory(cs).expect("a catalog")
+    };
+    (rt, s, catalog)
+}
+
 fn dns() -> &'static Dns {
     static DNS: OnceLock<Dns> = OnceLock::new();
     DNS.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let s = Settings::ephemeral();
-        let mut cs = s.catalog_settings();
-        cs.probe_vip_bind = false;
+        let (rt, s, catalog) = catalog_fixture();
         let handler = {
             let _enter = rt.enter();
-            let catalog = Catalog::in_memory(cs).expect("a catalog");
             DnsHandler::new(catalog, &s.dns, s.network.vip_cidr, DnsMetrics::default())
                 .expect("a DNS handler")
         };
@@ -381,16 +392,9 @@ struct Proxy {
 fn proxy() -> &'static Proxy {
     static PROXY: OnceLock<Proxy> = OnceLock::new();
     PROXY.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let s = Settings::ephemeral();
-        let mut cs = s.catalog_settings();
-        cs.probe_vip_bind = false;
+        let (rt, s, catalog) = catalog_fixture();
         let proxy = {
             let _enter = rt.enter();
-            let catalog = Catalog::in_memory(cs).expect("a catalog");
             let mut reg =
                 Registration::new("web", Endpoint::Explicit("127.0.0.1:8000".parse().unwrap()));
             reg.protocol = Some(crate::protocol::AppProtocol::Http1);
@@ -721,11 +725,30 @@ mod tests {
         }
     }
 
+    /// The fixture reaches all three outcomes, so the target's checks of a forwarded
+    /// head run at all.
+    #[test]
+    fn the_http_fixture_takes_requests_for_web_on_the_fast_path() {
+        let p = &proxy().proxy;
+        let fast = p.read_request_head(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n");
+        assert!(
+            matches!(fast, HeadReading::Fast { len: 29, .. }),
+            "{fast:?}"
+        );
+        let partial = p.read_request_head(b"GET / HTTP/1.1\r\nHost: web\r\n");
+        assert!(matches!(partial, HeadReading::Partial), "{partial:?}");
+        let other = p.read_request_head(b"GET / HTTP/1.1\r\nHost: nope\r\n\r\n");
+        assert!(matches!(other, HeadReading::Fallback), "{other:?}");
+    }
+
     #[test]
     fn http_inputs() {
         for input in [
             &b""[..],
             b"\x10\x03GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            // Taken by the fast path (`web` is in the fixture's catalog), and a prefix.
+            b"\x80\x00POST /x?y=1 HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nX-A: 1\r\n\r\nabc",
+            b"\x80\x00GET /x HTTP/1.1\r\nHost: web\r\n",
             b"\x90\x07POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             b"\x80\x01GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             b"\x80\x02HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
