@@ -356,7 +356,9 @@ fn guarded<T>(shown: &str, f: impl FnOnce() -> Result<T, StoreError>) -> Result<
 /// redb's page cache. The catalog keeps every instance in memory and redb is read only at
 /// start-up, so redb's default (1 GiB, grown as pages are touched) only doubled what an
 /// instance costs: at 100,000 instances it held ~50 MB beside the catalog's ~88 MB.
-const REDB_CACHE_BYTES: usize = 4 << 20;
+/// 1 MiB and 4 MiB filled 100,000 instances at the same rate and started up from them in
+/// the same time; 1 MiB is ~35 bytes less per instance (BENCHMARKS.md, "Memory").
+const REDB_CACHE_BYTES: usize = 1 << 20;
 
 fn open_db(path: &Path) -> Result<Database, StoreError> {
     let shown = path.display();
