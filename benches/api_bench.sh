@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}; RUNS=${RUNS:-3}; CONNS=${CONNS:-16}
-WORK=${WORK:-/tmp/netsel-api-bench}; mkdir -p "$WORK"
+WORK=${WORK:-/tmp/netsel-api-bench}; rm -rf "$WORK"; mkdir -p "$WORK"
 BIN=${BIN:-target/release/netsel}
 [ -x "$BIN" ] || cargo build --release --bin netsel
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
@@ -18,6 +18,8 @@ cat > "$WORK/netsel.toml" <<TOML
 registry_addr = "127.0.0.1:0"
 api_addr = "127.0.0.1:0"
 max_heartbeat_age = 600
+# Durable, as a deployment runs, in a store of its own (never ./netsel-data).
+data_dir = "$WORK/data"
 [api]
 rate_limit_per_sec = 0        # measure the API, not the limiter
 TOML

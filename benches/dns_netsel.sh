@@ -54,7 +54,8 @@ fast_path = $fast
 EOF
     out="$WORK/$variant-$mode"
     mkdir -p "$out"
-    TOKIO_WORKER_THREADS=$threads "${SP[@]}" "$NETSEL" serve --config "$WORK/netsel.toml" \
+    # In memory: a store left in ./netsel-data by another run would add its instances.
+    TOKIO_WORKER_THREADS=$threads "${SP[@]}" "$NETSEL" serve --in-memory --config "$WORK/netsel.toml" \
       --registry-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 \
       --tcp-proxy-addr 127.0.0.1:0 --http-proxy-addr 127.0.0.1:0 > "$out/serve.log" 2>&1 &
     SRV_PID=$!
