@@ -10,7 +10,7 @@
 //!   an `.await`, so a store can group-commit). In a cluster the batch becomes an etcd
 //!   transaction guarded by what the plan read ([`Expect`]); the node applies it when its
 //!   watch delivers it, and answers once its own view has reached that revision.
-//! * **Applying a committed operation** ([`State::apply`]) is the only way state changes,
+//! * **Applying a committed operation** (`State::apply`) is the only way state changes,
 //!   on every node: a local write, the embedded store's restore and log replay (a fold of
 //!   the same apply over what was kept), and a cluster node's list and watch.
 //! * **Reads** load the current snapshot (`arc-swap`): no lock, never waiting for writers.

@@ -631,8 +631,8 @@ impl LineConn {
 }
 
 /// Keeps an instance alive in the background. Dropping it stops the heartbeats and
-/// deregisters (in a spawned task, if a runtime is still there); [`shutdown`]
-/// (Self::shutdown) does the same and waits for the deregistration.
+/// deregisters (in a spawned task, if a runtime is still there);
+/// [`shutdown`](Self::shutdown) does the same and waits for the deregistration.
 pub struct HeartbeatHandle {
     client: ServiceClient,
     stop: Option<oneshot::Sender<()>>,

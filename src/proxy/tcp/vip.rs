@@ -9,7 +9,7 @@
 //! `netsel_tcp_proxy_vip_bind_failed` gauge, and retried. Other listeners carry on.
 //!
 //! A listener is one socket per worker thread on the same address (`SO_REUSEPORT`; see
-//! [`crate::proxy::listen::bind_listeners`]), each accepted on by its own worker.
+//! `proxy::listen::bind_listeners`), each accepted on by its own worker.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
