@@ -1,27 +1,11 @@
 // The web UI with ACLs on: it asks for a token, then lists and updates live with it
 // (EventSource carries it as ?token=). Run by tests/api_ui.rs with NETSEL_API_URL,
 // NETSEL_READ_TOKEN and NETSEL_WRITE_TOKEN set.
-import { chromium } from 'playwright-core';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { base, check, launch } from './harness.mjs';
 
-const base = process.env.NETSEL_API_URL;
 const readToken = process.env.NETSEL_READ_TOKEN;
 const writeToken = process.env.NETSEL_WRITE_TOKEN;
-function check(cond, msg) {
-  if (!cond) throw new Error('UI check failed: ' + msg);
-}
-
-const profile = mkdtempSync(join(tmpdir(), 'netsel-ui-acl-'));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage'],
-  bypassCSP: true,
-});
+const { context, close } = await launch();
 try {
   const page = context.pages()[0] || await context.newPage();
   await page.goto(base + '/ui/', { waitUntil: 'load' });
@@ -42,6 +26,5 @@ try {
   check(!(await page.isVisible('#token-form')), 'token form still shown');
   console.log(JSON.stringify({ ok: true }));
 } finally {
-  await context.close();
-  rmSync(profile, { recursive: true, force: true });
+  await close();
 }

@@ -1,18 +1,8 @@
 // Drives the NetSel web UI in real headless Chromium (Debian's /usr/bin/chromium) with
 // playwright-core. Run by tests/api_ui.rs with NETSEL_API_URL and NETSEL_SCREENSHOT set.
-import { chromium } from 'playwright-core';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { base, check, launch } from './harness.mjs';
 
-const base = process.env.NETSEL_API_URL;
 const screenshot = process.env.NETSEL_SCREENSHOT || 'netsel-ui.png';
-const chromiumPath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-if (!base) throw new Error('NETSEL_API_URL is not set');
-
-function check(cond, msg) {
-  if (!cond) throw new Error('UI check failed: ' + msg);
-}
 
 async function register(body) {
   const r = await fetch(base + '/v1/instances', {
@@ -24,18 +14,7 @@ async function register(body) {
   return r.json();
 }
 
-const profile = mkdtempSync(join(tmpdir(), 'netsel-ui-'));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: chromiumPath,
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage'],
-  viewport: { width: 1280, height: 800 },
-  // Playwright's polling helpers evaluate strings; the page's own strict CSP stays on
-  // for its scripts (the test checks no request leaves NetSel).
-  bypassCSP: true,
-});
+const { context, close } = await launch({ width: 1280, height: 800 });
 try {
   const page = context.pages()[0] || await context.newPage();
   const foreign = [];
@@ -123,6 +102,5 @@ try {
   await page.screenshot({ path: screenshot, fullPage: false });
   console.log(JSON.stringify({ ok: true, rows: before + 1, screenshot }));
 } finally {
-  await context.close();
-  rmSync(profile, { recursive: true, force: true });
+  await close();
 }

@@ -1,29 +1,9 @@
 // The dashboard's traffic charts and shareable view, in real headless Chromium. Run by
 // tests/api_ui.rs while it sends requests through the HTTP proxy to `chart-web`.
-import { chromium } from 'playwright-core';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { base, check, launch } from './harness.mjs';
 
-const base = process.env.NETSEL_API_URL;
 const screenshot = process.env.NETSEL_SCREENSHOT || 'netsel-ui-traffic.png';
-const chromiumPath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-if (!base) throw new Error('NETSEL_API_URL is not set');
-
-function check(cond, msg) {
-  if (!cond) throw new Error('UI check failed: ' + msg);
-}
-
-const profile = mkdtempSync(join(tmpdir(), 'netsel-ui-'));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: chromiumPath,
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage'],
-  viewport: { width: 1400, height: 700 },
-  bypassCSP: true,
-});
+const { context, close } = await launch({ width: 1400, height: 700 });
 try {
   const page = context.pages()[0] || await context.newPage();
   const foreign = [];
@@ -104,6 +84,5 @@ try {
   check(problems.length === 0, 'console errors: ' + problems.join(' | '));
   console.log(JSON.stringify({ ok: true, charts, url, screenshot }));
 } finally {
-  await context.close();
-  rmSync(profile, { recursive: true, force: true });
+  await close();
 }
