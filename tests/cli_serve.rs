@@ -127,30 +127,14 @@ async fn serve_registers_expires_and_stops_on_sigterm() {
     assert_eq!(status.code(), Some(0), "SIGTERM drains and exits 0");
 }
 
-/// SIGHUP does not kill the server: it says it ignores the signal and goes on serving; the
-/// last log line after SIGTERM says it stopped.
-/// Starts `netsel serve` with `args`, its stderr in `log`, and waits for `ready`; the
-/// child's stdout comes back open, so that nothing it prints later meets a closed pipe.
-fn serve_logged(args: &[String], log: &tempfile::NamedTempFile) -> (Child, BufReader<ChildStdout>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
-        .args(args)
+/// `netsel serve` with `args` at log level info, its stderr in `log`, once it printed
+/// `ready` (`common::spawn_ready`, which keeps draining its stdout).
+fn serve_logged(args: &[String], log: &tempfile::NamedTempFile) -> common::Served {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netsel"));
+    cmd.args(args)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while lines.read_line(&mut line).unwrap() > 0 && line.trim() != "ready" {
-        line.clear();
-    }
-    assert_eq!(
-        line.trim(),
-        "ready",
-        "{}",
-        std::fs::read_to_string(log.path()).unwrap()
-    );
-    (child, lines)
+        .stderr(log.reopen().unwrap());
+    common::spawn_ready(cmd)
 }
 
 #[test]
@@ -161,7 +145,7 @@ fn acls_off_beyond_loopback_are_warned_about_at_start_up() {
     let at = args.iter().position(|a| a == "--registry-addr").unwrap();
     args[at + 1] = "0.0.0.0:0".into();
     let log = tempfile::NamedTempFile::new().unwrap();
-    let (mut child, _out) = serve_logged(&args, &log);
+    let mut child = serve_logged(&args, &log).child;
     assert!(common::signal(child.id(), "-TERM"));
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let text = std::fs::read_to_string(log.path()).unwrap();
@@ -171,36 +155,21 @@ fn acls_off_beyond_loopback_are_warned_about_at_start_up() {
     assert!(!warned[0].contains("api on"), "{}", warned[0]);
     // Everything on loopback: nothing to warn about.
     let log = tempfile::NamedTempFile::new().unwrap();
-    let (mut child, _out) = serve_logged(&serve_args(&[]), &log);
+    let mut child = serve_logged(&serve_args(&[]), &log).child;
     assert!(common::signal(child.id(), "-TERM"));
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let text = std::fs::read_to_string(log.path()).unwrap();
     assert!(!text.contains(WARNING), "{text}");
 }
 
+/// SIGHUP does not kill the server: it says it ignores the signal and goes on serving; the
+/// last log line after SIGTERM says it stopped.
 #[test]
 fn sighup_is_logged_and_ignored_and_the_last_line_says_stopped() {
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_netsel"))
-        .args(serve_args(&[]))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap());
-    let mut registry = None;
-    let mut line = String::new();
-    while lines.read_line(&mut line).unwrap() > 0 {
-        if let Some(a) = line.trim().strip_prefix("registry: ") {
-            registry = Some(a.to_string());
-        }
-        if line.trim() == "ready" {
-            break;
-        }
-        line.clear();
-    }
-    let registry = registry.expect("registry address");
+    let served = serve_logged(&serve_args(&[]), &log);
+    let registry = served.addr("registry");
+    let mut child = served.child;
     let pid = child.id();
     let kill = |sig: &str| assert!(common::signal(pid, sig), "kill {sig}");
     kill("-HUP");
@@ -213,7 +182,7 @@ fn sighup_is_logged_and_ignored_and_the_last_line_says_stopped() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Still serving.
-    let mut s = std::net::TcpStream::connect(&registry).unwrap();
+    let mut s = std::net::TcpStream::connect(registry).unwrap();
     std::io::Write::write_all(&mut s, b"PING\n").unwrap();
     let mut pong = String::new();
     BufReader::new(s).read_line(&mut pong).unwrap();

@@ -286,17 +286,19 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
     let bound = server.bound().unwrap();
     let api = bound.api.unwrap();
 
+    let register = async |body: serde_json::Value| {
+        let r = http::send(
+            api,
+            &HttpRequest::new("POST", "/v1/instances").json(body.to_string()),
+            T,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+    };
     // A registration through the API (one durable write: one fsync), and reads.
     let web = backend().await;
-    let body = json!({"name": "web", "address": "127.0.0.1", "port": web.port()}).to_string();
-    let r = http::send(
-        api,
-        &HttpRequest::new("POST", "/v1/instances").json(body),
-        T,
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 201, "{}", r.text());
+    register(json!({"name": "web", "address": "127.0.0.1", "port": web.port()})).await;
     for path in [
         "/v1/services",
         "/v1/services/web",
@@ -318,17 +320,11 @@ async fn an_operator_scrape_has_every_family_and_the_dashboard_queries_only_thos
         .await
         .unwrap();
     assert!(reply.starts_with("REGISTERED|"), "{reply}");
-    let body = json!({"name": "checked", "address": "127.0.0.1", "port": web.port(),
-                      "check": {"type": "tcp"}})
-    .to_string();
-    let r = http::send(
-        api,
-        &HttpRequest::new("POST", "/v1/instances").json(body),
-        T,
+    register(
+        json!({"name": "checked", "address": "127.0.0.1", "port": web.port(),
+                    "check": {"type": "tcp"}}),
     )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 201, "{}", r.text());
+    .await;
     // A DNS query, a request through the HTTP proxy, a connection through the TCP gateway.
     assert_eq!(dns_a(bound.dns.unwrap(), "web.netsel.").await, 0, "NOERROR");
     let answer = exchange(
